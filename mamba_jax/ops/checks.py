@@ -57,3 +57,13 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
   """Raises unless ``value`` is one of ``choices``."""
   if value not in choices:
     raise ValueError(f"{name}={value!r} is not one of {tuple(choices)}")
+
+
+def is_concrete(x: Any) -> bool:
+  """True when ``x``'s values are known now (not a tracer inside jit/grad/vmap).
+
+  Value checks (e.g. "A must be negative") run only on concrete inputs; under ``jax.jit`` the
+  values are unknown and the check is skipped.
+  """
+  import jax  # local: keep this module importable without initialising a backend
+  return not isinstance(x, jax.core.Tracer)
