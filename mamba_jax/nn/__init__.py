@@ -1,0 +1,1 @@
+"""Flax NNX modules: parameters and calls into mamba_jax.ops."""
