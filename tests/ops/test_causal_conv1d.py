@@ -275,3 +275,18 @@ BAD_CONV = [
 def test_bad_input_raises(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_under_jit_with_mixed_dtypes():
+  # bf16 activations with float32 parameters (mixed precision) under jit, seq_idx traced.
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((2, 63, 3)), jnp.bfloat16)
+  weight, bias = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((3, 4), (3,)))
+  init = jnp.asarray(rng.standard_normal((2, 3, 3)), jnp.float32)
+  seq_idx = _seq_idx(rng, 2, 63)
+  fn = jax.jit(lambda *a: causal_conv1d(*a[:3], "silu", *a[3:], return_final_states=True))
+  y, final = fn(x, weight, bias, init, seq_idx)
+  assert y.dtype == jnp.bfloat16 and final.dtype == jnp.bfloat16
+  y_ref, final_ref = conv_reference(x, weight, bias, "silu", init, seq_idx)
+  assert_close(y, y_ref, TOLS[jnp.bfloat16], "y")
+  assert_close(final, final_ref.astype(jnp.bfloat16), 0.0, "final_states")
