@@ -1,0 +1,1 @@
+"""Data: synthetic task generators and grain pipelines."""
