@@ -1,0 +1,1 @@
+"""Training: optax optimizer, orbax checkpoints, metrics, the jitted step and the loop."""

@@ -1,0 +1,84 @@
+"""Checkpoints of a training run: orbax ``CheckpointManager`` with three items per step.
+
+  state   the train state pytree (params, optimizer state, step, counters), float32 as held
+  data    the data iterator's state (``grain`` ``DatasetIterator.get_state()``), JSON
+  config  the run's config, JSON (for reading a checkpoint without its command line)
+
+Saves are asynchronous (the step loop goes on while the arrays are written) and atomic: orbax
+writes into a temporary directory and renames it when done, so a run killed mid-save leaves the
+previous checkpoint as the latest one. ``max_to_keep`` bounds the directory.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from absl import logging
+from etils import epath
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+def config_to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON types."""
+  return json.loads(config.to_json_best_effort())
+
+
+class Checkpointer:
+  """Saves and restores (state, data iterator state, config) under ``directory``."""
+
+  def __init__(self, directory: str | epath.Path, *, max_to_keep: int = 3,
+               save_interval_steps: int = 1, async_save: bool = True):
+    if max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+    if save_interval_steps < 1:
+      raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+    self.directory = epath.Path(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+        enable_async_checkpointing=async_save, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("state", "data", "config"))
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step, or None when there is none."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_state: dict[str, Any],
+           config: ml_collections.ConfigDict, *, force: bool = False) -> bool:
+    """Starts saving at ``step`` if the interval says so (or ``force``); True if it did."""
+    saved = self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(config_to_json_dict(config))), force=force)
+    if saved:
+      logging.info("checkpoint: saving step %d to %s", step, self.directory)
+    return saved
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """(state, data iterator state) of ``step``; ``abstract_state`` gives structure and dtypes.
+
+    ``abstract_state`` is a pytree like the saved state (arrays or ``jax.ShapeDtypeStruct``s).
+    """
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=ocp.args.JsonRestore()))
+    logging.info("checkpoint: restored step %d from %s", step, self.directory)
+    return restored["state"], restored["data"]
+
+  def restore_config(self, step: int) -> dict[str, Any]:
+    """The config saved with ``step``, as a plain dict."""
+    return self._manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
