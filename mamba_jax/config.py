@@ -68,7 +68,8 @@ SSM_CFG_KEYS: Mapping[str, tuple[str, ...]] = {
 }
 ATTN_CFG_KEYS = ("num_heads", "num_heads_kv", "head_dim", "qkv_proj_bias", "out_proj_bias",
                  "rotary_emb_dim", "rotary_emb_base", "rotary_emb_interleaved", "positions",
-                 "max_position", "causal")
+                 "max_position", "causal", "softmax_scale", "d_conv", "mlp_dim",
+                 "implementation")
 
 _FIELDS_JSON = ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg",
                 "attn_layer_idx", "attn_cfg", "rms_norm", "residual_in_fp32",

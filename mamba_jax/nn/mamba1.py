@@ -92,7 +92,7 @@ class Mamba1State:
   ssm_state: jax.Array
 
 
-def _check_positive_int(name: str, value: Any) -> None:
+def check_positive_int(name: str, value: Any) -> None:
   if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
     raise ValueError(f"{name} must be a positive int, got {value!r}")
 
@@ -101,7 +101,7 @@ def resolve_dt_rank(dt_rank: int | str, d_model: int) -> int:
   """dt_rank "auto" = ⌈d_model / 16⌉ (Mamba §3.6), else the given positive int."""
   if dt_rank == "auto":
     return math.ceil(d_model / 16)
-  _check_positive_int("dt_rank", dt_rank)
+  check_positive_int("dt_rank", dt_rank)
   return dt_rank
 
 
@@ -124,18 +124,20 @@ def resolve_selective(ssm_kind: str, selective: Optional[Sequence[str]]) -> tupl
   return tuple(p for p in SELECTIVE_PARTS if p in parts)
 
 
-class SelectiveSSMParams(nnx.Module):
-  """The SSM parameters and their use, shared by the Mamba-1, no-gate and H3 mixers.
+class SSMMixerBase(nnx.Module):
+  """The SSM parameters, their use and the mixer interface, shared by the Mamba-1, no-gate
+  and H3 mixers.
 
-  Subclasses call :meth:`_init_ssm` in their constructor; the parameters then sit directly
-  on the mixer (``x_proj``, ``dt_proj``, ``A_log``, ``D``, ...) as in mamba_ssm.
+  Subclasses call :meth:`_init_ssm` in their constructor (the parameters then sit directly
+  on the mixer: ``x_proj``, ``dt_proj``, ``A_log``, ``D``, ... as in mamba_ssm) and
+  implement ``_forward`` (full sequence) and ``_forward_step`` (one token).
   """
 
   def _init_ssm(self, *, d_model: int, d_inner: int, d_state: int, dt_rank: int | str,
                 dt_min: float, dt_max: float, dt_init: str, dt_scale: float,
                 dt_init_floor: float, ssm_kind: str, selective: Optional[Sequence[str]],
                 A_init: str, dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> None:
-    _check_positive_int("d_state", d_state)
+    check_positive_int("d_state", d_state)
     check_choice("dt_init", dt_init, DT_INITS)
     check_choice("A_init", A_init, A_INITS)
     self.d_inner, self.d_state = d_inner, d_state
@@ -260,50 +262,8 @@ class SelectiveSSMParams(nnx.Module):
     real = jnp.promote_types(dtype, jnp.float32)
     return jnp.promote_types(real, jnp.complex64) if self.is_complex else real
 
-
-class Mamba1Mixer(SelectiveSSMParams):
-  """Mamba's selective SSM block (Mamba §3.4, Figure 3 right): the module docstring's equations.
-
-  The selective scan per channel i of e (Mamba §3.2 Algorithm 2 with Ā = exp(ΔA), B̄ = ΔB):
-
-    h_t = exp(Δ_t A_i) ⊙ h_{t−1} + Δ_t B_t x_t,    y_t = Re(C_t · h_t) + D_i x_t
-  """
-
-  GATED = True  # the z branch; SSMNoGate (mamba_jax.nn.h3) sets it to False
-
-  def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4,
-               expand: float = 2, dt_rank: int | str = "auto", dt_min: float = 0.001,
-               dt_max: float = 0.1, dt_init: str = "random", dt_scale: float = 1.0,
-               dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
-               ssm_kind: str = "s6", selective: Optional[Sequence[str]] = None,
-               A_init: str = "s4d_real", layer_idx: Optional[int] = None,
-               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    _check_positive_int("d_model", d_model)
-    _check_positive_int("d_conv", d_conv)
-    if not expand > 0:
-      raise ValueError(f"expand must be > 0, got {expand!r}")
-    self.d_model, self.d_conv, self.expand, self.layer_idx = d_model, d_conv, expand, layer_idx
-    d_inner = int(expand * d_model)
-    _check_positive_int("d_inner (expand * d_model)", d_inner)
-    e = d_inner
-    self.in_proj = nnx.Linear(d_model, 2 * e if self.GATED else e, use_bias=bias, dtype=dtype,
-                              param_dtype=param_dtype, kernel_init=torch_default_init(d_model),
-                              bias_metadata=_NO_WD, rngs=rngs)
-    self.conv1d = CausalConv1d(e, d_conv, use_bias=conv_bias, param_dtype=param_dtype,
-                               rngs=rngs)
-    self._init_ssm(d_model=d_model, d_inner=e, d_state=d_state, dt_rank=dt_rank,
-                   dt_min=dt_min, dt_max=dt_max, dt_init=dt_init, dt_scale=dt_scale,
-                   dt_init_floor=dt_init_floor, ssm_kind=ssm_kind, selective=selective,
-                   A_init=A_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.out_proj = nnx.Linear(e, d_model, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                               kernel_init=torch_default_init(e), bias_metadata=_NO_WD,
-                               rngs=rngs)
-
-  def _split(self, xz: jax.Array) -> tuple[jax.Array, Optional[jax.Array]]:
-    if not self.GATED:
-      return xz, None
-    x, z = jnp.split(xz, 2, axis=-1)
-    return x, z
+  # The mixer interface, shared by the subclasses, which implement _forward / _forward_step
+  # and set d_model, d_conv (the width of their conv1d) and layer_idx.
 
   def init_state(self, batch: int, dtype: Any = None) -> Mamba1State:
     """Zero state: conv_state (b, e, w − 1) in dtype (the compute dtype by default),
@@ -347,22 +307,15 @@ class Mamba1Mixer(SelectiveSSMParams):
     if initial_state is not None:
       self._check_state(initial_state, batch)
     with jax.named_scope(type(self).__name__):
-      x, z = self._split(self.in_proj(u))
-      conv = self.conv1d(
-          x, activation="silu", return_final_states=return_state,
-          initial_states=None if initial_state is None else initial_state.conv_state)
-      x, conv_state = conv if return_state else (conv, None)
-      out = self._scan(x, z, None if initial_state is None else initial_state.ssm_state,
-                       return_state)
-      y, ssm_state = out if return_state else (out, None)
-      y = self.out_proj(y)
+      y, state = self._forward(u, initial_state, return_state)
     if not return_state:
       return y
-    return y, Mamba1State(conv_state=conv_state,
-                          ssm_state=ssm_state.astype(self._ssm_state_dtype(conv_state.dtype)))
+    return y, Mamba1State(
+        conv_state=state.conv_state,
+        ssm_state=state.ssm_state.astype(self._ssm_state_dtype(state.conv_state.dtype)))
 
   def step(self, u_t: jax.Array, state: Mamba1State) -> tuple[jax.Array, Mamba1State]:
-    """One decoding step, the recurrent form of ``__call__`` (Mamba §3.4 / Algorithm 2).
+    """One decoding step, the recurrent form of ``__call__``.
 
     Args:
       u_t: (b, d) floating, the current token.
@@ -377,9 +330,71 @@ class Mamba1Mixer(SelectiveSSMParams):
     check_shape("u_t", u_t, (batch, self.d_model), "(batch, d_model)")
     self._check_state(state, batch)
     with jax.named_scope(type(self).__name__ + "_step"):
-      x, z = self._split(self.in_proj(u_t))
-      x, conv_state = self.conv1d.step(x, state.conv_state, activation="silu")
-      y, ssm_state = self._scan_step(x, z, state.ssm_state)
-      y = self.out_proj(y)
-    return y, Mamba1State(conv_state=conv_state,
-                          ssm_state=ssm_state.astype(state.ssm_state.dtype))
+      y, new = self._forward_step(u_t, state)
+    return y, Mamba1State(conv_state=new.conv_state,
+                          ssm_state=new.ssm_state.astype(state.ssm_state.dtype))
+
+
+class Mamba1Mixer(SSMMixerBase):
+  """Mamba's selective SSM block (Mamba §3.4, Figure 3 right): the module docstring's equations.
+
+  The selective scan per channel i of e (Mamba §3.2 Algorithm 2 with Ā = exp(ΔA), B̄ = ΔB):
+
+    h_t = exp(Δ_t A_i) ⊙ h_{t−1} + Δ_t B_t x_t,    y_t = Re(C_t · h_t) + D_i x_t
+  """
+
+  GATED = True  # the z branch; SSMNoGate (mamba_jax.nn.h3) sets it to False
+
+  def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4,
+               expand: float = 2, dt_rank: int | str = "auto", dt_min: float = 0.001,
+               dt_max: float = 0.1, dt_init: str = "random", dt_scale: float = 1.0,
+               dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
+               ssm_kind: str = "s6", selective: Optional[Sequence[str]] = None,
+               A_init: str = "s4d_real", layer_idx: Optional[int] = None,
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    check_positive_int("d_model", d_model)
+    check_positive_int("d_conv", d_conv)
+    if not expand > 0:
+      raise ValueError(f"expand must be > 0, got {expand!r}")
+    self.d_model, self.d_conv, self.expand, self.layer_idx = d_model, d_conv, expand, layer_idx
+    d_inner = int(expand * d_model)
+    check_positive_int("d_inner (expand * d_model)", d_inner)
+    e = d_inner
+    self.in_proj = nnx.Linear(d_model, 2 * e if self.GATED else e, use_bias=bias, dtype=dtype,
+                              param_dtype=param_dtype, kernel_init=torch_default_init(d_model),
+                              bias_metadata=_NO_WD, rngs=rngs)
+    self.conv1d = CausalConv1d(e, d_conv, use_bias=conv_bias, param_dtype=param_dtype,
+                               rngs=rngs)
+    self._init_ssm(d_model=d_model, d_inner=e, d_state=d_state, dt_rank=dt_rank,
+                   dt_min=dt_min, dt_max=dt_max, dt_init=dt_init, dt_scale=dt_scale,
+                   dt_init_floor=dt_init_floor, ssm_kind=ssm_kind, selective=selective,
+                   A_init=A_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.out_proj = nnx.Linear(e, d_model, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                               kernel_init=torch_default_init(e), bias_metadata=_NO_WD,
+                               rngs=rngs)
+
+  def _split(self, xz: jax.Array) -> tuple[jax.Array, Optional[jax.Array]]:
+    if not self.GATED:
+      return xz, None
+    x, z = jnp.split(xz, 2, axis=-1)
+    return x, z
+
+  def _forward(self, u: jax.Array, initial_state: Optional[Mamba1State],
+               return_state: bool) -> tuple[jax.Array, Optional[Mamba1State]]:
+    x, z = self._split(self.in_proj(u))
+    conv = self.conv1d(
+        x, activation="silu", return_final_states=return_state,
+        initial_states=None if initial_state is None else initial_state.conv_state)
+    x, conv_state = conv if return_state else (conv, None)
+    out = self._scan(x, z, None if initial_state is None else initial_state.ssm_state,
+                     return_state)
+    y, ssm_state = out if return_state else (out, None)
+    state = Mamba1State(conv_state, ssm_state) if return_state else None
+    return self.out_proj(y), state
+
+  def _forward_step(self, u_t: jax.Array, state: Mamba1State
+                    ) -> tuple[jax.Array, Mamba1State]:
+    x, z = self._split(self.in_proj(u_t))
+    x, conv_state = self.conv1d.step(x, state.conv_state, activation="silu")
+    y, ssm_state = self._scan_step(x, z, state.ssm_state)
+    return self.out_proj(y), Mamba1State(conv_state, ssm_state)
