@@ -1,0 +1,265 @@
+"""``train_and_evaluate(config, workdir)``: train each model row of a config, evaluate, report.
+
+A config (see ``experiments/configs/``) describes one table or figure of a paper: a task, a
+base model, the optimizer and the schedule, and ``rows``, the models to compare. Each row
+trains in ``workdir/<row slug>/`` with its own checkpoints and metrics; the final evaluation
+of every row goes to ``workdir/results.json`` and ``workdir/results.md``
+(``mamba_jax.training.results``).
+
+Resuming: each row restores its latest checkpoint (params, optimizer state, step, data iterator
+state), so rerunning a killed command continues it and ends with the same parameters as an
+uninterrupted run (on CPU, bit for bit). A row that finished keeps its ``final_eval.json`` and
+is not retrained.
+
+Config fields read here (besides ``optimizer``, ``model``, ``task``; see the config files):
+  seed, data_seed, eval_seed      model init, training data and evaluation data seeds
+  batch_size                      global micro-batch size B (records per train step)
+  num_train_steps                 optimizer steps (micro-steps = this × grad_accum_steps)
+  eval_tasks                      {label: task field overrides}; "" is the main evaluation
+  eval_batch_size, eval_batches   evaluation records = eval_batch_size × eval_batches per task
+  log_every_steps, eval_every_steps, checkpoint_every_steps, max_to_keep, async_checkpoint
+  skip_nonfinite                  False: stop on a non-finite loss/gradient; True: skip & count
+  profile_steps                   () or (first, last): jax.profiler trace of those micro-steps
+  compute_dtype                   "float32" | "bfloat16" (the model's dtype; params float32)
+  data_threads                    grain reader threads
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from typing import Any, Mapping
+
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+
+from mamba_jax.data import pipeline
+from mamba_jax.data.synthetic import make_task
+from mamba_jax.training import models
+from mamba_jax.training import results as results_lib
+from mamba_jax.training.checkpointing import Checkpointer
+from mamba_jax.training.metrics import MetricsWriter, Progress, model_flops_utilization
+from mamba_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from mamba_jax.training.train_step import init_train_state, make_eval_step, make_train_step
+
+_ROW_OVERRIDES = ("model", "task", "eval_tasks", "optimizer", "num_train_steps", "batch_size",
+                  "max_eval_length")
+# Row keys copied into the results row as they are (not used for training).
+_ROW_LABELS = ("paper", "tags")
+
+
+class NonFiniteError(RuntimeError):
+  """A train step produced a non-finite loss or gradient norm."""
+
+
+def slug(name: str) -> str:
+  """A directory name for a row: lower case, [a-z0-9_-] only."""
+  out = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+  if not out:
+    raise ValueError(f"row name {name!r} has no letters or digits")
+  return out
+
+
+def row_config(config: ml_collections.ConfigDict, row: Mapping[str, Any]
+               ) -> ml_collections.ConfigDict:
+  """The config of one row: ``config`` with the row's overrides (model fields merged)."""
+  allowed = ("name", *_ROW_LABELS, *_ROW_OVERRIDES)
+  unknown = sorted(set(row) - set(allowed))
+  if unknown:
+    raise ValueError(f"rows entry {row.get('name')!r} has unknown keys {unknown}; expected "
+                     f"some of {list(allowed)}")
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  cfg.name = row["name"]
+  cfg.model = models.merge_model_fields(config.model, row.get("model", {}))
+  for key in ("task", "optimizer"):
+    if key in row:
+      cfg[key].update(dict(row[key]))
+  for key in ("eval_tasks", "num_train_steps", "batch_size", "max_eval_length"):
+    if key in row:
+      cfg[key] = row[key]
+  return cfg
+
+
+def _mesh() -> jax.sharding.Mesh:
+  """All devices on one data-parallel axis (Auto: the model's own sharding is left to XLA)."""
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """This process's (b, l) arrays → global (B, l) arrays sharded over the data axis."""
+  sharding = NamedSharding(mesh, P("data"))
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def _task(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any], seed: int):
+  fields = {**cfg.task.to_dict(), **dict(overrides)}
+  name = fields.pop("name")
+  return make_task(name, seed=seed, **fields)
+
+
+def evaluate(cfg: ml_collections.ConfigDict, eval_step, params, mesh) -> dict[str, float | None]:
+  """accuracy / loss on each of ``cfg.eval_tasks`` (None beyond ``max_eval_length``)."""
+  out: dict[str, float | None] = {}
+  for label, overrides in cfg.eval_tasks.items():
+    suffix = f"@{label}" if label else ""
+    task = _task(cfg, overrides, cfg.eval_seed)
+    if cfg.get("max_eval_length") and task.seq_len > cfg.max_eval_length:
+      out[f"accuracy{suffix}"] = None
+      continue
+    sums = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    for batch in pipeline.eval_batches(task, cfg.eval_batch_size, cfg.eval_batches):
+      part = jax.device_get(eval_step(params, _to_global(batch, mesh)))
+      for k in sums:
+        sums[k] += float(part[k])
+    count = max(sums["count"], 1.0)
+    out[f"accuracy{suffix}"] = sums["correct"] / count
+    out[f"loss{suffix}"] = sums["loss_sum"] / count
+  return out
+
+
+def _check_intervals(cfg: ml_collections.ConfigDict) -> None:
+  for name in ("batch_size", "num_train_steps", "log_every_steps", "eval_every_steps",
+               "checkpoint_every_steps", "eval_batch_size", "eval_batches", "max_to_keep"):
+    value = cfg[name]
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.{name} must be an int >= 1, got {value!r}")
+  if cfg.profile_steps and (len(cfg.profile_steps) != 2
+                            or not 0 <= cfg.profile_steps[0] < cfg.profile_steps[1]):
+    raise ValueError(f"config.profile_steps must be () or (first, last) with "
+                     f"0 <= first < last, got {cfg.profile_steps!r}")
+
+
+def train_row(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) one model row in ``workdir``; returns its final evaluation."""
+  _check_intervals(cfg)
+  final_path = os.path.join(workdir, "final_eval.json")
+  if os.path.exists(final_path):
+    logging.info("%s: finished earlier, reading %s", cfg.name, final_path)
+    with open(final_path, encoding="utf-8") as f:
+      return json.load(f)
+
+  mesh = _mesh()
+  replicated = NamedSharding(mesh, P())
+  model = models.build_model(models.model_config(cfg.model), dtype_name=cfg.compute_dtype,
+                             seed=cfg.seed)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  accum = cfg.optimizer.grad_accum_steps
+  total_steps = cfg.num_train_steps * accum
+  tx = make_optimizer(cfg.optimizer, cfg.num_train_steps, models.weight_decay_mask(model))
+  schedule = learning_rate_schedule(cfg.optimizer, cfg.num_train_steps)
+  vocab = cfg.task.vocab_size
+  train_step = make_train_step(graphdef, rest, tx, vocab)
+  eval_step = make_eval_step(graphdef, rest, vocab)
+  state = jax.device_put(init_train_state(params, tx), replicated)
+  del model, params
+
+  train_task = _task(cfg, {}, cfg.data_seed)
+  data = pipeline.train_iterator(train_task, cfg.batch_size, num_threads=cfg.data_threads)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_to_keep,
+                      async_save=cfg.async_checkpoint)
+  start = ckpt.latest_step()
+  if start is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
+    state, data_state = ckpt.restore(start, abstract)
+    data.set_state(data_state)
+    logging.info("%s: resumed at step %d", cfg.name, start)
+  start = start or 0
+  last_good = start if ckpt.latest_step() is not None else None
+
+  writer = MetricsWriter(workdir, tensorboard=cfg.tensorboard)
+  progress = Progress(total_steps, start, prefix=f"{cfg.name}: ")
+  logging.info("%s: %d parameters, %d micro-steps of %d × %d tokens", cfg.name, num_params,
+               total_steps, cfg.batch_size, train_task.seq_len)
+  tokens_per_step = cfg.batch_size * train_task.seq_len
+  window_start, window_steps, window_sums = time.perf_counter(), 0, {}
+  profiling = False
+  try:
+    for step in range(start, total_steps):
+      if cfg.profile_steps and step == cfg.profile_steps[0]:
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        profiling = True
+      batch = _to_global(next(data), mesh)
+      state, metrics = train_step(state, batch)
+      if not bool(metrics["finite"]):
+        message = (f"{cfg.name}: non-finite loss or gradient at step {step + 1} "
+                   f"(loss {float(metrics['loss'])}, grad norm {float(metrics['grad_norm'])})")
+        if not cfg.skip_nonfinite:
+          raise NonFiniteError(f"{message}; last good checkpoint: "
+                               f"{'none' if last_good is None else f'step {last_good}'} "
+                               f"in {ckpt.directory}")
+        logging.warning("%s; skipped (%d so far)", message, int(state["nonfinite_count"]))
+      if profiling and step + 1 == cfg.profile_steps[1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        profiling = False
+      for k in ("loss", "accuracy", "grad_norm"):
+        window_sums[k] = window_sums.get(k, 0.0) + metrics[k]
+      window_steps += 1
+      done = step + 1
+      if done % cfg.log_every_steps == 0 or done == total_steps:
+        values = {k: v / window_steps for k, v in window_sums.items()}
+        elapsed = time.perf_counter() - window_start
+        tokens_per_s = tokens_per_step * window_steps / elapsed
+        logged = writer.write(done, {
+            **values, "learning_rate": schedule(done // accum),
+            "step_time_s": elapsed / window_steps, "tokens_per_s": tokens_per_s,
+            "mfu": model_flops_utilization(num_params, tokens_per_s),
+            "nonfinite_count": state["nonfinite_count"]})
+        progress.update(done, f"loss {logged['loss']:.4f} acc {logged['accuracy']:.3f}",
+                        force=True)
+        window_start, window_steps, window_sums = time.perf_counter(), 0, {}
+      else:
+        progress.update(done)
+      if done % cfg.eval_every_steps == 0 and done != total_steps:
+        writer.write(done, evaluate(cfg, eval_step, state["params"], mesh), split="eval")
+      if done % cfg.checkpoint_every_steps == 0 or done == total_steps:
+        ckpt.save(done, _copy(state), pipeline.iterator_state(data), cfg, force=True)
+        last_good = done
+    final = evaluate(cfg, eval_step, state["params"], mesh)
+    writer.write(total_steps, final, split="eval")
+  finally:
+    if profiling:
+      jax.profiler.stop_trace()
+    ckpt.close()
+    writer.close()
+  final = {"model": cfg.name, "steps": total_steps, "params": num_params,
+           "d_model": cfg.model["d_model"], "seq_len": train_task.seq_len, **final}
+  if jax.process_index() == 0:
+    with open(final_path, "w", encoding="utf-8") as f:
+      json.dump(final, f, indent=2)
+  return final
+
+
+def _copy(state: Any) -> Any:
+  """New buffers for an asynchronous save: the next step donates (overwrites) the old ones."""
+  return jax.tree.map(jnp.copy, state)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+  """Trains every row of ``config`` in turn and writes the results table; returns its rows."""
+  if not config.rows:
+    raise ValueError("config.rows must list at least one model row")
+  names = [row["name"] for row in config.rows]
+  slugs = [slug(n) for n in names]
+  if len(set(slugs)) != len(slugs):
+    raise ValueError(f"config.rows names must differ after slugging, got {names}")
+  os.makedirs(workdir, exist_ok=True)
+  rows = []
+  for row, row_slug in zip(config.rows, slugs):
+    cfg = row_config(config, row)
+    logging.info("=== %s (%s) ===", cfg.name, row_slug)
+    result = train_row(cfg, os.path.join(workdir, row_slug))
+    rows.append({**result, **dict(row.get("tags", {})), "paper": dict(row.get("paper", {}))})
+  if jax.process_index() == 0:
+    results_lib.write_results(config, rows, workdir)
+  return rows
