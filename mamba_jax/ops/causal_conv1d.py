@@ -18,6 +18,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mamba_jax.ops.checks import (check_choice, check_floating, check_integer, check_rank,
                                   check_shape, is_concrete)
@@ -110,7 +111,8 @@ def causal_conv1d(
   if seq_idx is not None:
     check_shape("seq_idx", seq_idx, (batch, length), "(batch, length)")
     check_integer("seq_idx", seq_idx)
-    if is_concrete(seq_idx) and length > 1 and bool(jnp.any(jnp.diff(seq_idx, axis=1) < 0)):
+    # numpy, not jnp: inside a trace jnp ops on a concrete array return tracers.
+    if is_concrete(seq_idx) and np.any(np.diff(np.asarray(seq_idx), axis=1) < 0):
       raise ValueError("seq_idx must be nondecreasing along the length axis")
 
   dtype = _compute_dtype(x, weight, bias, initial_states)

@@ -11,6 +11,7 @@ Letter legend: d the normalised (last) axis, g groups, "..." any leading axes.
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import jax
@@ -35,7 +36,7 @@ def _check_common(x: jax.Array, weight: jax.Array, eps: float) -> int:
   d = x.shape[-1]
   check_shape("weight", weight, (d,), "(d,) with d = x.shape[-1]")
   check_floating("weight", weight)
-  if not isinstance(eps, (int, float)) or eps < 0:
+  if not isinstance(eps, numbers.Real) or eps < 0:
     raise ValueError(f"eps must be a non-negative number, got {eps!r}")
   return d
 
@@ -123,8 +124,9 @@ def gated_rms_norm(x: jax.Array, z: Optional[jax.Array], weight: jax.Array,
     check_floating("z", z)
   if group_size is None:
     group_size = d
-  if not isinstance(group_size, int) or isinstance(group_size, bool):
+  if not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool):
     raise ValueError(f"group_size must be an int or None, got {group_size!r}")
+  group_size = int(group_size)
   check_divisible("d (x.shape[-1])", d, "group_size", group_size)
 
   dtype = _compute_dtype(x, z, weight)

@@ -290,3 +290,17 @@ def test_under_jit_with_mixed_dtypes():
   y_ref, final_ref = conv_reference(x, weight, bias, "silu", init, seq_idx)
   assert_close(y, y_ref, TOLS[jnp.bfloat16], "y")
   assert_close(final, final_ref.astype(jnp.bfloat16), 0.0, "final_states")
+
+
+def test_seq_idx_closed_over_under_jit():
+  # A concrete seq_idx captured by a jitted function is still checked and used correctly.
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.standard_normal((1, 9, 2)))
+  weight = jnp.asarray(rng.standard_normal((2, 3)))
+  seq_idx = jnp.array([[0, 0, 0, 1, 1, 2, 2, 2, 2]], jnp.int32)
+  y = jax.jit(lambda x, w: causal_conv1d(x, w, seq_idx=seq_idx))(x, weight)
+  y_ref, _ = conv_reference(x, weight, None, None, None, seq_idx)
+  assert_close(y, y_ref, TOLS[jnp.float64], "y")
+  bad = jnp.array([[0, 1, 0, 1, 1, 2, 2, 2, 2]], jnp.int32)
+  with pytest.raises(ValueError, match="nondecreasing"):
+    jax.jit(lambda x, w: causal_conv1d(x, w, seq_idx=bad))(x, weight)

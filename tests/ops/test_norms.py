@@ -1,4 +1,4 @@
-"""Tests for mamba_jax.ops.norms against numpy float64 references; gradients by finite differences."""
+"""Tests for mamba_jax.ops.norms against numpy float64 references and finite differences."""
 
 import jax
 import jax.numpy as jnp
