@@ -193,6 +193,8 @@ def ssd_pallas_gpu(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bia
   _check_args(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
   batch, length, heads, head_dim = x.shape
   state = B.shape[-1]
+  if chunk_size < 16 or chunk_size & (chunk_size - 1):
+    raise ValueError(f"{chunk_size=} must be a power of two >= 16")
   if blocks is None:
     blocks = tuned_block_sizes(head_dim, state, chunk_size)
   blocks.check(chunk_size, head_dim, state)

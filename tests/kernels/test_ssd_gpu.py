@@ -1,0 +1,128 @@
+"""Pallas GPU SSD kernels against mamba_jax.ops.ssd's sequential oracle (forward and vjp).
+
+The GPU class runs the compiled kernels (Triton lowering) on an NVIDIA GPU; its interpret twin
+runs the same kernels in the Pallas interpreter on CPU with tiny shapes. The oracle runs in
+float64 on the same (upcast) inputs.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mamba_jax.ops.ssd import ssd
+from pallas_kernels.gpu.ssd import ssd_pallas_gpu
+from pallas_kernels.gpu.ssd_blocks import SSDBlockSizes
+from tests.numerics import assert_close, relative_error
+
+# Norm-relative tolerances. float32: IEEE float32 matmuls (no TF32), measured <= 3e-6 (dA, a
+# sum over every position). bfloat16: operands of every matmul are rounded to bf16 (as in
+# mamba_ssm), measured <= 1.2e-2 (dt_bias, a sum over positions of bf16-rounded products).
+TOLERANCES = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
+
+
+def _inputs(key, dtype, b, l, h, p, g, n, *, d_per_channel, use_z, use_seq, use_init):
+  ks = jax.random.split(key, 10)
+  x = jax.random.normal(ks[0], (b, l, h, p), jnp.float32).astype(dtype)
+  dt = jax.random.normal(ks[1], (b, l, h), jnp.float32) - 1.0
+  a = -jnp.exp(0.5 * jax.random.normal(ks[2], (h,), jnp.float32))
+  bb = jax.random.normal(ks[3], (b, l, g, n), jnp.float32).astype(dtype)
+  cc = jax.random.normal(ks[4], (b, l, g, n), jnp.float32).astype(dtype)
+  d = jax.random.normal(ks[5], (h, p) if d_per_channel else (h,), jnp.float32)
+  z = jax.random.normal(ks[6], (b, l, h, p), jnp.float32).astype(dtype) if use_z else None
+  bias = 0.5 * jax.random.normal(ks[7], (h,), jnp.float32)
+  init = jax.random.normal(ks[8], (b, h, p, n), jnp.float32) if use_init else None
+  seq = None
+  if use_seq:
+    # Nondecreasing ids starting at 0, a few boundaries (one inside the first chunk).
+    starts = jax.random.bernoulli(ks[9], 4.0 / l, (b, l)).at[:, 3].set(True)
+    seq = jnp.cumsum(starts.astype(jnp.int32), axis=1) - 1
+    seq = seq.at[:, :3].set(0)
+  return (x, dt, a, bb, cc, d, z, bias, init), seq
+
+
+class SSDCases:
+  """The checks, shared by the compiled (GPU) and interpreted (CPU) classes below."""
+  INTERPRET = False
+  # (b, l, h, p, g, n, chunk, block_m, block_k, block_pn)
+  SHAPE = (2, 700, 8, 64, 2, 64, 256, 64, 64, 1024)
+  CASES = {
+      "full": dict(d_per_channel=True, use_z=True, use_seq=True, use_init=True),
+      "plain": dict(d_per_channel=False, use_z=False, use_seq=False, use_init=False),
+  }
+
+  def _check(self, dtype, case, seed):
+    b, l, h, p, g, n, q, bm, bk, bpn = self.SHAPE
+    flags = self.CASES[case]
+    primals, seq = _inputs(jax.random.key(seed), dtype, b, l, h, p, g, n, **flags)
+    blocks = SSDBlockSizes(block_m=bm, block_k=bk, block_pn=bpn)
+
+    def pallas(x, dt, a, bb, cc, d, z, bias, init):
+      return ssd_pallas_gpu(x, dt, a, bb, cc, q, D=d, z=z, dt_bias=bias, dt_softplus=True,
+                            initial_states=init, seq_idx=seq, return_final_states=True,
+                            blocks=blocks, interpret=self.INTERPRET)
+
+    def oracle(x, dt, a, bb, cc, d, z, bias, init):
+      return ssd(x, dt, a, bb, cc, q, D=d, z=z, dt_bias=bias, dt_softplus=True,
+                 initial_states=init, seq_idx=seq, return_final_states=True,
+                 impl="sequential")
+
+    up = lambda v: None if v is None else v.astype(jnp.float64)
+    (y, final), vjp = jax.vjp(pallas, *primals)
+    (y_ref, final_ref), vjp_ref = jax.vjp(oracle, *map(up, primals))
+    tol = TOLERANCES[dtype]
+    assert y.dtype == dtype and final.dtype == jnp.float32
+    assert_close(y, y_ref, tol, f"{case} {dtype.__name__} y")
+    assert_close(final, final_ref, tol, f"{case} {dtype.__name__} final state")
+
+    ky, kf = jax.random.split(jax.random.key(seed + 1))
+    dy = jax.random.normal(ky, y.shape, jnp.float32).astype(dtype)
+    dfinal = jax.random.normal(kf, final.shape, jnp.float32)
+    grads = vjp((dy, dfinal))
+    grads_ref = vjp_ref((up(dy), up(dfinal)))
+    errors = {}
+    for name, gr, ge, prim in zip(GRAD_NAMES, grads, grads_ref, primals):
+      if prim is None:
+        continue
+      assert gr.dtype == prim.dtype, f"d{name}: dtype {gr.dtype} != {prim.dtype}"
+      errors[name] = relative_error(gr, ge)
+      assert_close(gr, ge, tol, f"{case} {dtype.__name__} d{name}")
+    return errors
+
+  @pytest.mark.parametrize("case", ["full", "plain"])
+  @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+  def test_matches_oracle(self, dtype, case):
+    self._check(dtype, case, seed=7)
+
+  def test_rejects_bad_shapes(self):
+    x = jnp.zeros((1, 32, 2, 16), jnp.float32)
+    dt = jnp.zeros((1, 32, 2), jnp.float32)
+    a = -jnp.ones((2,), jnp.float32)
+    bb = jnp.zeros((1, 32, 1, 16), jnp.float32)
+    with pytest.raises(ValueError, match="dt must have shape"):
+      ssd_pallas_gpu(x, dt[:, :, :1], a, bb, bb, 16, interpret=self.INTERPRET)
+    with pytest.raises(ValueError, match="must have x's dtype"):
+      ssd_pallas_gpu(x, dt, a, bb.astype(jnp.bfloat16), bb, 16, interpret=self.INTERPRET)
+    with pytest.raises(ValueError, match="chunk_size=24 must be a power of two"):
+      ssd_pallas_gpu(x, dt, a, bb, bb, 24, interpret=self.INTERPRET)
+    with pytest.raises(ValueError, match="block_m=48 must be a power of two"):
+      SSDBlockSizes(block_m=48)
+
+
+@pytest.mark.gpu
+class TestSSDPallasGPU(SSDCases):
+  """The compiled kernels on an NVIDIA GPU: l = 700 (two chunks of 256 + a tail)."""
+
+
+class TestSSDPallasGPUInterpret(SSDCases):
+  """The same kernels in the Pallas interpreter on CPU: tiny shapes, two chunks + a tail."""
+  INTERPRET = True
+  SHAPE = (1, 40, 2, 16, 2, 16, 16, 16, 16, 128)
+
+  @pytest.mark.parametrize("case", ["full"])
+  @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+  def test_matches_oracle(self, dtype, case):
+    self._check(dtype, case, seed=3)
