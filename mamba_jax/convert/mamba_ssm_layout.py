@@ -90,7 +90,7 @@ def param_names(model: nnx.Module) -> list[ParamName]:
   """The mamba_ssm name and layout of every ``nnx.Param`` of ``model`` (abstract or not)."""
   modules = dict(nnx.iter_modules(model))
   names = []
-  for path, _ in nnx.state(model, nnx.Param).flat_state():
+  for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     parent, leaf = modules.get(tuple(path[:-1])), path[-1]
     prefix = ".".join(str(p) for p in path[:-1])
     layout, torch_leaf = _PLAIN, str(leaf)
@@ -131,7 +131,7 @@ def model_state_dict(model: MambaLM) -> dict[str, np.ndarray]:
 
   With tied embeddings ``lm_head.weight`` is the embedding's very array (one storage).
   """
-  state = {p: v for p, v in nnx.state(model, nnx.Param).flat_state()}
+  state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   out = {}
   for name in param_names(model):
     out[name.torch_name] = to_torch_layout(np.asarray(jax.device_get(state[name.path][...])),
@@ -171,16 +171,17 @@ def model_from_state_dict(config: MambaConfig, state_dict: Mapping[str, np.ndarr
                        f"{EMBEDDING}; set tie_embeddings=False in the config to keep both")
   abstract = abstract_model(config, dtype)
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  if rest.flat_state():
-    raise ValueError(f"MambaLM has non-parameter variables {[p for p, _ in rest.flat_state()]}"
-                     " that a checkpoint does not hold; mamba_jax.convert cannot fill them")
+  other = [path for path, _ in nnx.to_flat_state(rest)]
+  if other:
+    raise ValueError(f"MambaLM has non-parameter variables {other} that a checkpoint does "
+                     "not hold; mamba_jax.convert cannot fill them")
   names = param_names(abstract)
   expected = {n.torch_name for n in names}
   missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
   if missing or unexpected:
     raise ValueError(f"{source} does not fit the config: missing {_describe(missing) or 'none'}; "
                      f"unexpected {_describe(unexpected) or 'none'}")
-  abstract_leaves = dict(params.flat_state())
+  abstract_leaves = dict(nnx.to_flat_state(params))
   leaves = []
   for name in names:
     target = abstract_leaves[name.path]
@@ -191,7 +192,7 @@ def model_from_state_dict(config: MambaConfig, state_dict: Mapping[str, np.ndarr
                        f"{'.'.join(map(str, name.path))} of shape {tuple(target.shape)} "
                        "(in flax layout) for this config")
     leaves.append((name.path, target.replace(jnp.asarray(array, dtype=target.dtype))))
-  return nnx.merge(graphdef, nnx.State.from_flat_path(leaves), rest)
+  return nnx.merge(graphdef, nnx.from_flat_state(leaves), rest)
 
 
 def config_from_mamba_ssm(raw: Mapping[str, Any]) -> MambaConfig:

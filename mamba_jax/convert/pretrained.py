@@ -1,0 +1,154 @@
+"""``load_pretrained`` / ``save_pretrained``: a ``MambaLM`` from or to a local directory.
+
+Three directory formats, told apart by their files (all offline; nothing is downloaded):
+
+  "hf"         config.json with HF keys (model_type "mamba" / "mamba2", MambaForCausalLM /
+               Mamba2ForCausalLM) + model.safetensors (or its sharded index, or an older
+               pytorch_model.bin)                       :mod:`mamba_jax.convert.hf_layout`
+  "mamba_ssm"  config.json of mamba_ssm's MambaConfig + pytorch_model.bin
+                                                        :mod:`mamba_jax.convert.mamba_ssm_layout`
+  "orbax"      config.json (``MambaConfig.to_dict()``) + params/, the ``nnx.Param`` state
+               saved by orbax-checkpoint's StandardCheckpointer
+
+Saving and loading again gives bitwise the same parameters in every format. Parameters are
+built in ``dtype`` (A_log and D stay float32, as the modules create them); a checkpoint in
+another dtype is cast on loading.
+
+Example::
+
+  model = load_pretrained("/ckpt/mamba-130m-hf")            # an HF snapshot directory
+  logits = model(input_ids)                                  # (b, l, v_pad) float32
+  save_pretrained(model, "/ckpt/mamba-130m", format="mamba_ssm")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from mamba_jax.config import MambaConfig
+from mamba_jax.convert.hf_layout import (SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME,
+                                         config_from_hf, load_hf, save_hf)
+from mamba_jax.convert.mamba_ssm_layout import (CONFIG_NAME, TORCH_WEIGHTS_NAME, abstract_model,
+                                                load_mamba_ssm, mamba_ssm_config_json,
+                                                read_json, save_mamba_ssm)
+from mamba_jax.nn.lm import MambaLM
+
+FORMATS = ("hf", "mamba_ssm", "orbax")
+ORBAX_PARAMS_NAME = "params"
+# The weight files of each format, to refuse mixing two formats in one directory.
+_WEIGHT_FILES = {"hf": (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME),
+                 "mamba_ssm": (TORCH_WEIGHTS_NAME,), "orbax": (ORBAX_PARAMS_NAME,)}
+
+
+def _is_hf_config(raw: dict[str, Any]) -> bool:
+  return "model_type" in raw or "architectures" in raw
+
+
+def detect_format(local_dir: str | Path) -> str:
+  """"hf", "mamba_ssm" or "orbax" for a checkpoint directory (see the module docstring).
+
+  Raises:
+    FileNotFoundError: not a directory, no config.json, or no weights for its config.
+    ValueError: a config.json that is neither HF's nor mamba_ssm's.
+  """
+  directory = Path(local_dir)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{directory} is not a directory; load_pretrained reads a local "
+                            "checkpoint directory (config.json + weights)")
+  raw = read_json(directory / CONFIG_NAME)
+  if _is_hf_config(raw):
+    return "hf"
+  if "d_model" not in raw:
+    raise ValueError(f"{directory / CONFIG_NAME} is neither an HF config (model_type, "
+                     "architectures) nor a mamba_ssm config (d_model, n_layer, ssm_cfg, ...)")
+  if (directory / ORBAX_PARAMS_NAME).is_dir():
+    return "orbax"
+  if (directory / TORCH_WEIGHTS_NAME).is_file():
+    return "mamba_ssm"
+  raise FileNotFoundError(f"{directory} has a mamba_ssm-style config.json but no weights: "
+                          f"expected {TORCH_WEIGHTS_NAME} (mamba_ssm) or {ORBAX_PARAMS_NAME}/ "
+                          "(orbax)")
+
+
+def _load_orbax(directory: Path, dtype: Any) -> MambaLM:
+  config = MambaConfig.from_dict(read_json(directory / CONFIG_NAME))
+  graphdef, target = nnx.split(abstract_model(config, dtype), nnx.Param)
+  with ocp.StandardCheckpointer() as checkpointer:
+    params = checkpointer.restore((directory / ORBAX_PARAMS_NAME).absolute(), target)
+  return nnx.merge(graphdef, params)
+
+
+def _save_orbax(model: MambaLM, directory: Path) -> None:
+  directory.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save((directory / ORBAX_PARAMS_NAME).absolute(), nnx.state(model, nnx.Param),
+                      force=True)
+    checkpointer.wait_until_finished()
+  (directory / CONFIG_NAME).write_text(mamba_ssm_config_json(model.config))
+
+
+def load_pretrained(local_dir: str | Path, *, dtype: Any = jnp.float32) -> MambaLM:
+  """A MambaLM from a local checkpoint directory in any of :data:`FORMATS`.
+
+  Args:
+    local_dir: the directory (an HF snapshot, a mamba_ssm checkpoint, or ours).
+    dtype: compute and parameter dtype of the model (A_log, D stay float32).
+
+  Raises:
+    FileNotFoundError: the directory, its config.json or its weights are missing.
+    ValueError: an unsupported architecture or config, or weights that do not fit it.
+  """
+  directory = Path(local_dir)
+  kind = detect_format(directory)
+  if kind == "hf":
+    return load_hf(directory, read_json(directory / CONFIG_NAME), dtype=dtype)
+  if kind == "orbax":
+    return _load_orbax(directory, dtype)
+  return load_mamba_ssm(directory, dtype=dtype)
+
+
+def save_pretrained(model: MambaLM, local_dir: str | Path, *,
+                    format: str = "hf") -> Path:  # pylint: disable=redefined-builtin
+  """Writes ``model`` to ``local_dir`` (created if needed) in ``format``; returns the path.
+
+  "hf": config.json + model.safetensors, loadable by transformers' from_pretrained (Mamba
+  and Mamba-2 models only: ValueError naming what HF cannot express otherwise).
+  "mamba_ssm": config.json + pytorch_model.bin (written without torch; torch.load reads it).
+  "orbax": config.json + params/ (orbax StandardCheckpointer).
+
+  Raises:
+    ValueError: an unknown format, a model HF cannot express, or a directory already
+      holding the weights of another format.
+  """
+  if format not in FORMATS:
+    raise ValueError(f"format={format!r} is not one of {FORMATS}")
+  if not isinstance(model, MambaLM):
+    raise ValueError(f"save_pretrained takes a MambaLM, got {type(model).__name__}")
+  directory = Path(local_dir)
+  others = [name for kind, names in _WEIGHT_FILES.items() if kind != format for name in names
+            if (directory / name).exists()]
+  if others:
+    raise ValueError(f"{directory} already holds {others} of another format; save "
+                     f"format={format!r} into an empty directory")
+  if format == "hf":
+    save_hf(model, directory)
+  elif format == "mamba_ssm":
+    save_mamba_ssm(model, directory)
+  else:
+    _save_orbax(model, directory)
+  return directory
+
+
+def read_config(local_dir: str | Path) -> MambaConfig:
+  """The MambaConfig of a checkpoint directory, without reading its weights."""
+  directory = Path(local_dir)
+  kind = detect_format(directory)
+  raw = read_json(directory / CONFIG_NAME)
+  if kind == "hf":
+    return config_from_hf(raw, str(directory / CONFIG_NAME))
+  return MambaConfig.from_dict(raw)
