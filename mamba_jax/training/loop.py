@@ -15,10 +15,14 @@ Config fields read here (besides ``optimizer``, ``model``, ``task``; see the con
   seed, data_seed, eval_seed      model init, training data and evaluation data seeds
   batch_size                      global micro-batch size B (records per train step)
   num_train_steps                 optimizer steps (micro-steps = this × grad_accum_steps)
-  eval_tasks                      {label: task field overrides}; "" is the main evaluation
+  eval_tasks                      {label: task field overrides}, reported as accuracy@label
+                                  ("" : plain accuracy); "batch_size" / "num_batches" in the
+                                  overrides replace eval_batch_size / eval_batches
   eval_batch_size, eval_batches   evaluation records = eval_batch_size × eval_batches per task
+  max_eval_length                 0, or skip (report None for) evaluations longer than this
   log_every_steps, eval_every_steps, checkpoint_every_steps, max_to_keep, async_checkpoint
-  skip_nonfinite                  False: stop on a non-finite loss/gradient; True: skip & count
+  skip_nonfinite                  False: stop on a non-finite loss/gradient/update; True: skip
+                                  the update and count it
   profile_steps                   () or (first, last): jax.profiler trace of those micro-steps
   compute_dtype                   "float32" | "bfloat16" (the model's dtype; params float32)
   data_threads                    grain reader threads
@@ -56,7 +60,7 @@ _ROW_LABELS = ("paper", "tags")
 
 
 class NonFiniteError(RuntimeError):
-  """A train step produced a non-finite loss or gradient norm."""
+  """A train step produced a non-finite loss, gradient norm or update."""
 
 
 def slug(name: str) -> str:
@@ -110,12 +114,15 @@ def evaluate(cfg: ml_collections.ConfigDict, eval_step, params, mesh) -> dict[st
   out: dict[str, float | None] = {}
   for label, overrides in cfg.eval_tasks.items():
     suffix = f"@{label}" if label else ""
+    overrides = dict(overrides)
+    batch_size = overrides.pop("batch_size", cfg.eval_batch_size)
+    num_batches = overrides.pop("num_batches", cfg.eval_batches)
     task = _task(cfg, overrides, cfg.eval_seed)
     if cfg.get("max_eval_length") and task.seq_len > cfg.max_eval_length:
       out[f"accuracy{suffix}"] = None
       continue
     sums = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    for batch in pipeline.eval_batches(task, cfg.eval_batch_size, cfg.eval_batches):
+    for batch in pipeline.eval_batches(task, batch_size, num_batches):
       part = jax.device_get(eval_step(params, _to_global(batch, mesh)))
       for k in sums:
         sums[k] += float(part[k])
@@ -191,7 +198,7 @@ def train_row(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       batch = _to_global(next(data), mesh)
       state, metrics = train_step(state, batch)
       if not bool(metrics["finite"]):
-        message = (f"{cfg.name}: non-finite loss or gradient at step {step + 1} "
+        message = (f"{cfg.name}: non-finite loss, gradient or update at step {step + 1} "
                    f"(loss {float(metrics['loss'])}, grad norm {float(metrics['grad_norm'])})")
         if not cfg.skip_nonfinite:
           raise NonFiniteError(f"{message}; last good checkpoint: "
