@@ -66,16 +66,15 @@ _IGNORED_KEYS = {
     "output_hidden_states", "output_attentions", "return_dict", "_name_or_path",
     "intermediate_size", "is_encoder_decoder", "tokenizer_class", "fused_add_norm",
     "pad_vocab_size_multiple", "d_intermediate", "attn_layer_idx", "attn_cfg", "ssm_cfg",
-    "emb_initializer_range", "layer_types", "chunk_size_feed_forward",
+    "emb_initializer_range", "layer_types", "chunk_size_feed_forward", "n_layer",
 }
 _MAMBA1_KEYS = {"hidden_size", "num_hidden_layers", "vocab_size", "tie_word_embeddings",
                 "residual_in_fp32", "layer_norm_epsilon", "hidden_act", "state_size",
                 "conv_kernel", "expand", "time_step_rank", "time_step_min", "time_step_max",
                 "time_step_floor", "time_step_scale", "time_step_init_scheme", "use_bias",
-                "use_conv_bias"}
+                "use_conv_bias", "rms_norm"}
 _MAMBA2_KEYS = (_MAMBA1_KEYS - {"time_step_scale", "time_step_init_scheme"}) | {
-    "head_dim", "num_heads", "n_groups", "chunk_size", "time_step_limit", "rms_norm",
-    "norm_before_gate"}
+    "head_dim", "num_heads", "n_groups", "chunk_size", "time_step_limit", "norm_before_gate"}
 _MAMBA2_NORM_EPS = 1e-5  # the gated norm's eps in mamba_jax's (and mamba_ssm's) Mamba-2.
 
 # safetensors dtype names <-> numpy.
@@ -117,6 +116,9 @@ def config_from_hf(raw: Mapping[str, Any], source: str = "config.json") -> Mamba
   unknown = sorted(set(raw) - known - _IGNORED_KEYS)
   if unknown:
     logging.warning("%s: ignoring HF config keys unknown to mamba_jax: %s", source, unknown)
+  if not raw.get("rms_norm", True):
+    raise ValueError(f"{source}: rms_norm=false, but HF's Mamba models always use RMSNorm; "
+                     "the file is ambiguous")
   if raw.get("hidden_act", "silu") != "silu":
     raise ValueError(f"{source}: hidden_act={raw['hidden_act']!r}; Mamba blocks use 'silu'")
   d_model = _get(raw, "hidden_size")
@@ -133,9 +135,6 @@ def config_from_hf(raw: Mapping[str, Any], source: str = "config.json") -> Mamba
                    dt_scale=float(raw.get("time_step_scale", 1.0)),
                    dt_init=raw.get("time_step_init_scheme", "random"))
   else:
-    if not raw.get("rms_norm", True):
-      raise ValueError(f"{source}: rms_norm=false, but HF's Mamba2 always uses RMSNorm; "
-                       "the file is ambiguous")
     if raw.get("norm_before_gate", False):
       raise ValueError(f"{source}: norm_before_gate=true, but HF's Mamba2 always gates "
                        "before its norm; the file is ambiguous")
