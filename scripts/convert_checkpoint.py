@@ -31,8 +31,8 @@ _INPUT = flags.DEFINE_string("input", None, "checkpoint directory to read", requ
 _OUTPUT = flags.DEFINE_string("output", None, "directory to write (created)", required=True)
 _TO = flags.DEFINE_enum("to", None, list(FORMATS), "format to write", required=True)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
-                           "parameter dtype of the written checkpoint (A_log, D as the model "
-                           "keeps them)")
+                           "parameter dtype of the written checkpoint (parameters the "
+                           "modules keep in float32 stay float32)")
 
 # Files that belong to a checkpoint format rather than travelling with it.
 _FORMAT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json",

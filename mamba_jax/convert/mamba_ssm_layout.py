@@ -157,7 +157,7 @@ def model_from_state_dict(config: MambaConfig, state_dict: Mapping[str, np.ndarr
   """Builds a MambaLM of ``config`` holding a mamba_ssm-named state dict's tensors.
 
   Each tensor is cast to the dtype its parameter has in ``MambaLM(config, dtype=dtype,
-  param_dtype=dtype)`` (A_log, D stay float32). ``source`` names the file in errors.
+  param_dtype=dtype)``. ``source`` names the file in errors.
 
   Raises:
     ValueError: missing or unexpected tensors, a shape that does not fit the config, or a

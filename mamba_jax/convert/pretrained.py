@@ -10,9 +10,10 @@ Three directory formats, told apart by their files (all offline; nothing is down
   "orbax"      config.json (``MambaConfig.to_dict()``) + params/, the ``nnx.Param`` state
                saved by orbax-checkpoint's StandardCheckpointer
 
-Saving and loading again gives bitwise the same parameters in every format. Parameters are
-built in ``dtype`` (A_log and D stay float32, as the modules create them); a checkpoint in
-another dtype is cast on loading.
+Saving and loading again gives bitwise the same parameters in every format. The model is
+built with ``dtype`` as its compute and parameter dtype, and each checkpoint tensor is cast
+to the dtype its parameter has there (the modules keep some, e.g. Mamba-1's A_log, in
+float32).
 
 Example::
 
@@ -97,7 +98,8 @@ def load_pretrained(local_dir: str | Path, *, dtype: Any = jnp.float32) -> Mamba
 
   Args:
     local_dir: the directory (an HF snapshot, a mamba_ssm checkpoint, or ours).
-    dtype: compute and parameter dtype of the model (A_log, D stay float32).
+    dtype: compute and parameter dtype of the model (parameters the modules keep in
+      float32 stay float32).
 
   Raises:
     FileNotFoundError: the directory, its config.json or its weights are missing.
