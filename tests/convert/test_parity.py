@@ -76,3 +76,17 @@ def test_hf_and_mamba_ssm_fixtures_hold_the_same_model():
   ssm = load_pretrained(FIXTURES / "mamba2_ngroups2_mamba_ssm")
   ids = jnp.asarray(_expected("mamba2_ngroups2")["input_ids"], jnp.int32)
   np.testing.assert_array_equal(np.asarray(hf(ids)), np.asarray(ssm(ids)))
+
+
+def test_the_ngroups2_fixture_tells_the_norm_groups_and_the_dt_limit_apart():
+  """A whole-row gated norm, or no time_step_limit clamp, would miss the expected logits."""
+  expected = _expected("mamba2_ngroups2")
+  ids = jnp.asarray(expected["input_ids"], jnp.int32)
+  whole_row = load_pretrained(FIXTURES / "mamba2_ngroups2")
+  for layer in whole_row.backbone.layers:
+    layer.mixer.norm.group_size = layer.mixer.norm.weight.shape[0]
+  assert relative_error(whole_row(ids), expected["logits"]) > 10 * RTOL
+  unclamped = load_pretrained(FIXTURES / "mamba2_ngroups2")
+  for layer in unclamped.backbone.layers:
+    layer.mixer.dt_limit = (0.0, float("inf"))
+  assert relative_error(unclamped(ids), expected["logits"]) > 10 * RTOL
