@@ -1,6 +1,6 @@
 """Block sizes of the Pallas TPU SSD (Mamba-2) kernels and their VMEM budget.
 
-Both SSD kernels (``ssd_fwd``, ``ssd_bwd``) run on the grid (b, h / r_blk, c): one program per
+Both SSD kernels (``ssd_fwd``, ``ssd_bwd``) run on the grid (b, h / r, c): one program per
 batch row, block of ``heads_per_block`` heads of one group, and chunk of ``chunk_size`` (q)
 positions. The chunk axis is last and "arbitrary" (sequential, it carries the (p, n) state in
 VMEM scratch); batch and head blocks are "parallel" (split over the two TensorCores of a
@@ -11,16 +11,19 @@ VMEM budget. We assume a v5e / v6e TensorCore: 128 MiB of VMEM of which 16 MiB (
 v5e, v5p and v6e all grant). ``vmem_bytes`` counts every buffer of one grid step as Mosaic lays
 it out: each block padded to (8, 128) tiles in 32-bit ((16, 128) for 16-bit dtypes), inputs and
 outputs double-buffered by the pipeline, scratch once, plus the (q, q) float32 temporaries of the
-chunk's quadratic form. The largest supported case, q = 256, p = 128, n = 256, 4 heads per block,
-float32 inputs, needs about 18 MiB in the backward (the forward about 13 MiB), so it fits the
-32 MiB limit; q = 256, p = 64, n = 128, bf16, 8 heads per block (the Mamba-2 2.7B shape) needs
-about 9 MiB. ``SSDTpuBlockSizes.check`` raises when a configuration does not fit.
+chunk's quadratic form (the heads of a block are processed one after another, so those are
+counted once). The largest supported case, q = 256, p = 128, n = 256, float32 inputs, 8 heads per
+block, needs 16.6 MiB in the forward and 23.8 MiB in the backward, within the 32 MiB limit; the
+Mamba-2 shape (q = 256, p = 64, n = 128, bf16, 8 heads per block) needs 7.3 / 11.5 MiB, within
+even v5e's 16 MiB default. ``SSDTpuBlockSizes.check`` raises when a configuration does not fit,
+and ``default_block_sizes`` picks the most heads per block (at most 8) that fit.
 
 MXU shapes. The chunk's matmuls are C Bᵀ (q, n)·(n, q), the masked product (q, q)·(q, p), the
 state read C·hᵀ (q, n)·(n, p) and the state update (q, p)ᵀ·(q, n). With q = 256 and n ≥ 128
 they fill the 128 × 128 MXU of v5e and the 256 × 256 MXU of v6e in the q dimensions; p = 64
-half-fills a 128-wide output, which is why several heads share one program (C Bᵀ is computed
-once per head block, since all heads of a group read the same B and C).
+half-fills a 128-wide output (the heads of a block are looped, not concatenated). Several heads
+share one program because all heads of a group read the same B and C: they are fetched from HBM
+and C Bᵀ is computed once per head block instead of once per head.
 """
 
 from __future__ import annotations

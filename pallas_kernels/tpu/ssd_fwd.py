@@ -6,7 +6,7 @@ B, C (q, n) and the per-position vectors of the wrapper (cs = within-chunk cumsu
 dt, w_in = exp(cs_t) masked to the segment entering the chunk, w_out = exp(cs_last - cs_s)·dt_s
 masked to the segment leaving it), Mamba-2 §6 ("SSD algorithm", Listing 1) becomes:
 
-  diagonal block      y  = ((C Bᵀ) ∘ L ∘ dtᵀ) X,      L[t, s] = exp(cs_t - cs_s) [t >= s, same id]
+  diagonal block      y  = ((C Bᵀ) ∘ L ∘ dtᵀ) X,   L[t, s] = exp(cs_t - cs_s) [t >= s, same id]
   off-diagonal block  y += w_in ∘ (C h_{c-1}ᵀ)
   skip and gate       y  = (y + D ∘ X) · silu(z)
   state update        h_c = w_in[q-1] · h_{c-1} + (w_out ∘ X)ᵀ B
