@@ -47,7 +47,7 @@ from mamba_jax.nn.mamba2 import CausalConv1d
 
 
 class H3Mixer(SSMMixerBase):
-  """H3 (Fu et al., 2023, §3.1 Algorithm 1 with head dimension 1): out = (q ⊙ SSM(shift(k) ⊙ v)) · W_out.
+  """H3 (Fu et al., 2023, §3.1, head dimension 1): out = (q ⊙ SSM(shift(k) ⊙ v)) · W_out.
 
   The diagonal SSM per channel i (simplified ZOH, Mamba §2 eq. (4)):
 
@@ -108,7 +108,9 @@ class H3Mixer(SSMMixerBase):
 
 
 class SSMNoGate(Mamba1Mixer):
-  """The Mamba block without the z gate (Mamba Table 1 "No gate"): out = SSM(silu(conv(x · W_in))) · W_out.
+  """The Mamba block without the z gate (Mamba Table 1 "No gate").
+
+    out = SSM(silu(conv(u · W_in))) · W_out
 
   Same options, parameters and recurrence as :class:`Mamba1Mixer`; in_proj has e outputs.
   """

@@ -94,7 +94,7 @@ def dt_bias_init(key: jax.Array, shape: Sequence[int], dt_min: float = 0.001,
 def dt_proj_kernel_init(key: jax.Array, shape: Sequence[int], dt_rank: int,
                         dt_scale: float = 1.0, dt_init: str = "random",
                         dtype: Any = jnp.float32) -> jax.Array:
-  """Mamba-1 ``dt_proj`` kernel, (r, e): U(±σ) ("random") or σ ("constant"), σ = r^-1/2·dt_scale.
+  """Mamba-1 ``dt_proj`` kernel (r, e): U(±σ) ("random") or σ ("constant"), σ = r^-½·dt_scale.
 
   Keeps the variance of Δ's pre-activation at initialisation independent of r (Mamba
   Appendix E; ``mamba_simple.Mamba.__init__``).

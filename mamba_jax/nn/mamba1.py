@@ -44,8 +44,9 @@ Parameters (kernels in flax's (in, out) layout; mamba_ssm's PyTorch weights are 
 
 Initialisation as mamba_ssm: dt log-uniform in [dt_min, dt_max] floored at dt_init_floor
 through softplus⁻¹; dt_proj kernel U(±r^−1/2·dt_scale) or constant; A_log per A_init in
-float32; D = 1; Linear kernels and the conv U(±1/√fan_in) (PyTorch defaults), Linear biases
-0; non-selective B = 1, C ~ N(0, 1) (S4D's init; complex: C ~ CN(0, 1)). The LM rescales
+float32 (wider with a float64 param_dtype); D = 1; Linear kernels and the conv
+U(±1/√fan_in) (PyTorch defaults), Linear biases 0; non-selective B = 1, C ~ N(0, 1) (S4D's
+init; complex: C ~ CN(0, 1)). The LM rescales
 ``out_proj`` by 1/√(n_residuals·n_layer). A_log, A_imag, D, dt_proj.bias, dt_bias, B and
 all biases carry ``no_weight_decay`` (S4D excludes A, B and Δ from weight decay).
 
@@ -170,10 +171,11 @@ class SSMMixerBase(nnx.Module):
           dt_bias_init(rngs.params(), (e,), dt_min, dt_max, dt_init_floor, param_dtype),
           **_NO_WD)
 
-    a_log, a_imag = A_log_init(A_init, rngs.params(), e, n, jnp.float32)
+    wide = jnp.promote_types(param_dtype, jnp.float32)  # A_log, D: float32 at least
+    a_log, a_imag = A_log_init(A_init, rngs.params(), e, n, wide)
     self.A_log = nnx.Param(a_log, **_NO_WD)
     self.A_imag = None if a_imag is None else nnx.Param(a_imag, **_NO_WD)
-    self.D = nnx.Param(jnp.ones((e,), jnp.float32), **_NO_WD)
+    self.D = nnx.Param(jnp.ones((e,), wide), **_NO_WD)
 
     def vector(value: jax.Array, **metadata: Any) -> nnx.Param:
       return nnx.Param(value.astype(param_dtype), **metadata)
@@ -187,10 +189,12 @@ class SSMMixerBase(nnx.Module):
     self.C_imag = (vector(c_std * jax.random.normal(rngs.params(), (n,)))
                    if self.C is not None and self.is_complex else None)
 
-  def A(self) -> jax.Array:
-    """A = −exp(A_log) (+ i·A_imag), (e, n), in float32 / complex64 (or wider)."""
+  def A(self, dtype: Any = jnp.float32) -> jax.Array:
+    """A = −exp(A_log) (+ i·A_imag), (e, n), in float32 / complex64, or wider when A_log or
+    ``dtype`` (the compute dtype) is wider."""
     a_log = self.A_log[...]
-    a = -jnp.exp(a_log.astype(jnp.promote_types(a_log.dtype, jnp.float32)))
+    real = jnp.promote_types(jnp.promote_types(a_log.dtype, jnp.float32), dtype)
+    a = -jnp.exp(a_log.astype(real))
     if self.A_imag is None:
       return a
     return jax.lax.complex(a, self.A_imag[...].astype(a.dtype))
@@ -248,15 +252,15 @@ class SSMMixerBase(nnx.Module):
             initial_state: Optional[jax.Array], return_state: bool):
     """S6 over the sequence x (b, l, e): y = SSM(x) + D ⊙ x, gated by silu(z) when given."""
     delta, delta_bias, B, C = self.ssm_inputs(x)
-    return selective_scan(x, delta, self.A(), B, C, D=self.D[...], z=z,
+    return selective_scan(x, delta, self.A(x.dtype), B, C, D=self.D[...], z=z,
                           delta_bias=delta_bias, delta_softplus=True,
                           initial_state=initial_state, return_final_state=return_state)
 
   def _scan_step(self, x: jax.Array, z: Optional[jax.Array], ssm_state: jax.Array):
     """One token x (b, e) of :meth:`_scan`: (y (b, e), new ssm_state)."""
     delta, delta_bias, B, C = self.ssm_inputs(x)
-    return selective_state_update(ssm_state, x, delta, self.A(), B, C, D=self.D[...], z=z,
-                                  dt_bias=delta_bias, dt_softplus=True)
+    return selective_state_update(ssm_state, x, delta, self.A(x.dtype), B, C,
+                                  D=self.D[...], z=z, dt_bias=delta_bias, dt_softplus=True)
 
   def _ssm_state_dtype(self, dtype: Any) -> jnp.dtype:
     real = jnp.promote_types(dtype, jnp.float32)
