@@ -120,6 +120,7 @@ def _reference(params, x, cfg, seq_idx=None):
   return out
 
 
+@functools.lru_cache(maxsize=None)  # construction compiles every init op: build once
 def _model(name, dtype=jnp.float64, param_dtype=jnp.float64, seed=0):
   return Attention(D_MODEL, **CONFIGS[name], dtype=dtype, param_dtype=param_dtype,
                    rngs=nnx.Rngs(seed))
