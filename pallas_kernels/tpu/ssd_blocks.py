@@ -10,11 +10,12 @@ VMEM budget. We assume a v5e / v6e TensorCore: 128 MiB of VMEM of which 16 MiB (
 (v6e) are the scoped default; the kernels ask for ``vmem_limit_bytes`` (32 MiB by default, which
 v5e, v5p and v6e all grant). ``vmem_bytes`` counts every buffer of one grid step as Mosaic lays
 it out: each block padded to (8, 128) tiles in 32-bit ((16, 128) for 16-bit dtypes), inputs and
-outputs double-buffered by the pipeline, scratch once, plus the (q, q) float32 temporaries of the
+outputs double-buffered by the pipeline, scratch (the carried state, and in the backward the
+(q, q) head-summed d(C Bᵀ)) once, plus the (q, q) float32 temporaries of the
 chunk's quadratic form (the heads of a block are processed one after another, so those are
 counted once). The largest supported case, q = 256, p = 128, n = 256, float32 inputs, 8 heads per
-block, needs 16.6 MiB in the forward and 23.8 MiB in the backward, within the 32 MiB limit; the
-Mamba-2 shape (q = 256, p = 64, n = 128, bf16, 8 heads per block) needs 7.3 / 11.5 MiB, within
+block, needs 16.6 MiB in the forward and 24.0 MiB in the backward, within the 32 MiB limit; the
+Mamba-2 shape (q = 256, p = 64, n = 128, bf16, 8 heads per block) needs 7.3 / 11.7 MiB, within
 even v5e's 16 MiB default. ``SSDTpuBlockSizes.check`` raises when a configuration does not fit,
 and ``default_block_sizes`` picks the most heads per block (at most 8) that fit.
 
@@ -90,7 +91,7 @@ class SSDTpuBlockSizes:
                    + _tile_bytes((r, VEC_ROWS, q), f32) + _tile_bytes((r, DVEC_ROWS, q), f32)
                    + 2 * _tile_bytes((r, 1, p), f32)  # D, dD
                    + 3 * _tile_bytes((r, p, n), f32))  # entering states, dfinal, dinit
-      scratch = _tile_bytes((r, p, n), f32)
+      scratch = _tile_bytes((r, p, n), f32) + _tile_bytes((q, q), f32)
       temporaries = 9 * _tile_bytes((q, q), f32) + 6 * _tile_bytes((q, p), f32) \
           + 4 * _tile_bytes((q, n), f32) + 3 * _tile_bytes((p, n), f32)
     else:

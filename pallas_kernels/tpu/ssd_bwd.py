@@ -52,7 +52,9 @@ def _ssd_bwd_kernel(*refs, has_d: bool, has_z: bool, has_init: bool, has_seq: bo
   Inputs x_ref, z_ref, dout_ref (r, q, p); b_ref, c_ref (q, n); vec_ref (r, 5, q);
   d_ref (r, 1, p); states_ref (r, p, n) (the state entering this chunk); dfinal_ref (r, p, n).
   Outputs dx_ref, dz_ref (r, q, p); db_ref, dc_ref (q, n) float32; dvec_ref (r, 4, q);
-  dd_ref (r, 1, p) (accumulated over chunks); dinit_ref (r, p, n). Scratch dh_ref (r, p, n).
+  dd_ref (r, 1, p) (accumulated over chunks); dinit_ref (r, p, n). Scratch dh_ref (r, p, n)
+  float32, the carried state cotangent, and dscores_ref (q, q) float32, d(C Bᵀ) summed over the
+  block's heads; dB and dC accumulate over the heads in their output blocks.
   """
   refs = list(refs)
   x_ref, b_ref, c_ref, vec_ref = refs[:4]
@@ -66,11 +68,10 @@ def _ssd_bwd_kernel(*refs, has_d: bool, has_z: bool, has_init: bool, has_seq: bo
   del refs[:3]
   dd_ref = refs.pop(0) if has_d else None
   dinit_ref = refs.pop(0) if has_init else None
-  (dh_ref,) = refs
+  dh_ref, dscores_ref = refs
 
   step = pl.program_id(2)
   heads, q, _ = x_ref.shape
-  d_state = b_ref.shape[1]
   mm = matmul_dtype(x_ref.dtype)
 
   @pl.when(step == 0)
@@ -84,9 +85,11 @@ def _ssd_bwd_kernel(*refs, has_d: bool, has_z: bool, has_init: bool, has_seq: bo
   keep = ssd_tiles.causal_mask(q, vec_ref[0, SEG:SEG + 1, :] if has_seq else None)
   scores = jnp.where(keep, ssd_tiles.matmul(c, b, 1, 1), 0.0)  # (q, q): C_t · B_s
   last = lax.broadcasted_iota(jnp.int32, (1, q), 1) == q - 1
+  dscores_ref[...] = jnp.zeros_like(dscores_ref)
+  db_ref[...] = jnp.zeros_like(db_ref)
+  dc_ref[...] = jnp.zeros_like(dc_ref)
 
   def head(i, carry):
-    dscores, db, dc = carry
     vec = vec_ref[i]  # (5, q)
     dt_row = vec[DT:DT + 1]
     w_in_row = vec[W_IN:W_IN + 1]
@@ -124,19 +127,19 @@ def _ssd_bwd_kernel(*refs, has_d: bool, has_z: bool, has_init: bool, has_seq: bo
     g = g * dt_row
     dcs_row = ssd_tiles.col_to_row(jnp.sum(g, axis=1, keepdims=True)) \
         - jnp.sum(g, axis=0, keepdims=True)
-    dscores += dweights * decay * dt_row
+    dscores_ref[...] += dweights * decay * dt_row
     # Read-out of the entering state.
     dw_in_row = ssd_tiles.col_to_row(jnp.sum(dy * readout, axis=1, keepdims=True))
     dyw = (dy * w_in).astype(mm)
-    dc += ssd_tiles.matmul(dyw, h_prev_m, 1, 0)
+    dc_ref[...] += ssd_tiles.matmul(dyw, h_prev_m, 1, 0)
     dh_prev = ssd_tiles.matmul(dyw, c, 0, 0)  # (p, n)
     # State update h_c = λ h_{c-1} + (w_out ∘ X)ᵀ B.
-    dh_prev += w_in_row[:, q - 1:q] * dh
+    dh_prev += ssd_tiles.last_entry(w_in_row) * dh
     dlam = jnp.sum(jnp.sum(dh * h_prev, axis=1, keepdims=True), axis=0, keepdims=True)
     dxw = ssd_tiles.matmul(b, dh_m, 1, 1)  # (q, p): B_s · dh
     dx += w_out * dxw
     dw_out_row = ssd_tiles.col_to_row(jnp.sum(dxw * x, axis=1, keepdims=True))
-    db += ssd_tiles.matmul((x * w_out).astype(mm), dh_m, 1, 0)
+    db_ref[...] += ssd_tiles.matmul((x * w_out).astype(mm), dh_m, 1, 0)
 
     dx_ref[i] = dx.astype(dx_ref.dtype)
     dh_ref[i] = dh_prev
@@ -144,14 +147,12 @@ def _ssd_bwd_kernel(*refs, has_d: bool, has_z: bool, has_init: bool, has_seq: bo
     dvec_ref[i, DDT:DDT + 1, :] = ddt_row
     dvec_ref[i, DW_IN:DW_IN + 1, :] = dw_in_row + jnp.where(last, dlam, 0.0)
     dvec_ref[i, DW_OUT:DW_OUT + 1, :] = dw_out_row
-    return dscores, db, dc
+    return carry
 
-  zeros_qn = jnp.zeros((q, d_state), jnp.float32)
-  dscores, db, dc = lax.fori_loop(
-      0, heads, head, (jnp.zeros((q, q), jnp.float32), zeros_qn, zeros_qn))
-  dscores = dscores.astype(mm)
-  dc_ref[...] = dc + ssd_tiles.matmul(dscores, b, 1, 0)
-  db_ref[...] = db + ssd_tiles.matmul(dscores, c, 0, 0)
+  lax.fori_loop(0, heads, head, 0)
+  dscores = dscores_ref[...].astype(mm)
+  dc_ref[...] += ssd_tiles.matmul(dscores, b, 1, 0)
+  db_ref[...] += ssd_tiles.matmul(dscores, c, 0, 0)
 
   if has_init:
     @pl.when(step == pl.num_programs(2) - 1)
@@ -233,7 +234,8 @@ def ssd_bwd(x: jax.Array, B: jax.Array, C: jax.Array, vec: jax.Array, d: jax.Arr
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
-      scratch_shapes=[pltpu.VMEM((r, head_dim, d_state), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((r, head_dim, d_state), jnp.float32),
+                      pltpu.VMEM((q, q), jnp.float32)],
       compiler_params=blocks.compiler_params(),
       interpret=interpret,
   )(*args))

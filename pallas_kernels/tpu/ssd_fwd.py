@@ -98,7 +98,7 @@ def _ssd_fwd_kernel(*refs, has_d: bool, has_z: bool, has_init: bool, has_seq: bo
     if save_states:
       states_ref[i] = h_prev
     x_out = (x * ssd_tiles.row_to_col(vec[W_OUT:W_OUT + 1])).astype(mm)
-    state_ref[i] = w_in_row[:, q - 1:q] * h_prev + ssd_tiles.matmul(x_out, b, 0, 0)
+    state_ref[i] = ssd_tiles.last_entry(w_in_row) * h_prev + ssd_tiles.matmul(x_out, b, 0, 0)
     return carry
 
   lax.fori_loop(0, heads, head, 0)

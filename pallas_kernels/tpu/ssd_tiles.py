@@ -46,6 +46,13 @@ def col_to_row(col: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(_eye(q), col, jnp.zeros((), col.dtype)), axis=0, keepdims=True)
 
 
+def last_entry(row: jax.Array) -> jax.Array:
+  """(1, q) -> (1, 1): the entry at the last position, by a masked lane reduction."""
+  q = row.shape[-1]
+  last = lax.broadcasted_iota(jnp.int32, row.shape, 1) == q - 1
+  return jnp.sum(jnp.where(last, row, jnp.zeros((), row.dtype)), axis=1, keepdims=True)
+
+
 def causal_mask(q: int, seg_row: jax.Array | None) -> jax.Array:
   """(q, q) bool: t >= s, and (with chunk-local segment ids (1, q)) seg[t] == seg[s]."""
   rows = lax.broadcasted_iota(jnp.int32, (q, q), 0)

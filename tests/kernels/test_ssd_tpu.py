@@ -19,12 +19,12 @@ import pytest
 from mamba_jax.ops.ssd import ssd
 from pallas_kernels.tpu.ssd import ssd_pallas_tpu
 from pallas_kernels.tpu.ssd_blocks import MIB, SSDTpuBlockSizes
-from tests.numerics import assert_close, relative_error
+from tests.numerics import assert_close
 
 # Norm-relative tolerances against the float64 oracle. float32: every matmul at full float32
-# precision (the interpreter computes IEEE float32), measured <= 6e-7 (dA and dt_bias, sums over
-# all positions). bfloat16 / float16: every matmul operand rounded to the input dtype (float16 is
-# computed as float32, so only its inputs are rounded), float32 accumulation.
+# precision (the interpreter computes IEEE float32), measured <= 2e-7 (dA). bfloat16: every
+# matmul operand rounded to bf16, float32 accumulation, measured <= 2.8e-3 (dB). float16 is
+# computed as float32 from fp16-rounded inputs; only y's rounding to fp16 remains.
 TOLERANCES = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 FULL = dict(d_per_channel=True, use_z=True, use_seq=True, use_init=True)
@@ -69,7 +69,8 @@ class SSDTpuCases:
     return pltpu.InterpretParams(**kw) if self.INTERPRET else False
 
   def _compare(self, dtype, flags, seed, *, return_final_states, shape=None, blocks=None,
-               dt_limit=(0.0, float("inf")), interpret=None, check_primal=True):
+               dt_limit=(0.0, float("inf")), interpret=None, check_primal=True,
+               also_chunked=False):
     """Kernel vs oracle: forward (the primal path and the vjp's) and every input's cotangent."""
     b, l, h, p, g, n, q = shape or self.SHAPE
     primals, seq = _inputs(jax.random.key(seed), dtype, b, l, h, p, g, n, **flags)
@@ -97,6 +98,10 @@ class SSDTpuCases:
       for name, got, expected in zip(("y", "final_states"), jax.tree.leaves(kernel(*primals)),
                                      wants):
         assert_close(got, expected, rtol, f"{dtype.__name__} forward {name}")
+    if also_chunked:
+      chunked = jax.tree.leaves(oracle(*_upcast(primals), impl="chunked"))
+      for name, got, expected in zip(("y", "final_states"), outs, chunked):
+        assert_close(got, expected, rtol, f"{dtype.__name__} vs chunked {name}")
 
     keys = jax.random.split(jax.random.key(seed + 1), 2)
     cotangent = jax.tree.map(
@@ -104,31 +109,17 @@ class SSDTpuCases:
         jax.tree.unflatten(jax.tree.structure(out), list(keys[:len(outs)])))
     grads = vjp(cotangent)
     expected_grads = oracle_vjp(_upcast(cotangent))
-    errors = {}
     for name, primal, got, expected in zip(GRAD_NAMES, primals, grads, expected_grads):
       if primal is None:
         assert got is None, name
         continue
       assert got.shape == primal.shape and got.dtype == primal.dtype, name
-      errors[name] = relative_error(got, expected)
       assert_close(got, expected, rtol, f"{dtype.__name__} d{name}")
-    return errors
 
   def test_full_float32(self):
     """Groups, seq_idx resets, initial and final states, D per channel, z, dt_bias, dt_limit."""
-    errors = self._compare(jnp.float32, FULL, 0, return_final_states=True, dt_limit=(0.0, 0.6))
-    assert max(errors.values()) < TOLERANCES[jnp.float32]
-
-  def test_full_float32_matches_chunked_form(self):
-    b, l, h, p, g, n, q = self.SHAPE
-    (x, dt, A, B, C, D, z, dt_bias, init), seq = _inputs(
-        jax.random.key(0), jnp.float32, b, l, h, p, g, n, **FULL)
-    kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=True, dt_limit=(0.0, 0.6),
-              initial_states=init, seq_idx=seq, return_final_states=True)
-    got = ssd_pallas_tpu(x, dt, A, B, C, q, interpret=self._interpret(), **kw)
-    want = ssd(x, dt, A, B, C, q, impl="chunked", **kw)
-    for name, a, e in zip(("y", "final_states"), got, want):
-      assert_close(a, e, TOLERANCES[jnp.float32], f"vs chunked {name}")
+    self._compare(jnp.float32, FULL, 0, return_final_states=True, dt_limit=(0.0, 0.6),
+                  also_chunked=True)
 
   def test_plain_float32_batch1_two_blocks_per_group(self):
     """Batch 1, one group read by two head blocks, D per head, no z / seq_idx / states."""
@@ -164,6 +155,12 @@ class TestSSDTpuInterpret(SSDTpuCases):
   INTERPRET = True
   # Tiny shapes: 3 chunks of 16 (length 40 pads 8), 4 heads, 2 groups, p = n = 16.
   SHAPE = (2, 40, 4, 16, 2, 16, 16)
+
+  @pytest.mark.slow
+  def test_model_sized_heads_bfloat16(self):
+    """head_dim 64, d_state 128, chunk 64, 4 chunks (length 201), one group of 4 heads."""
+    self._compare(jnp.bfloat16, FULL, 4, return_final_states=True,
+                  shape=(1, 201, 4, 64, 1, 128, 64), check_primal=False)
 
 
 @pytest.mark.tpu
