@@ -62,11 +62,67 @@ def segsum(a: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
   return jnp.where(keep, sums, jnp.asarray(-jnp.inf, a.dtype))
 
 
+def _exclusive_reverse_cumsum(a: jax.Array) -> jax.Array:
+  """out[..., j] = a[..., j+1] + ... + a[..., t-1] (0 at the last position)."""
+  shifted = jnp.concatenate([a[..., 1:], jnp.zeros_like(a[..., :1])], axis=-1)
+  return jax.lax.cumsum(shifted, axis=a.ndim - 1, reverse=True)
+
+
+def segsum_blocked(a: jax.Array, segment_ids: jax.Array | None = None,
+                   block: int = 16) -> jax.Array:
+  """``segsum`` assembled from O(t·block) partial sums, with no (t, t) intermediate.
+
+  Same values as ``segsum`` (up to rounding order) and just as stable: positions are grouped
+  in blocks of ``block``; for i in block I and j in block J,
+
+      I == J:  the masked cumsum inside the block (``segsum`` of the block),
+      I >  J:  (a[j+1] + ... + end of block J)            exclusive reverse cumsum in J
+             + (totals of the blocks J+1, ..., I-1)       ``segsum`` of the block totals
+             + (start of block I + ... + a[i])            cumsum in I,
+      I <  J:  -inf,
+
+  three sums over disjoint stretches of [j+1, i], never a difference. The (t, t) result is an
+  elementwise function of these small pieces, so XLA fuses it into its consumer (e.g. ``exp``
+  and the products of the SSD diagonal blocks) instead of materializing a cumsum over (t, t).
+
+  Args:
+    a: (..., t) floating log-decays.
+    segment_ids: optional (..., t) integer ids broadcastable against ``a``.
+    block: positions per block (16 by default).
+
+  Returns:
+    (..., t, t) in ``a``'s dtype.
+  """
+  t = a.shape[-1]
+  m = -(-t // block)
+  if m * block != t:
+    a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, m * block - t)])
+  blocks = a.reshape(*a.shape[:-1], m, block)  # (..., m, s)
+  local = segsum(blocks)  # (..., m, s, s)
+  from_start = jnp.cumsum(blocks, axis=-1)  # (..., m, s)
+  to_end = _exclusive_reverse_cumsum(blocks)  # (..., m, s)
+  totals = segsum(jnp.sum(blocks, axis=-1))  # (..., m, m): totals of blocks J+1..I
+  neg_inf = jnp.asarray(-jnp.inf, a.dtype)
+  # Row I of ``between`` is row I-1 of ``totals``: the blocks strictly between J and I.
+  between = jnp.concatenate(
+      [jnp.full(totals[..., :1, :].shape, neg_inf), totals[..., :-1, :]], axis=-2)
+  cross = (from_start[..., :, :, None, None] + between[..., :, None, :, None]
+           + to_end[..., None, None, :, :])  # (..., m, s, m, s)
+  rows = jnp.arange(m, dtype=jnp.int32)
+  same_block = (rows[:, None] == rows[None, :])[:, None, :, None]  # (m, 1, m, 1)
+  out = jnp.where(same_block, local[..., :, :, None, :], cross)
+  out = out.reshape(*a.shape[:-1], m * block, m * block)[..., :t, :t]
+  if segment_ids is not None:
+    out = jnp.where(_same_segment(segment_ids), out, neg_inf)
+  return out
+
+
 def decay_mask(a: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
   """The 1-semiseparable decay mask ``L = exp(segsum(a))``.
 
   Mamba-2 §3.2.1: ``L[i, j] = a_i · a_{i-1} ··· a_{j+1}`` in the paper's multiplicative
   notation (``exp`` of our log-decays), 1 on the diagonal, 0 above it and across segments.
+  Built with ``segsum_blocked`` so that no (t, t) cumsum is materialized.
 
   Args:
     a: (..., t) floating log-decays.
@@ -75,7 +131,7 @@ def decay_mask(a: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
   Returns:
     (..., t, t) in ``a``'s dtype, values in [0, 1] when ``a <= 0``.
   """
-  return jnp.exp(segsum(a, segment_ids))
+  return jnp.exp(segsum_blocked(a, segment_ids))
 
 
 def decay_to_end(a: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -92,8 +148,7 @@ def decay_to_end(a: jax.Array, segment_ids: jax.Array | None = None) -> jax.Arra
   Returns:
     (..., t) in ``a``'s dtype.
   """
-  shifted = jnp.concatenate([a[..., 1:], jnp.zeros_like(a[..., :1])], axis=-1)
-  exponent = jax.lax.cumsum(shifted, axis=a.ndim - 1, reverse=True)
+  exponent = _exclusive_reverse_cumsum(a)
   if segment_ids is not None:
     same = segment_ids == segment_ids[..., -1:]
     exponent = jnp.where(same, exponent, jnp.asarray(-jnp.inf, a.dtype))

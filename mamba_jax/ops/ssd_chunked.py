@@ -36,45 +36,48 @@ from mamba_jax.ops import segsum
 
 
 class ChunkDecays(NamedTuple):
-  """Every decay factor the chunked form needs, in the compute dtype.
+  """The decays of the chunked form, from per-chunk log-decays a = dt·A (compute dtype).
 
   Attributes:
-    within: (b, c, g, r, q, s) decay from source s to target q inside a chunk (the diagonal
-      blocks' mask L; 0 above the diagonal and across segments).
+    log: (b, c, g, r, q) log-decays a; the diagonal blocks build their mask L = exp(segsum(a))
+      from it (see ``diagonal_block_output``).
+    ids: (b, c, 1, 1, q) segment ids, or None.
     to_end: (b, c, g, r, s) decay from source s to the chunk's last position.
     from_start: (b, c, g, r, q) decay from the state entering the chunk to position q.
     chunk: (b, c, g, r) decay across the whole chunk (= from_start at the last position).
   """
-  within: jax.Array
+  log: jax.Array
+  ids: jax.Array | None
   to_end: jax.Array
   from_start: jax.Array
   chunk: jax.Array
 
 
 def chunk_decays(dt: jax.Array, A: jax.Array, seq_idx: jax.Array | None) -> ChunkDecays:
-  """Per-chunk log-decays dt_t A and the stable segment sums built from them.
+  """Per-chunk log-decays a_t = dt_t A and the decays of chunk states and state passing.
 
-  a[b, c, g, r, t] = dt[b, c, t, g, r] · A[g, r]; within = exp(segsum(a)),
-  to_end[s] = exp(a[s+1] + ... + a[q-1]), from_start[t] = exp(a[0] + ... + a[t]).
-  With seq_idx, factors that cross a segment boundary are 0; the state entering chunk c belongs
-  to the id at the end of chunk c-1 (a virtual id 0 before chunk 0).
+  to_end[s] = exp(a[s+1] + ... + a[q-1]),  from_start[t] = exp(a[0] + ... + a[t]), each a
+  cumsum of the covered log-decays (no differences of cumsums). With seq_idx, factors that
+  cross a segment boundary are 0; the state entering chunk c belongs to the id at the end of
+  chunk c-1 (a virtual id 0 before chunk 0).
 
   Args:
-    dt: (b, c, q, g, r) processed step sizes in the compute dtype.
+    dt: (b, c, g, r, q) processed step sizes in the compute dtype.
     A: (g, r) in the compute dtype.
     seq_idx: optional (b, c, q) integer segment ids.
   """
-  log_decay = jnp.moveaxis(dt * A, 2, -1)  # (b, c, g, r, q)
+  log_decay = dt * A[..., None]
   if seq_idx is None:
     ids = previous = None
   else:
-    ids = seq_idx[:, :, None, None, :]  # (b, c, 1, 1, q)
+    ids = seq_idx[:, :, None, None, :]
     chunk_last = seq_idx[:, :, -1]  # (b, c)
     previous = jnp.concatenate([jnp.zeros_like(chunk_last[:, :1]), chunk_last[:, :-1]], axis=1)
     previous = previous[:, :, None, None]  # (b, c, 1, 1)
   from_start = segsum.decay_from_start(log_decay, ids, previous)
   return ChunkDecays(
-      within=segsum.decay_mask(log_decay, ids),
+      log=log_decay,
+      ids=ids,
       to_end=segsum.decay_to_end(log_decay, ids),
       from_start=from_start,
       chunk=from_start[..., -1],
@@ -82,39 +85,43 @@ def chunk_decays(dt: jax.Array, A: jax.Array, seq_idx: jax.Array | None) -> Chun
 
 
 def diagonal_block_output(x: jax.Array, dt: jax.Array, B: jax.Array, C: jax.Array,
-                          within: jax.Array) -> jax.Array:
+                          log_decay: jax.Array, ids: jax.Array | None) -> jax.Array:
   """Step 1, the diagonal blocks: y_q = sum_{s<=q} L[q, s] (C_q · B_s) dt_s x_s per chunk.
 
+  L = exp(segsum(a)) is the chunk's 1-semiseparable mask (``segsum.decay_mask``); it is built
+  inside the product so that XLA fuses it, and only the weights (b, c, h, q, s) are formed.
+
   Args:
-    x: (b, c, q, g, r, p) in the compute dtype.
-    dt: (b, c, q, g, r) in the compute dtype.
-    B, C: (b, c, q, g, n) any floating dtype (products accumulate in the compute dtype).
-    within: (b, c, g, r, q, s) decay mask.
+    x: (b, c, g, r, s, p) in the compute dtype.
+    dt: (b, c, g, r, s) in the compute dtype.
+    B, C: (b, c, g, s, n) and (b, c, g, q, n), any floating dtype (products accumulate in
+      the compute dtype).
+    log_decay: (b, c, g, r, q) log-decays a.
+    ids: optional (b, c, 1, 1, q) segment ids.
 
   Returns:
-    (b, c, q, g, r, p) in the compute dtype.
+    (b, c, g, r, q, p) in the compute dtype.
   """
-  dtype = within.dtype
-  scores = jnp.einsum("bcqgn,bcsgn->bcgqs", C, B, preferred_element_type=dtype)
-  dt_s = jnp.moveaxis(dt, 2, -1)[..., None, :]  # (b, c, g, r, 1, s)
-  weights = scores[:, :, :, None] * within * dt_s  # (b, c, g, r, q, s)
-  return jnp.einsum("bcgrqs,bcsgrp->bcqgrp", weights, x)
+  dtype = log_decay.dtype
+  scores = jnp.einsum("bcgqn,bcgsn->bcgqs", C, B, preferred_element_type=dtype)
+  weights = scores[:, :, :, None] * segsum.decay_mask(log_decay, ids) * dt[..., None, :]
+  return jnp.einsum("bcgrqs,bcgrsp->bcgrqp", weights, x)
 
 
 def chunk_states(x: jax.Array, dt: jax.Array, B: jax.Array, to_end: jax.Array) -> jax.Array:
   """Step 2: the state at each chunk's end from its own inputs, sum_s to_end[s] dt_s x_s ⊗ B_s.
 
   Args:
-    x: (b, c, q, g, r, p) in the compute dtype.
-    dt: (b, c, q, g, r) in the compute dtype.
-    B: (b, c, q, g, n) any floating dtype.
+    x: (b, c, g, r, s, p) in the compute dtype.
+    dt: (b, c, g, r, s) in the compute dtype.
+    B: (b, c, g, s, n) any floating dtype.
     to_end: (b, c, g, r, s) decay to the chunk end.
 
   Returns:
     (b, c, g, r, p, n) in the compute dtype.
   """
-  weights = to_end * jnp.moveaxis(dt, 2, -1)  # (b, c, g, r, s)
-  return jnp.einsum("bcsgn,bcgrs,bcsgrp->bcgrpn", B.astype(weights.dtype), weights, x)
+  weighted = x * (to_end * dt)[..., None]  # (b, c, g, r, s, p)
+  return jnp.einsum("bcgrsp,bcgsn->bcgrpn", weighted, B.astype(weighted.dtype))
 
 
 def pass_states(states: jax.Array, chunk_decay: jax.Array,
@@ -144,15 +151,15 @@ def state_output(C: jax.Array, entering: jax.Array, from_start: jax.Array) -> ja
   """Step 4, the off-diagonal blocks: y_q = from_start[q] · C_q · h_{c-1}.
 
   Args:
-    C: (b, c, q, g, n) any floating dtype.
+    C: (b, c, g, q, n) any floating dtype.
     entering: (b, c, g, r, p, n) the state entering each chunk.
     from_start: (b, c, g, r, q) decay from the chunk start.
 
   Returns:
-    (b, c, q, g, r, p) in the compute dtype.
+    (b, c, g, r, q, p) in the compute dtype.
   """
-  return jnp.einsum("bcqgn,bcgrpn,bcgrq->bcqgrp", C.astype(entering.dtype), entering,
-                    from_start)
+  y = jnp.einsum("bcgqn,bcgrpn->bcgrqp", C.astype(entering.dtype), entering)
+  return y * from_start[..., None]
 
 
 def _to_chunks(a: jax.Array, q: int, pad: int, mode: str = "constant") -> jax.Array:
@@ -188,20 +195,21 @@ def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.
   r = h // g
   q = min(chunk_size, l)
   pad = -l % q
-  xs = _to_chunks(x.astype(dtype).reshape(b, l, g, r, p), q, pad)
-  dts = _to_chunks(dt.reshape(b, l, g, r), q, pad)  # dt = 0 in padding: decay 1, input 0
-  Bs = _to_chunks(B, q, pad)
-  Cs = _to_chunks(C, q, pad)
+  # Head-major inside chunks: (b, c, q, g, r, ...) -> (b, c, g, r, q, ...).
+  xs = _to_chunks(x.astype(dtype).reshape(b, l, g, r, p), q, pad).transpose(0, 1, 3, 4, 2, 5)
+  dts = _to_chunks(dt.reshape(b, l, g, r), q, pad).transpose(0, 1, 3, 4, 2)  # 0 in padding
+  Bs = _to_chunks(B, q, pad).transpose(0, 1, 3, 2, 4)  # (b, c, g, q, n)
+  Cs = _to_chunks(C, q, pad).transpose(0, 1, 3, 2, 4)
   ids = None if seq_idx is None else _to_chunks(seq_idx, q, pad, mode="edge")
 
   decays = chunk_decays(dts, A.reshape(g, r), ids)
-  y_diag = diagonal_block_output(xs, dts, Bs, Cs, decays.within)
+  y_diag = jax.checkpoint(diagonal_block_output)(xs, dts, Bs, Cs, decays.log, decays.ids)
   states = chunk_states(xs, dts, Bs, decays.to_end)
   if initial_states is None:
     h0 = jnp.zeros((b, g, r, p, n), dtype)
   else:
     h0 = initial_states.astype(dtype).reshape(b, g, r, p, n)
   entering, final = pass_states(states, decays.chunk, h0)
-  y = y_diag + state_output(Cs, entering, decays.from_start)
-  y = y.reshape(b, -1, h, p)[:, :l]
+  y = y_diag + state_output(Cs, entering, decays.from_start)  # (b, c, g, r, q, p)
+  y = y.transpose(0, 1, 4, 2, 3, 5).reshape(b, -1, h, p)[:, :l]
   return y, final.reshape(b, h, p, n)
