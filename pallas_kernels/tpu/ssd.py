@@ -37,6 +37,7 @@ import functools
 import math
 
 import jax
+from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
 from pallas_kernels.tpu.ssd_blocks import DVEC_ROWS, SSDTpuBlockSizes, default_block_sizes
@@ -198,7 +199,7 @@ def ssd_pallas_tpu(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
     dt_softplus: apply softplus to dt + dt_bias.
     dt_limit: clip range of the processed dt; (0, inf) means no clip.
     initial_states: optional (b, h, p, n), any floating dtype (used as float32).
-    seq_idx: optional (b, l) integer, nondecreasing segment ids.
+    seq_idx: optional (b, l) integer, nondecreasing segment ids (not checked: it may be traced).
     return_final_states: also return the final states.
     blocks: block sizes; None picks ``default_block_sizes`` for this shape.
     interpret: False (compile with Mosaic), or ``pltpu.InterpretParams(...)`` to run the kernels
@@ -212,6 +213,9 @@ def ssd_pallas_tpu(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
     ValueError: on malformed arguments, or blocks that do not tile the heads or fit VMEM.
   """
   _check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_states, seq_idx)
+  if interpret is not False and not isinstance(interpret, pltpu.InterpretParams):
+    raise ValueError(f"interpret must be False or a pltpu.InterpretParams (TPU semantics), "
+                     f"got {interpret!r}")
   b, l, h, p = x.shape
   g, n = B.shape[2], B.shape[3]
   q = min(chunk_size, -(-l // 16) * 16)

@@ -20,8 +20,8 @@ its saved entering state h_{c-1} (the only residual besides the inputs). With th
 
 dλ is added to dw_in at the chunk's last position (λ is that entry). The per-position
 gradients (dcs, ddt, dw_in, dw_out) leave as rows of a (b, h, c, 4, q) block; the wrapper's
-autodiff turns them into dt, A and dt_bias gradients. dB and dC are per head block (summed over
-a group's blocks by the wrapper), dD per batch row.
+autodiff turns them into dt, A and dt_bias gradients. The kernel writes dB and dC per head block
+and dD per batch row; ``ssd_bwd`` sums them over a group's blocks and over the batch in XLA.
 
 Matmul operands are in the input dtype (float32 ones at full precision), accumulation float32,
 as in the forward. Speed on a real TPU is unmeasured (run only in the TPU interpreter).

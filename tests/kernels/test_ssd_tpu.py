@@ -216,6 +216,7 @@ def _small_args(**overrides):
     (dict(blocks=SSDTpuBlockSizes(chunk_size=16, heads_per_block=4)),
      "heads_per_block=4 must divide heads per group 2"),
     (dict(blocks=SSDTpuBlockSizes(chunk_size=32)), "blocks.chunk_size=32 must equal"),
+    (dict(interpret=True), "interpret must be False or a pltpu.InterpretParams"),
 ])
 def test_bad_arguments_raise(overrides, match):
   with pytest.raises(ValueError, match=match):
