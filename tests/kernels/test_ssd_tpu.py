@@ -137,10 +137,11 @@ class SSDTpuCases:
   def test_full_bfloat16(self):
     self._compare(jnp.bfloat16, FULL, 2, return_final_states=True, check_primal=False)
 
-  def test_float16_forward(self):
-    b, l, h, p, g, n, q = self.SHAPE
+  def test_float16_forward_shorter_than_chunk(self):
+    """fp16, length 5: the chunk shrinks to 16 positions, 11 of them padding."""
+    b, _, h, p, g, n, q = self.SHAPE
     (x, dt, A, B, C, D, z, dt_bias, init), seq = _inputs(
-        jax.random.key(3), jnp.float16, b, l, h, p, g, n, **FULL)
+        jax.random.key(3), jnp.float16, b, 5, h, p, g, n, **FULL)
     kw = dict(dt_softplus=True, seq_idx=seq, return_final_states=True)
     y, final = ssd_pallas_tpu(x, dt, A, B, C, q, D, z, dt_bias, initial_states=init,
                               interpret=self._interpret(), **kw)
