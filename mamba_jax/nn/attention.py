@@ -96,8 +96,9 @@ class Attention(nnx.Module):
     out = o · out_proj
 
   mask_ij allows j ≤ i (``causal``) within the same packed sequence (``seq_idx``).
-  Initialisation as mamba_ssm: Linear kernels U(±1/√fan_in), biases 0 (not weight-decayed);
-  ``pos_emb`` N(0, 0.02). The LM rescales ``out_proj`` for the residual.
+  Initialisation as mamba_ssm: Linear kernels U(±1/√fan_in), biases 0; ``pos_emb``
+  N(0, 0.02) like the token embedding. Biases and ``pos_emb`` carry ``no_weight_decay``
+  (as the LM's token embedding does). The LM rescales ``out_proj`` for the residual.
   """
 
   def __init__(self, d_model: int, *, num_heads: int, num_heads_kv: Optional[int] = None,
@@ -140,7 +141,8 @@ class Attention(nnx.Module):
 
     no_wd = {NO_WEIGHT_DECAY: True}
     self.pos_emb = (nnx.Embed(max_position, d_model, dtype=dtype, param_dtype=param_dtype,
-                              embedding_init=embedding_init(0.02), rngs=rngs)
+                              embedding_init=embedding_init(0.02),
+                              embedding_metadata=no_wd, rngs=rngs)
                     if positions == "absolute" else None)
     self.in_proj = nnx.Linear(d_model, self.qkv_dim + self.mlp_dim, use_bias=qkv_proj_bias,
                               dtype=dtype, param_dtype=param_dtype,
@@ -228,6 +230,8 @@ class Attention(nnx.Module):
     if seq_idx is not None:
       check_shape("seq_idx", seq_idx, (batch, length), "(batch, length)")
       check_integer("seq_idx", seq_idx)
+      if is_concrete(seq_idx) and length > 1 and bool(jnp.any(jnp.diff(seq_idx, axis=1) < 0)):
+        raise ValueError("seq_idx must be nondecreasing along the length axis")
     if self.positions == "absolute" and length > self.max_position:
       raise ValueError(f"length={length} exceeds max_position={self.max_position}")
 

@@ -273,6 +273,8 @@ def test_init_statistics_and_weight_decay_metadata():
   np.testing.assert_allclose(emb.std(), 0.02, rtol=0.05)
   assert np.all(np.asarray(model.in_proj.bias[...]) == 0)
   assert model.out_proj.bias.get_metadata().get("no_weight_decay") is True
+  assert model.pos_emb.embedding.get_metadata().get("no_weight_decay") is True
+  assert not model.in_proj.kernel.get_metadata().get("no_weight_decay", False)
   cache = model.init_state(3, 20, jnp.bfloat16)
   assert isinstance(cache, KVCache) and cache.k.shape == (3, 20, 4, 16)
   assert cache.k.dtype == jnp.bfloat16 and int(cache.index) == 0
@@ -299,3 +301,5 @@ def test_bad_arguments_raise():
     noncausal.step(x[:, 0], noncausal.init_state(1, 4))
   with pytest.raises(ValueError, match="x"):
     model(jnp.zeros((1, 4, D_MODEL + 1), jnp.float64))
+  with pytest.raises(ValueError, match="nondecreasing"):
+    model(x, seq_idx=jnp.asarray([[0, 1, 0, 1]]))
