@@ -221,9 +221,9 @@ def weight_decay_mask(model: nnx.Module) -> nnx.State:
   ``nnx.state(model, nnx.Param)`` with a bool per parameter, usable as
   ``optax.adamw(..., mask=weight_decay_mask(model))`` under ``nnx.Optimizer``.
   """
-  flat = nnx.state(model, nnx.Param).flat_state()
   decay = []
-  for path, variable in flat:
-    excluded = bool(variable.get_metadata().get(NO_WEIGHT_DECAY, False)) or path[-1] == "embedding"
+  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    excluded = (bool(variable.get_metadata().get(NO_WEIGHT_DECAY, False))
+                or path[-1] == "embedding")
     decay.append((path, not excluded))
-  return nnx.State.from_flat_path(decay)
+  return nnx.from_flat_state(decay)
