@@ -52,6 +52,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from mamba_jax.nn.init import NO_WEIGHT_DECAY, embedding_init, torch_default_init
@@ -230,7 +231,7 @@ class Attention(nnx.Module):
     if seq_idx is not None:
       check_shape("seq_idx", seq_idx, (batch, length), "(batch, length)")
       check_integer("seq_idx", seq_idx)
-      if is_concrete(seq_idx) and length > 1 and bool(jnp.any(jnp.diff(seq_idx, axis=1) < 0)):
+      if is_concrete(seq_idx) and np.any(np.diff(np.asarray(seq_idx), axis=1) < 0):
         raise ValueError("seq_idx must be nondecreasing along the length axis")
     if self.positions == "absolute" and length > self.max_position:
       raise ValueError(f"length={length} exceeds max_position={self.max_position}")
