@@ -23,6 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_tasks = {"": {}}
   config.model = ml_collections.ConfigDict()
   config.rows = []
+  config.only_rows = ""
   config.optimizer = default_optimizer_config()
   config.batch_size = 64
   config.num_train_steps = 1000

@@ -26,6 +26,7 @@ Config fields read here (besides ``optimizer``, ``model``, ``task``; see the con
   profile_steps                   () or (first, last): jax.profiler trace of those micro-steps
   compute_dtype                   "float32" | "bfloat16" (the model's dtype; params float32)
   data_threads                    grain reader threads
+  only_rows                       "" (all rows), or comma-separated row names to train
 """
 
 from __future__ import annotations
@@ -256,13 +257,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   """Trains every row of ``config`` in turn and writes the results table; returns its rows."""
   if not config.rows:
     raise ValueError("config.rows must list at least one model row")
-  names = [row["name"] for row in config.rows]
+  selected = list(config.rows)
+  if config.get("only_rows"):
+    wanted = [n.strip() for n in config.only_rows.split(",")]
+    unknown = sorted(set(wanted) - {row["name"] for row in selected})
+    if unknown:
+      raise ValueError(f"config.only_rows names {unknown} not in the rows "
+                       f"{[row['name'] for row in selected]}")
+    selected = [row for row in selected if row["name"] in wanted]
+  names = [row["name"] for row in selected]
   slugs = [slug(n) for n in names]
   if len(set(slugs)) != len(slugs):
     raise ValueError(f"config.rows names must differ after slugging, got {names}")
   os.makedirs(workdir, exist_ok=True)
   rows = []
-  for row, row_slug in zip(config.rows, slugs):
+  for row, row_slug in zip(selected, slugs):
     cfg = row_config(config, row)
     logging.info("=== %s (%s) ===", cfg.name, row_slug)
     result = train_row(cfg, os.path.join(workdir, row_slug))

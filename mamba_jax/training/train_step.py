@@ -10,7 +10,7 @@ and a batch ``{"inputs": (b, l) int32, "targets": (b, l) int32, "mask": (b, l) b
 Mixed precision is the model's business: its parameters are float32, its compute dtype (e.g.
 bfloat16) is set in its config, its logits come back float32, and the loss is taken in float32.
 
-A step whose loss or gradient norm is not finite leaves params and optimizer state unchanged
+A step whose loss, gradient norm or update norm is not finite leaves params and optimizer state unchanged
 and adds one to ``nonfinite_count``; the loop decides whether to stop or go on.
 """
 
@@ -74,7 +74,8 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
       grad_norm = optax.global_norm(grads)
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
-      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                & jnp.isfinite(optax.global_norm(updates)))
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
       new_state = {
           "step": state["step"] + 1,

@@ -72,7 +72,7 @@ def test_config_flag_variant(tmp_path):
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
   path = "experiments/configs/selective_copying.py"
   fv([__file__, f"--config={path}:tiny"])
-  assert fv.config.num_train_steps == 300 and fv.config.task.length == 64
+  assert fv.config.num_train_steps == 1000 and fv.config.task.length == 32
   with pytest.raises(ValueError, match="variant"):
     _module("mqar").get_config("huge")
 
