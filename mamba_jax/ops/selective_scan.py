@@ -19,16 +19,18 @@ from mamba_jax.ops.checks import (check_choice, check_divisible, check_floating,
                                   check_shape)
 from mamba_jax.ops.impl import resolve_impl
 from mamba_jax.ops.selective_scan_associative import selective_scan_associative
-from mamba_jax.ops.selective_scan_chunked import CHUNK_SIZE, selective_scan_chunked
+from mamba_jax.ops.selective_scan_chunked import (CHUNK_SIZE, check_chunk_size,
+                                                  selective_scan_chunked)
 from mamba_jax.ops.selective_scan_sequential import selective_scan_sequential
-
-IMPLS = ("sequential", "associative", "chunked")
 
 ScanFn = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 def _forms(chunk_size: int) -> dict[str, ScanFn]:
-  """The forms by name, each ``(u, delta, A, B, C, initial_state) -> (y, final_state)``."""
+  """The forms by name, each ``(u, delta, A, B, C, initial_state) -> (y, final_state)``.
+
+  A new form (e.g. a Pallas kernel) is one more entry here.
+  """
   return {
       "sequential": selective_scan_sequential,
       "associative": selective_scan_associative,
@@ -36,7 +38,11 @@ def _forms(chunk_size: int) -> dict[str, ScanFn]:
   }
 
 
+IMPLS = tuple(_forms(CHUNK_SIZE))
+
+
 def _auto() -> str:
+  """What ``impl="auto"`` runs: the chunked form on every platform for now."""
   return "chunked"
 
 
@@ -166,6 +172,8 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
   check_rank("u", u, 3, "(batch, length, d_inner)")
   check_floating("u", u)
   batch, length, d_inner = jnp.shape(u)
+  if length < 1:
+    raise ValueError(f"u must have length >= 1, got shape {tuple(jnp.shape(u))}")
   check_shape("delta", delta, (batch, length, d_inner), "(batch, length, d_inner)")
   check_floating("delta", delta)
   check_rank("A", A, 2, "(d_inner, d_state)")
@@ -191,8 +199,7 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
   check_choice("delta_softplus", delta_softplus, (False, True))
   check_choice("return_final_state", return_final_state, (False, True))
   impl = resolve_impl("selective_scan", impl, IMPLS, _auto)
-  if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  check_chunk_size(chunk_size)
 
   real, state_dtype = compute_dtypes(A, u, delta, B, C, D, z, delta_bias, initial_state)
   per_group = d_inner // groups
@@ -208,11 +215,13 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
     h0 = jnp.zeros((batch, groups, per_group, d_state), state_dtype)
   else:
     h0 = jnp.asarray(initial_state, state_dtype).reshape(batch, groups, per_group, d_state)
-  y, final_state = _forms(chunk_size)[impl](
-      grouped(u, real), grouped(prepare_delta(delta, delta_bias, delta_softplus, real), real),
-      jnp.asarray(A, state_dtype).reshape(groups, per_group, d_state), grouped_bc(B), grouped_bc(C),
-      h0)
-  out = skip_and_gate(y.reshape(batch, length, d_inner), u, D, z, real).astype(jnp.result_type(u))
+  with jax.named_scope(f"selective_scan_{impl}"):
+    y, final_state = _forms(chunk_size)[impl](
+        grouped(u, real), grouped(prepare_delta(delta, delta_bias, delta_softplus, real), real),
+        jnp.asarray(A, state_dtype).reshape(groups, per_group, d_state), grouped_bc(B),
+        grouped_bc(C), h0)
+    out = skip_and_gate(y.reshape(batch, length, d_inner), u, D, z, real)
+  out = out.astype(jnp.result_type(u))
   if return_final_state:
     return out, final_state.reshape(batch, d_inner, d_state)
   return out

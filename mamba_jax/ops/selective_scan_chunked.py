@@ -29,6 +29,12 @@ from mamba_jax.ops.selective_scan_associative import selective_scan_associative
 CHUNK_SIZE = 128
 
 
+def check_chunk_size(chunk_size: int) -> None:
+  """Raises unless ``chunk_size`` is a positive int."""
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
 def selective_scan_chunked(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array,
                            C: jax.Array, initial_state: jax.Array,
                            chunk_size: int = CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
@@ -49,8 +55,7 @@ def selective_scan_chunked(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.
   Returns:
     (y (b, l, g, p), state after the last token (b, g, p, n)).
   """
-  if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  check_chunk_size(chunk_size)
   batch, length = u.shape[:2]
   q = min(chunk_size, length)
   c = -(-length // q)

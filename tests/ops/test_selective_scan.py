@@ -253,6 +253,8 @@ def _valid_args():
 
 BAD_INPUTS = [
     (dict(u=np.zeros((2, 5))), r"^u must have shape"),
+    (dict(u=np.zeros((2, 0, 4)), delta=np.zeros((2, 0, 4)), B=np.zeros((2, 0, 3)),
+          C=np.zeros((2, 0, 3))), r"^u must have length >= 1"),
     (dict(u=np.zeros((2, 5, 4), np.int32)), r"^u must have a floating dtype, got int32"),
     (dict(delta=np.zeros((2, 6, 4))), r"^delta must have shape .*got shape \(2, 6, 4\)"),
     (dict(delta=np.zeros((2, 5, 4), np.int32)), r"^delta must have a floating"),
