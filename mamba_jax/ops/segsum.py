@@ -11,6 +11,10 @@ below the diagonal (``i > j``) and summed down each column. That avoids the temp
 difference ``cumsum(a)[i] - cumsum(a)[j]``, which loses precision when both cumsums are large,
 overflows to ``-inf - -inf = NaN`` and cannot express resets.
 
+Two functions give these numbers: ``segsum``, the definition (a cumsum over a (t, t) array),
+and ``segsum_blocked``, the same partial sums assembled from O(t·block) pieces so that XLA fuses
+the (t, t) result into its consumer. The decay masks use the latter.
+
 Packed sequences: with segment ids, entries whose row and column lie in different segments are
 ``-inf`` too, so the decay between them is exactly 0. Masking happens on the exponent with
 ``jnp.where`` before ``exp``, so gradients stay finite.
@@ -97,7 +101,7 @@ def segsum_blocked(a: jax.Array, segment_ids: jax.Array | None = None,
   m = -(-t // block)
   if m * block != t:
     a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, m * block - t)])
-  blocks = a.reshape(*a.shape[:-1], m, block)  # (..., m, s)
+  blocks = a.reshape(*a.shape[:-1], m, block)  # (..., m, s): m blocks of s = block positions
   local = segsum(blocks)  # (..., m, s, s)
   from_start = jnp.cumsum(blocks, axis=-1)  # (..., m, s)
   to_end = _exclusive_reverse_cumsum(blocks)  # (..., m, s)

@@ -14,8 +14,13 @@ chunks), computed in four steps, each a separate function below:
 
 y = step 1 + step 4. The decays for all steps come from ``chunk_decays`` (the "chunk cumsum"
 step of mamba_ssm): per-chunk log-decays dt·A turned into stable segment sums. Nothing of size
-(b, l, h, p, n) is ever formed; the largest tensors are (b, c, h, q, q) and the chunk states
-(b, c, h, p, n).
+(b, l, h, p, n) is ever formed; the largest tensors are the diagonal blocks' weights
+(b, c, h, q, q) and the chunk states (b, c, h, p, n). Step 1 is rematerialized in the backward
+(``jax.checkpoint``), so the forward keeps only O(b·l·h·p) inputs and the chunk states for it,
+not the (b, c, h, q, q) tensors.
+
+Inside chunks the layout is head-major, (b, c, g, r, q, ...), so that every product is a
+batched matmul over (b, c, g, r) with no transposes of the q × q tensors.
 
 Any length works: the sequence is padded to a multiple of q with dt = 0 (decay 1, input 0) and
 the result sliced back, which leaves outputs and final states unchanged. A chunk longer than
@@ -203,6 +208,8 @@ def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.
   ids = None if seq_idx is None else _to_chunks(seq_idx, q, pad, mode="edge")
 
   decays = chunk_decays(dts, A.reshape(g, r), ids)
+  # Recomputed in the backward rather than stored: its (b, c, h, q, q) temporaries are the
+  # largest tensors of the algorithm.
   y_diag = jax.checkpoint(diagonal_block_output)(xs, dts, Bs, Cs, decays.log, decays.ids)
   states = chunk_states(xs, dts, Bs, decays.to_end)
   if initial_states is None:

@@ -125,8 +125,8 @@ def oracle(case, dtype):
 # Every case and form in float64 (exactness); float32 and bf16 (the casting, preferred element
 # types and output dtypes) on a subset, to keep compilations few.
 COMBOS = ([(case, impl, jnp.float64) for case in CASES for impl in ("quadratic", "chunked")]
-          + [(case, "chunked", dtype) for case in ("l63_groups", "l500_limit")
-             for dtype in (jnp.float32, jnp.bfloat16)]
+          + [("l500_limit", "chunked", jnp.float32), ("l500_limit", "chunked", jnp.bfloat16),
+             ("l63_groups", "chunked", jnp.bfloat16)]
           + [("l257_resets", "quadratic", dtype) for dtype in (jnp.float32, jnp.bfloat16)])
 
 
