@@ -43,7 +43,7 @@ TABLE: dict[tuple[str, int, int, int], dict[str, int]] = '''
 def candidates(state: int) -> list[SSDBlockSizes]:
   out = []
   for (bm, bk), warps, warps_bwd in itertools.product(
-      ((64, 64), (128, 64), (64, 32), (32, 32)), (4, 8), (4, 8)):
+      ((64, 64), (32, 32), (128, 64), (64, 32)), (4, 8), (4, 8)):
     if state >= 256 and bm == 128:
       continue
     out.append(SSDBlockSizes(block_m=bm, block_k=bk, num_warps=warps, num_stages=2,

@@ -35,6 +35,17 @@ from pallas_kernels.gpu.ssd_chunk_scan import causal_decay
 from pallas_kernels.gpu.ssd_chunk_state import mm
 
 
+def _put_row(rows, i, row):
+  """rows with row i replaced by ``row``, as a select (not a store at a run-time index).
+
+  Stores into a (heads, block) output block at a run-time head index inside the head loop were
+  measured wrong on the H100 (Triton lowering, jax 0.11.2) while right in interpret mode; the
+  per-head rows are therefore kept in registers and stored once.
+  """
+  hit = lax.broadcasted_iota(jnp.int32, rows.shape, 0) == i
+  return jnp.where(hit, row[None, :], rows)
+
+
 def _dx_kernel(*refs, has_d: bool, has_seq: bool, chunk_size: int, block_m: int,
                block_k: int):
   refs = list(refs)
@@ -84,7 +95,8 @@ def _db_kernel(*refs, has_seq: bool, chunk_size: int, block_m: int, block_k: int
   seq_s = seq_ref[rows] if has_seq else None
   k0 = s0 // block_k
 
-  def head(hh, db):
+  def head(hh, carry):
+    db, r = carry
     xs = x_ref[rows, hh, :]
     cs_s = cs_ref[hh, rows]
     dt_s = dt_ref[hh, rows]
@@ -100,11 +112,12 @@ def _db_kernel(*refs, has_seq: bool, chunk_size: int, block_m: int, block_k: int
       return acc + mm(w, c_ref[cols, :], 0, 0)
 
     acc = lax.fori_loop(k0, chunk_size // block_k, body, acc)
-    r_ref[hh, :] = jnp.sum(acc * bb, axis=1)
-    return db + acc
+    return db + acc, _put_row(r, hh, jnp.sum(acc * bb, axis=1))
 
-  db = lax.fori_loop(0, per_group, head, jnp.zeros(bb.shape, jnp.float32))
+  db, r = lax.fori_loop(0, per_group, head, (jnp.zeros(bb.shape, jnp.float32),
+                                             jnp.zeros((per_group, block_m), jnp.float32)))
   db_ref[...] = db.astype(db_ref.dtype)
+  r_ref[...] = r
 
 
 def _dc_kernel(*refs, has_seq: bool, block_m: int, block_k: int, per_group: int):
@@ -120,7 +133,8 @@ def _dc_kernel(*refs, has_seq: bool, block_m: int, block_k: int, per_group: int)
   seq_t = seq_ref[rows] if has_seq else None
   num_k = (t0 + block_m + block_k - 1) // block_k
 
-  def head(hh, dc):
+  def head(hh, carry):
+    dc, r = carry
     dyt = dy_ref[rows, hh, :]
     cs_t = cs_ref[hh, rows]
     acc = mm(dyt, prev_ref[hh].astype(dyt.dtype), 1, 0) * woff_ref[hh, rows][:, None]
@@ -135,11 +149,12 @@ def _dc_kernel(*refs, has_seq: bool, block_m: int, block_k: int, per_group: int)
       return acc + mm(w, b_ref[cols, :], 1, 0)
 
     acc = lax.fori_loop(0, num_k, body, acc)
-    r_ref[hh, :] = jnp.sum(acc * cc, axis=1)
-    return dc + acc
+    return dc + acc, _put_row(r, hh, jnp.sum(acc * cc, axis=1))
 
-  dc = lax.fori_loop(0, per_group, head, jnp.zeros(cc.shape, jnp.float32))
+  dc, r = lax.fori_loop(0, per_group, head, (jnp.zeros(cc.shape, jnp.float32),
+                                             jnp.zeros((per_group, block_m), jnp.float32)))
   dc_ref[...] = dc.astype(dc_ref.dtype)
+  r_ref[...] = r
 
 
 def _shapes(x, b, dt, chunk_size, blocks):
