@@ -112,6 +112,8 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_state
   check_rank("x", x, 4, "(batch, length, heads, head_dim)")
   check_floating("x", x)
   b, l, h, p = x.shape
+  if l < 1:
+    raise ValueError(f"x must have length >= 1, got shape {tuple(x.shape)}")
   check_shape("dt", dt, (b, l, h), "(batch, length, heads)")
   check_floating("dt", dt)
   check_rank("B", B, 4, "(batch, length, groups, d_state)")
@@ -150,6 +152,9 @@ def _ssd_jnp(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, i
   return y.astype(x.dtype), final_states
 
 
+# impl name -> function of the full raw signature (x, dt, A, B, C, chunk_size, D, z, dt_bias,
+# dt_softplus, dt_limit, initial_states, seq_idx) -> (y in x's dtype, final_states). A fused
+# kernel is one more entry here.
 _FORMS = {
     "sequential": functools.partial(_ssd_jnp, core=ssd_sequential),
     "quadratic": functools.partial(_ssd_jnp, core=ssd_quadratic),
@@ -158,6 +163,7 @@ _FORMS = {
 
 
 def _auto_form() -> str:
+  """The form ``impl="auto"`` runs: the chunked SSD on every platform (no fused kernel yet)."""
   return "chunked"
 
 
@@ -208,6 +214,7 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
   _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_states, seq_idx)
   form = resolve_impl("ssd", impl, tuple(_FORMS), _auto_form)
   dt_limit = (float(dt_limit[0]), float(dt_limit[1]))
-  y, final_states = _FORMS[form](x, dt, A, B, C, int(chunk_size), D, z, dt_bias,
-                                 bool(dt_softplus), dt_limit, initial_states, seq_idx)
+  with jax.named_scope(f"ssd_{form}"):
+    y, final_states = _FORMS[form](x, dt, A, B, C, int(chunk_size), D, z, dt_bias,
+                                   bool(dt_softplus), dt_limit, initial_states, seq_idx)
   return (y, final_states) if return_final_states else y

@@ -90,7 +90,9 @@ def ssd_state_update(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array
   """
   _validate(state, x, dt, A, B, C, D, z, dt_bias, dt_limit)
   dtype = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
-  dt = preprocess_dt(dt, dt_bias, dt_softplus, (float(dt_limit[0]), float(dt_limit[1])), dtype)
-  y, new_state = _step(state, x, dt, A.astype(dtype), B, C)
-  y = skip_and_gate(y, x, D, z)
+  with jax.named_scope("ssd_state_update"):
+    dt = preprocess_dt(dt, dt_bias, dt_softplus, (float(dt_limit[0]), float(dt_limit[1])),
+                       dtype)
+    y, new_state = _step(state, x, dt, A.astype(dtype), B, C)
+    y = skip_and_gate(y, x, D, z)
   return y.astype(x.dtype), new_state.astype(state.dtype)

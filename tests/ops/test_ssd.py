@@ -287,6 +287,7 @@ def _valid_args():
 
 BAD_INPUTS = {
     "x rank": (dict(x=jnp.zeros((2, 5, 12))), "x must have shape"),
+    "x empty": (dict(x=jnp.zeros((2, 0, 4, 3))), "x must have length >= 1"),
     "x integer": (dict(x=jnp.zeros((2, 5, 4, 3), jnp.int32)), "x must have a floating"),
     "dt length": (dict(dt=jnp.ones((2, 6, 4))), "dt must have shape"),
     "dt heads": (dict(dt=jnp.ones((2, 5, 3))), "dt must have shape"),
