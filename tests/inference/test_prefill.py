@@ -1,0 +1,103 @@
+"""Prefill against the full forward: prefill + steps == forward logits, chunked == one-shot,
+and padded rows == the same prompt alone (left padding; right padding is left-aligned by
+generate, tested in test_generate.py). Float64 tiny models, so the comparisons are tight."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mamba_jax.config import MambaConfig
+from mamba_jax.inference.cache import Cache, init_cache
+from mamba_jax.inference.decode import decode_step
+from mamba_jax.inference.prefill import prefill
+from mamba_jax.nn.lm import MambaLM
+from tests.numerics import assert_close
+
+# Float64 models; attention takes its softmax in float32 (mamba_jax.nn.attention), and the
+# one-shot and cached attention paths round differently there.
+RTOL = {"Mamba1": 1e-10, "Mamba2": 1e-10, "hybrid": 1e-6}
+KINDS = ("Mamba1", "Mamba2", "hybrid")
+LENGTH, STEPS = 11, 3
+
+
+def _model(kind: str) -> MambaLM:
+  return MambaLM(MambaConfig.tiny(kind), dtype=jnp.float64, param_dtype=jnp.float64,
+                 rngs=nnx.Rngs(0))
+
+
+def _ids(batch: int, length: int, vocab: int, seed: int = 1) -> jax.Array:
+  return jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab, jnp.int32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefill_plus_steps_equals_full_forward(kind):
+  model = _model(kind)
+  ids = _ids(2, LENGTH + STEPS, model.config.vocab_size)
+  full = model(ids)  # (b, l + STEPS, v_pad): the reference
+  logits, cache = prefill(model, ids[:, :LENGTH], max_length=LENGTH + STEPS)
+  assert isinstance(cache, Cache)
+  assert_close(logits, full[:, LENGTH - 1], RTOL[kind], f"{kind} prefill logits")
+  for t in range(STEPS):
+    logits, cache = decode_step(model, ids[:, LENGTH + t], cache)
+    assert_close(logits, full[:, LENGTH + t], RTOL[kind], f"{kind} step {t}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("padded", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["unpadded", "left_padded"])
+def test_chunked_prefill_equals_one_shot(kind, padded):
+  model = _model(kind)
+  ids = _ids(3, LENGTH, model.config.vocab_size)
+  mask = None
+  if padded:  # rows of 11, 6 and 2 tokens: pads end inside, at and after the first piece
+    mask = jnp.asarray(np.arange(LENGTH)[None, :] >= np.array([[0], [5], [9]]), jnp.int32)
+  one_logits, one = prefill(model, ids, max_length=LENGTH + 2, attention_mask=mask)
+  for chunk in (5,):  # pieces [0, 5) [5, 10) [10, 11): row 1 starts at a boundary
+    logits, cache = prefill(model, ids, max_length=LENGTH + 2, attention_mask=mask,
+                            chunk_size=chunk)
+    assert_close(logits, one_logits, RTOL[kind], f"{kind} chunk {chunk} logits")
+    for i, (a, b) in enumerate(zip(jax.tree.leaves(cache), jax.tree.leaves(one))):
+      assert_close(a, b, RTOL[kind], f"{kind} chunk {chunk} state leaf {i}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_left_padded_prefill_equals_prompt_alone(kind):
+  """Each row's logits and the continuation from its state equal the unpadded prompt's."""
+  model = _model(kind)
+  ids = _ids(2, LENGTH, model.config.vocab_size)
+  n_tokens = (LENGTH, 4)
+  mask = jnp.asarray(np.arange(LENGTH)[None, :] >= LENGTH - np.array(n_tokens)[:, None],
+                     jnp.int32)
+  # Pads hold arbitrary ids: they must not matter.
+  padded = jnp.where(mask == 1, ids, 7)
+  logits, cache = prefill(model, padded, max_length=LENGTH + 2, attention_mask=mask)
+  nxt = _ids(2, 2, model.config.vocab_size, seed=2)
+  stepped = [logits]
+  for t in range(2):
+    out, cache = decode_step(model, nxt[:, t], cache)
+    stepped.append(out)
+  for row, n in enumerate(n_tokens):
+    alone = jnp.concatenate([ids[row:row + 1, LENGTH - n:], nxt[row:row + 1]], axis=1)
+    full = model(alone)[0, n - 1:]
+    assert_close(jnp.stack([s[row] for s in stepped]), full, RTOL[kind], f"{kind} row {row}")
+
+
+def test_prefill_rejects_bad_arguments():
+  model = _model("Mamba1")
+  ids = _ids(2, 5, model.config.vocab_size)
+  with pytest.raises(ValueError, match="max_length"):
+    prefill(model, ids, max_length=4)
+  with pytest.raises(ValueError, match="left-padded"):
+    prefill(model, ids, max_length=5, attention_mask=jnp.asarray([[1, 1, 1, 0, 0]] * 2))
+  with pytest.raises(ValueError, match="without tokens"):
+    prefill(model, ids, max_length=5, attention_mask=jnp.zeros((2, 5), jnp.int32))
+  with pytest.raises(ValueError, match="chunk_size"):
+    prefill(model, ids, max_length=5, chunk_size=0)
+  with pytest.raises(ValueError, match="cache"):
+    prefill(model, ids, max_length=5, attention_mask=jnp.ones((2, 5), jnp.int32),
+            cache=init_cache(model, 2, 5))
+  h3 = MambaLM(MambaConfig.tiny("H3"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="H3Mixer"):
+    prefill(h3, ids, max_length=5, attention_mask=jnp.asarray([[0, 1, 1, 1, 1]] * 2))
