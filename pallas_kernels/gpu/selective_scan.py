@@ -1,0 +1,136 @@
+"""Mamba-1 selective scan (S6) on the GPU with fused Pallas kernels: the public wrapper and VJP.
+
+``selective_scan_pallas_gpu`` has the semantics of mamba_ssm's ``selective_scan_fn`` (Mamba
+§3.2 Algorithm 2, real A) plus varlen resets:
+
+  Δ_t   = softplus(delta_t + delta_bias)                 (bias and softplus optional)
+  h_t   = exp(Δ_t A) ⊙ h_{t−1} + Δ_t u_t B_t             (the decay is 0 where seq_idx changes)
+  out_t = (C_t · h_t + D u_t) · silu(z_t)                 (D and z optional)
+
+per channel i of d_inner, reading the B_t, C_t of group i // (d_inner / g). One forward kernel
+(``selective_scan_fwd``) and one backward kernel (``selective_scan_bwd``) do all of it, the
+softplus and the gate included; they are tied together by ``jax.custom_vjp`` (autodiff does not
+go through ``pallas_call``). The backward's residuals are the inputs and the states entering
+every chunk of ``block_l`` positions, (b, l / block_l, d, n) float32; the expanded state
+(b, l, d, n) is never written to memory.
+
+Backend: Pallas with the Triton lowering (``interpret=True`` runs it on CPU). The Triton backend
+is deprecated since JAX 0.11; ``selective_scan_fwd``'s docstring says what a Mosaic GPU port
+changes.
+
+Shape legend: b batch, l length, d d_inner, n d_state, g groups.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gpu.selective_scan_args import check_args, decay_keep
+from pallas_kernels.gpu.selective_scan_bwd import scan_bwd
+from pallas_kernels.gpu.selective_scan_fwd import (ScanGpuBlockSizes, default_block_sizes,
+                                                   scan_fwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
+def _scan_core(u, delta, a, B, C, d, z, bias, init, keep, length, delta_softplus, blocks,
+               interpret):
+  y, final = scan_fwd(u, delta, a, B, C, d, z, bias, init, keep, length=length,
+                      delta_softplus=delta_softplus, save_states=False, blocks=blocks,
+                      interpret=interpret)
+  return y, final
+
+
+def _scan_core_fwd(u, delta, a, B, C, d, z, bias, init, keep, length, delta_softplus, blocks,
+                   interpret):
+  y, final, states = scan_fwd(u, delta, a, B, C, d, z, bias, init, keep, length=length,
+                              delta_softplus=delta_softplus, save_states=True, blocks=blocks,
+                              interpret=interpret)
+  return (y, final), (u, delta, a, B, C, d, z, bias, init, keep, states)
+
+
+def _scan_core_bwd(length, delta_softplus, blocks, interpret, res, cotangents):
+  u, delta, a, B, C, d, z, bias, init, keep, states = res
+  dout, dfinal = cotangents
+  du, ddelta, dz, db, dc, da, dd, dbias, dinit = scan_bwd(
+      u, delta, a, B, C, d, z, bias, keep, states, dout.astype(u.dtype),
+      dfinal.astype(jnp.float32), length=length, delta_softplus=delta_softplus, blocks=blocks,
+      interpret=interpret)
+  batch, padded_length, groups, d_state = B.shape
+
+  def group_sum(partial, like):  # (b, l, d / block_d, n) -> (b, l, g, n)
+    return partial.reshape(batch, padded_length, groups, -1, d_state).sum(3).astype(like.dtype)
+
+  return (du, ddelta, jnp.sum(da, 0), group_sum(db, B), group_sum(dc, C),
+          None if d is None else jnp.sum(dd, 0), dz,
+          None if bias is None else jnp.sum(dbias, 0), None if init is None else dinit, None)
+
+
+_scan_core.defvjp(_scan_core_fwd, _scan_core_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("delta_softplus", "return_final_state", "blocks",
+                                             "interpret"))
+def selective_scan_pallas_gpu(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array,
+                              C: jax.Array, D: jax.Array | None = None,
+                              z: jax.Array | None = None, delta_bias: jax.Array | None = None,
+                              delta_softplus: bool = False,
+                              initial_state: jax.Array | None = None,
+                              seq_idx: jax.Array | None = None,
+                              return_final_state: bool = False, *,
+                              blocks: ScanGpuBlockSizes | None = None,
+                              interpret: bool = False):
+  """Selective scan (Mamba §3.2 Algorithm 2) forward and backward as fused Pallas GPU kernels.
+
+      Δ_t   = softplus(delta_t + delta_bias)
+      h_t   = exp(Δ_t A) ⊙ h_{t−1} + Δ_t u_t B_t    (decay 0 where seq_idx[t] != seq_idx[t−1])
+      out_t = (C_t · h_t + D u_t) · silu(z_t)
+
+  Differentiable in u, delta, A, B, C, D, z, delta_bias and initial_state.
+
+  Args:
+    u: (b, l, d) float32 / bfloat16 / float16, any l >= 1 (padded inside to ``block_l``).
+    delta: (b, l, d) raw step sizes (float32 / bf16 / fp16).
+    A: (d, n) real (used as float32); n a power of two.
+    B, C: (b, l, n) or (b, l, g, n); channel i reads group i // (d / g).
+    D: optional (d,) skip.
+    z: optional (b, l, d) gate.
+    delta_bias: optional (d,), added to delta before the softplus.
+    delta_softplus: apply softplus to delta + delta_bias.
+    initial_state: optional (b, d, n) state before the first token (used as float32).
+    seq_idx: optional (b, l) integer segment ids (packed sequences); the decay t−1 → t is zeroed
+      where they change, with a virtual seq_idx[−1] = 0.
+    return_final_state: also return the state after the last position.
+    blocks: block sizes; None picks ``default_block_sizes(d, g)``.
+    interpret: run the kernels in the Pallas interpreter (CPU).
+
+  Returns:
+    out (b, l, d) in u's dtype; with ``return_final_state`` also the final state (b, d, n)
+    float32.
+
+  Raises:
+    ValueError: on malformed arguments (complex A names the ``impl="chunked"`` fallback), or
+      blocks that do not tile d_inner / groups.
+  """
+  dims = check_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                    seq_idx, return_final_state)
+  batch, length, d_inner, d_state, groups = (dims.batch, dims.length, dims.d_inner,
+                                             dims.d_state, dims.groups)
+  if blocks is None:
+    blocks = default_block_sizes(d_inner, groups)
+  blocks.check(d_inner, groups, d_state)
+  pad = -length % blocks.block_l
+
+  def pad_length(x):
+    return None if x is None else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+
+  grouped = lambda x: x.reshape(batch, length, groups, d_state)
+  f32 = lambda x: None if x is None else x.astype(jnp.float32)
+  keep = decay_keep(seq_idx, batch, length, length + pad)
+  y, final = _scan_core(pad_length(u), pad_length(delta), f32(A), pad_length(grouped(B)),
+                        pad_length(grouped(C)), f32(D), pad_length(z), f32(delta_bias),
+                        f32(initial_state), keep, length, delta_softplus, blocks, interpret)
+  y = y[:, :length]
+  return (y, final) if return_final_state else y
