@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-all clean fixtures
 
 setup:
 	@bash scripts/setup_env.sh $(VENV)
@@ -19,3 +19,8 @@ test-all: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Regenerates the HF parity fixtures under tests/fixtures/hf/ (needs torch: a separate Python 3.11 env).
+fixtures:
+	python3 -m venv /tmp/fixenv && /tmp/fixenv/bin/pip install -q torch==2.13.0 transformers==5.23.0 safetensors==0.8.0 numpy==2.4.6
+	/tmp/fixenv/bin/python tests/fixtures/make_hf_fixtures.py
