@@ -62,6 +62,7 @@ def test_chunked_prefill_equals_one_shot(kind, padded):
       assert_close(a, b, RTOL[kind], f"{kind} chunk {chunk} state leaf {i}")
 
 
+@pytest.mark.slow  # generate's padded-batch tests cover this end to end
 @pytest.mark.parametrize("kind", KINDS)
 def test_left_padded_prefill_equals_prompt_alone(kind):
   """Each row's logits and the continuation from its state equal the unpadded prompt's."""

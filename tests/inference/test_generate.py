@@ -1,0 +1,150 @@
+"""generate() against independent references: greedy == argmax of the full forward re-run on
+the growing sequence; padded batches (left and right) == each prompt alone; EOS per row;
+sampling determinism; one compilation per shape; a tiny HF Mamba checkpoint."""
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mamba_jax.config import MambaConfig
+from mamba_jax.convert import load_pretrained
+from mamba_jax.convert.hf_layout import read_safetensors
+from mamba_jax.inference.decode import TRACE_COUNTS
+from mamba_jax.inference.generate import generate
+from mamba_jax.nn.lm import MambaLM
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hf"
+KINDS = ("Mamba1", "Mamba2", "hybrid")
+LENGTH, NEW = 9, 4
+N_TOKENS = (9, 5)  # tokens per row of the padded batches
+
+
+def _model(kind: str, dtype=jnp.float64) -> MambaLM:
+  return MambaLM(MambaConfig.tiny(kind), dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+
+
+def greedy_by_full_forward(model: MambaLM, ids: jax.Array, new: int) -> np.ndarray:
+  """The reference: append argmax of the full forward's last logits, new times."""
+  vocab = model.config.vocab_size
+  for _ in range(new):
+    nxt = jnp.argmax(model(ids)[:, -1, :vocab], axis=-1).astype(ids.dtype)
+    ids = jnp.concatenate([ids, nxt[:, None]], axis=1)
+  return np.asarray(ids)
+
+
+@functools.cache
+def _runs(kind: str) -> dict:
+  """Everything the per-kind tests compare, computed once (compilation dominates)."""
+  model = _model(kind)
+  ids = jax.random.randint(jax.random.key(1), (2, LENGTH), 0, model.config.vocab_size,
+                           jnp.int32)
+  prompts = [ids[r:r + 1, :n] for r, n in enumerate(N_TOKENS)]
+  left = np.full((2, LENGTH), 3, np.int32)  # pad id 3: an ordinary token, must not matter
+  right = np.full((2, LENGTH), 3, np.int32)
+  left_mask = np.zeros((2, LENGTH), np.int32)
+  for r, n in enumerate(N_TOKENS):
+    left[r, LENGTH - n:] = prompts[r][0]
+    right[r, :n] = prompts[r][0]
+    left_mask[r, LENGTH - n:] = 1
+  return dict(
+      model=model, prompts=prompts,
+      alone=[np.asarray(generate(model, p, NEW)) for p in prompts],
+      left=np.asarray(generate(model, jnp.asarray(left), NEW, attention_mask=left_mask)),
+      right=np.asarray(generate(model, jnp.asarray(right), NEW,
+                                attention_mask=left_mask[:, ::-1].copy())))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_equals_argmax_of_repeated_full_forward(kind):
+  runs = _runs(kind)
+  for prompt, alone in zip(runs["prompts"], runs["alone"]):
+    np.testing.assert_array_equal(alone, greedy_by_full_forward(runs["model"], prompt, NEW))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_each_prompt_alone(kind, side):
+  runs = _runs(kind)
+  out = runs[side]
+  assert out.shape == (2, LENGTH + NEW)
+  for r, n in enumerate(N_TOKENS):
+    alone = runs["alone"][r][0]  # (n + NEW,)
+    if side == "left":  # pads, prompt, new tokens
+      np.testing.assert_array_equal(out[r, LENGTH - n:], alone)
+      assert np.all(out[r, :LENGTH - n] == 3)
+    else:  # prompt, new tokens, then the row's pads
+      np.testing.assert_array_equal(out[r, :n + NEW], alone)
+      assert np.all(out[r, n + NEW:] == 3)
+
+
+def test_eos_stops_each_row_and_fills_with_eos():
+  runs = _runs("Mamba2")
+  model, prompt = runs["model"], runs["prompts"][0]
+  greedy = runs["alone"][0]
+  eos = int(greedy[0, N_TOKENS[0] + 1])  # the second new token of row 0
+  batch = jnp.concatenate([prompt, prompt[:, ::-1]], axis=0)
+  out = np.asarray(generate(model, batch, NEW, eos_id=eos))
+  new0 = greedy[0, N_TOKENS[0]:]
+  stop = int(np.flatnonzero(new0 == eos)[0])
+  expected0 = np.concatenate([new0[:stop + 1], np.full(NEW - stop - 1, eos)])
+  np.testing.assert_array_equal(out[0, LENGTH:], expected0)
+  reference1 = greedy_by_full_forward(model, batch[1:], NEW)[0, LENGTH:]
+  hit = np.flatnonzero(reference1 == eos)
+  if hit.size:
+    reference1[hit[0] + 1:] = eos
+  np.testing.assert_array_equal(out[1, LENGTH:], reference1)
+
+
+def test_sampling_is_deterministic_and_top_k_1_is_greedy():
+  runs = _runs("Mamba2")
+  model, prompt, greedy = runs["model"], runs["prompts"][0], runs["alone"][0]
+  kwargs = dict(temperature=0.8, top_p=0.9, min_p=0.05, repetition_penalty=1.3)
+  a = generate(model, prompt, NEW, key=jax.random.key(7), **kwargs)
+  b = generate(model, prompt, NEW, key=jax.random.key(7), **kwargs)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  top1 = generate(model, prompt, NEW, temperature=1.5, top_k=1, key=jax.random.key(3))
+  np.testing.assert_array_equal(np.asarray(top1), greedy)
+
+
+def test_decode_loop_compiles_once_per_shape():
+  model = _model("Mamba1", jnp.float32)
+  ids = jax.random.randint(jax.random.key(4), (3, 6), 0, model.config.vocab_size, jnp.int32)
+  before = dict(TRACE_COUNTS)
+  first = generate(model, ids, 5)
+  second = generate(model, (ids + 1) % model.config.vocab_size, 5)
+  assert TRACE_COUNTS["decode"] - before.get("decode", 0) == 1
+  assert TRACE_COUNTS["prefill"] - before.get("prefill", 0) == 1
+  assert not np.array_equal(np.asarray(first), np.asarray(second))
+
+
+def test_hf_checkpoint_greedy_matches_its_logits_and_full_forwards():
+  name = "mamba1_tied_residual_fp32"
+  expected = read_safetensors(FIXTURES / name / "expected.safetensors")
+  model = load_pretrained(FIXTURES / name, dtype=jnp.float32)
+  ids = jnp.asarray(expected["input_ids"], jnp.int32)
+  out = np.asarray(generate(model, ids, 5))
+  # The first new token is the argmax of HF's own last logits (margins checked: no near tie).
+  last = np.sort(expected["logits"][:, -1], axis=-1)
+  assert np.all(last[:, -1] - last[:, -2] > 1e-4)
+  np.testing.assert_array_equal(out[:, ids.shape[1]], expected["logits"][:, -1].argmax(-1))
+  np.testing.assert_array_equal(out, greedy_by_full_forward(model, ids, 5))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(temperature=1.0), "key"),
+    (dict(eos_id=61), "eos_id"),
+    (dict(attention_mask=np.zeros((1, 3), np.int32)), "no token"),
+    (dict(attention_mask=np.full((1, 3), 2, np.int32)), "only 0"),
+    (dict(attention_mask=np.ones((2, 3), np.int32)), "attention_mask")])
+def test_generate_validation(kwargs, match):
+  model = _model("Mamba1", jnp.float32)
+  args = dict(max_new_tokens=2)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    generate(model, jnp.zeros((1, 3), jnp.int32), args.pop("max_new_tokens"), **args)
