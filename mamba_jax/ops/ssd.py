@@ -20,13 +20,15 @@ import functools
 import math
 from typing import Any, Callable, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mamba_jax.ops.checks import (check_divisible, check_floating, check_integer, check_rank,
                                   check_shape, is_concrete)
-from mamba_jax.ops.impl import resolve_impl
+from mamba_jax.ops import ssd_pallas
+from mamba_jax.ops.impl import is_hopper_or_newer, platform, resolve_impl
 from mamba_jax.ops.ssd_chunked import ssd_chunked
 from mamba_jax.ops.ssd_quadratic import ssd_quadratic
 from mamba_jax.ops.ssd_sequential import ssd_sequential
@@ -159,11 +161,22 @@ _FORMS = {
     "sequential": functools.partial(_ssd_jnp, core=ssd_sequential),
     "quadratic": functools.partial(_ssd_jnp, core=ssd_quadratic),
     "chunked": functools.partial(_ssd_jnp, core=ssd_chunked),
+    "pallas": ssd_pallas.ssd_pallas,
 }
 
 
-def _auto_form() -> str:
-  """The form ``impl="auto"`` runs: the chunked SSD on every platform (no fused kernel yet)."""
+def _auto_form(x, B, C, z, chunk_size) -> str:
+  """The form ``impl="auto"`` runs.
+
+  The Pallas kernels on Hopper (sm90+) GPUs when they take the inputs, else the chunked SSD.
+  TPUs also get the chunked form until the Mosaic TPU kernels have been compiled and timed on
+  a real TPU (they are tested only in TPU interpret mode so far).
+  """
+  if platform() == "gpu" and is_hopper_or_newer():
+    ok, why = ssd_pallas.supports(x, B, C, z, chunk_size)
+    if ok:
+      return "pallas"
+    logging.info("ssd: impl='auto' keeps the chunked form: the Pallas kernels need %s", why)
   return "chunked"
 
 
@@ -201,7 +214,9 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
     initial_states: optional (b, h, p, n) state before t = 0.
     seq_idx: optional (b, l) integer segment ids, nondecreasing.
     return_final_states: also return the state after the last position.
-    impl: "auto" (the chunked form for now), "sequential", "quadratic" or "chunked".
+    impl: "auto", "sequential", "quadratic", "chunked" or "pallas" (fused kernels; on CPU they
+      run in the Pallas interpreter). "auto" picks "pallas" on Hopper GPUs for inputs the
+      kernels take, else "chunked"; the choice is logged.
 
   Returns:
     y: (b, l, h, p) in x's dtype; with ``return_final_states`` also final_states
@@ -212,7 +227,8 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
     ValueError: on malformed arguments, naming the argument and what was expected.
   """
   _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_states, seq_idx)
-  form = resolve_impl("ssd", impl, tuple(_FORMS), _auto_form)
+  form = resolve_impl("ssd", impl, tuple(_FORMS),
+                      lambda: _auto_form(x, B, C, z, int(chunk_size)))
   dt_limit = (float(dt_limit[0]), float(dt_limit[1]))
   with jax.named_scope(f"ssd_{form}"):
     y, final_states = _FORMS[form](x, dt, A, B, C, int(chunk_size), D, z, dt_bias,

@@ -78,11 +78,12 @@ def device_key() -> str:
 
 
 def tuned_block_sizes(head_dim: int, state: int, chunk_size: int) -> SSDBlockSizes:
-  """The swept block sizes for this device and (p, n, q), else the defaults clipped to q."""
+  """The swept block sizes for this device and (p, n, q), else the defaults clipped to q, p·n."""
   from pallas_kernels.gpu import ssd_block_table  # the table is data written by the sweep
   entry = ssd_block_table.TABLE.get((device_key(), state, head_dim, chunk_size))
   if entry is not None:
     return SSDBlockSizes(**entry)
   default = SSDBlockSizes()
   return dataclasses.replace(default, block_m=min(default.block_m, chunk_size),
-                             block_k=min(default.block_k, chunk_size))
+                             block_k=min(default.block_k, chunk_size),
+                             block_pn=min(default.block_pn, head_dim * state))

@@ -1,0 +1,57 @@
+"""The Pallas-kernel form of SSD: which kernel runs where, and which inputs it takes.
+
+``impl="pallas"`` of :func:`mamba_jax.ops.ssd.ssd` lands here with the full raw signature:
+
+  GPU  ``pallas_kernels.gpu.ssd.ssd_pallas_gpu``  (compiled; Pallas with the Triton lowering)
+  TPU  ``pallas_kernels.tpu.ssd.ssd_pallas_tpu``  (compiled; Mosaic TPU)
+  CPU  the GPU kernels in the Pallas interpreter: slow, for debugging and CI, same numbers
+
+:func:`supports` says whether the kernels take given inputs (the ``auto`` rule uses it; an
+explicit ``impl="pallas"`` on unsupported inputs raises the kernel's own ValueError).
+
+Shape legend: b batch, l length, h heads, p head_dim, n d_state, g groups, q chunk size.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mamba_jax.ops.impl import platform
+
+KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _power_of_two_at_least_16(v: int) -> bool:
+  return v >= 16 and not v & (v - 1)
+
+
+def supports(x: jax.Array, B: jax.Array, C: jax.Array, z: jax.Array | None,
+             chunk_size: int) -> tuple[bool, str]:
+  """Whether the kernels take these inputs, and if not, why (for the ``auto`` log line).
+
+  The GPU kernels tile p, n and the chunk q in powers of two >= 16 and read B, C and z in x's
+  dtype; neither platform computes in float64.
+  """
+  if x.dtype not in KERNEL_DTYPES:
+    return False, f"x dtype {x.dtype} (kernels take float32, bfloat16, float16)"
+  if B.dtype != x.dtype or C.dtype != x.dtype or (z is not None and z.dtype != x.dtype):
+    return False, "B, C and z must have x's dtype"
+  p, n = x.shape[-1], B.shape[-1]
+  for name, v in (("head_dim", p), ("d_state", n), ("chunk_size", chunk_size)):
+    if not _power_of_two_at_least_16(v):
+      return False, f"{name}={v} is not a power of two >= 16"
+  return True, ""
+
+
+def ssd_pallas(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
+               initial_states, seq_idx) -> tuple[jax.Array, jax.Array]:
+  """Runs the Pallas SSD kernels of the default device: (y in x's dtype, final states f32)."""
+  where = platform()
+  if where == "tpu":
+    from pallas_kernels.tpu.ssd import ssd_pallas_tpu  # pylint: disable=g-import-not-at-top
+    return ssd_pallas_tpu(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
+                          initial_states, seq_idx, True)
+  from pallas_kernels.gpu.ssd import ssd_pallas_gpu  # pylint: disable=g-import-not-at-top
+  return ssd_pallas_gpu(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
+                        initial_states, seq_idx, True, interpret=where != "gpu")
