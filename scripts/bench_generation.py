@@ -1,0 +1,214 @@
+"""Generation benchmark: Mamba-1, Mamba-2 and Transformer++ of the same size, random weights.
+
+For each model and batch size: a prompt of ``--prompt_len`` random tokens, prefilled in
+parallel (``mamba_jax.inference.jit_prefill``, in pieces of ``--prefill_chunk`` tokens), then
+``--gen_len`` tokens decoded greedily by the compiled ``while_loop``
+(``mamba_jax.inference.decode``, donated cache). Reported per row:
+
+  prefill_ms         the prompt's parallel pass (median)
+  decode_ms_step     decode time / (gen_len − 1) steps (the first token comes from the
+                     prefill's logits): latency per token
+  decode_tok_s       batch · gen_len / decode time
+  e2e_tok_s          batch · gen_len / (prefill + decode)
+  state_mib          the decoding state (SSM states or KV cache of prompt + gen_len slots)
+  decode_prog_mib    the decode program's arguments + temporaries (XLA memory analysis)
+  peak_mib           the device's peak_bytes_in_use so far (process-wide, monotone;
+                     ``device.memory_stats()``, absent on CPU)
+  vs_transformer     decode_tok_s / the Transformer++'s at the same batch
+
+and a second table: the decoding-state size at batch 1 against context length (2K to 64K),
+constant for the SSMs and linear for attention, from shapes alone (``state_nbytes``).
+Compilation is excluded from every timing (one warm-up call per shape). The JSON is rewritten
+after every row, so a run cut short keeps what it measured.
+
+Usage:
+  PYTHONPATH=. python scripts/bench_generation.py --out gen.json            # ~130M, GPU
+  PYTHONPATH=. python scripts/bench_generation.py --large --out gen.json    # 1.4B / 1.3B
+  PYTHONPATH=. python scripts/bench_generation.py --small                   # CPU smoke check
+
+Imports only jax, flax and mamba_jax's model / inference modules (no grain, ml_collections).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import time
+from typing import Any, Optional
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from mamba_jax.config import MambaConfig, preset  # noqa: E402
+from mamba_jax.inference.cache import cache_nbytes, state_nbytes  # noqa: E402
+from mamba_jax.inference.decode import _decode  # noqa: E402
+from mamba_jax.inference.generate import jit_prefill  # noqa: E402
+from mamba_jax.inference.sampling import SamplingParams  # noqa: E402
+from mamba_jax.nn.lm import MambaLM  # noqa: E402
+
+MODELS = {"base": ("mamba-130m", "mamba2-130m", "transformerpp-125m"),
+          "large": ("mamba-1.4b", "mamba2-1.3b", "transformerpp-1.3b")}
+TRANSFORMER = "transformerpp"
+CONTEXTS = (2048, 4096, 8192, 16384, 32768, 65536)
+MIB = 2 ** 20
+
+
+def small_config(name: str) -> MambaConfig:
+  """A reduced model of the same family for the CPU smoke check (d 128, 2–4 layers)."""
+  config = preset(name)
+  if name.startswith(TRANSFORMER):
+    return config.replace(d_model=128, n_layer=2, d_intermediate=384,
+                          attn_layer_idx=(0, 1), attn_cfg={**config.attn_cfg, "num_heads": 4,
+                                                           "rotary_emb_dim": 32})
+  ssm = dict(config.ssm_cfg)
+  if ssm.get("layer") == "Mamba2":
+    ssm.update(headdim=32, d_state=32, chunk_size=64)
+  return config.replace(d_model=128, n_layer=4, ssm_cfg=ssm)
+
+
+def _median_ms(fn, reps: int) -> float:
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append((time.perf_counter() - start) * 1e3)
+  return statistics.median(times)
+
+
+def _peak_mib() -> Optional[float]:
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats else stats.get("peak_bytes_in_use", 0) / MIB
+
+
+def bench_one(name: str, model: MambaLM, batch: int, args: argparse.Namespace) -> dict:
+  """Prefill + decode timings and memory of one model at one batch size."""
+  config = model.config
+  n_params = sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  max_length = args.prompt_len + args.gen_len
+  ids = jax.random.randint(jax.random.key(batch), (batch, args.prompt_len), 0,
+                           config.vocab_size, jnp.int32)
+  chunk = args.prefill_chunk if args.prefill_chunk < args.prompt_len else None
+  greedy, key = SamplingParams(), jax.random.key(0)
+  graphdef, state = nnx.split(model)
+
+  def run_prefill():
+    return jit_prefill(model, ids, max_length=max_length, chunk_size=chunk)
+
+  start = time.perf_counter()
+  logits, cache = jax.block_until_ready(run_prefill())
+  compile_prefill_s = time.perf_counter() - start
+  state_bytes = cache_nbytes(cache)
+  start = time.perf_counter()
+  compiled = _decode.lower(graphdef, state, cache, logits, None, key,
+                           max_new_tokens=args.gen_len, params=greedy, eos_id=None,
+                           callback=None).compile()
+  compile_decode_s = time.perf_counter() - start
+  analysis = compiled.memory_analysis()
+  program_mib = (None if analysis is None else
+                 (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes) / MIB)
+  del logits, cache
+
+  def run_decode() -> tuple[float, int]:
+    """(ms of the compiled decoding loop, steps run), from a fresh prefill's cache."""
+    logits, cache = jax.block_until_ready(run_prefill())
+    start = time.perf_counter()
+    tokens, _, steps = compiled(state, cache, logits, None, key)
+    jax.block_until_ready(tokens)
+    return (time.perf_counter() - start) * 1e3, int(steps)
+
+  run_decode()  # warm-up
+  prefill_ms = _median_ms(run_prefill, args.reps)
+  decodes = [run_decode() for _ in range(args.reps)]
+  decode_ms = statistics.median(d[0] for d in decodes)
+  steps = decodes[0][1]
+  gen_tokens = batch * args.gen_len
+  peak = _peak_mib()
+  return dict(model=name, params_m=round(n_params / 1e6, 1), batch=batch,
+              prompt_len=args.prompt_len, gen_len=args.gen_len, steps=steps,
+              prefill_ms=round(prefill_ms, 3), decode_ms=round(decode_ms, 3),
+              decode_ms_step=round(decode_ms / max(steps - 1, 1), 4),
+              decode_tok_s=round(gen_tokens / decode_ms * 1e3, 1),
+              e2e_tok_s=round(gen_tokens / (prefill_ms + decode_ms) * 1e3, 1),
+              state_mib=round(state_bytes / MIB, 2),
+              decode_prog_mib=None if program_mib is None else round(program_mib, 1),
+              peak_mib=None if peak is None else round(peak, 1),
+              compile_prefill_s=round(compile_prefill_s, 1),
+              compile_decode_s=round(compile_decode_s, 1))
+
+
+def add_ratios(rows: list[dict]) -> None:
+  """vs_transformer: decode tokens/s over the Transformer++'s at the same batch."""
+  base = {r["batch"]: r["decode_tok_s"] for r in rows if r["model"].startswith(TRANSFORMER)}
+  for r in rows:
+    r["vs_transformer"] = (round(r["decode_tok_s"] / base[r["batch"]], 2)
+                           if r["batch"] in base else None)
+
+
+def markdown(rows: list[dict], contexts: list[dict]) -> str:
+  cols = ("model", "params_m", "batch", "prefill_ms", "decode_ms_step", "decode_tok_s",
+          "e2e_tok_s", "vs_transformer", "state_mib", "decode_prog_mib", "peak_mib")
+  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  lines += ["| " + " | ".join(str(r.get(c)) for c in cols) + " |" for r in rows]
+  names = [k for k in contexts[0] if k != "context"] if contexts else []
+  lines += ["", "Decoding state (MiB) at batch 1 against context length:", "",
+            "| context | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+  lines += ["| " + " | ".join(str(c[k]) for k in ("context", *names)) + " |"
+            for c in contexts]
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--small", action="store_true",
+                      help="reduced models, prompt 64, gen 16, batches 1 and 4 (CPU smoke)")
+  parser.add_argument("--large", action="store_true", help="1.4B / 1.3B models")
+  parser.add_argument("--batches", default="1,16,64,128")
+  parser.add_argument("--prompt_len", type=int, default=2048)
+  parser.add_argument("--gen_len", type=int, default=128)
+  parser.add_argument("--prefill_chunk", type=int, default=512,
+                      help="prefill piece length (bounds attention's prefill memory)")
+  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+  parser.add_argument("--models", default="", help="comma-separated preset names (override)")
+  parser.add_argument("--out", default="bench_generation.json")
+  args = parser.parse_args()
+  if args.small:
+    args.prompt_len, args.gen_len, args.prefill_chunk = 64, 16, 32
+    if args.batches == parser.get_default("batches"):
+      args.batches = "1,4"
+  dtype = jnp.dtype(args.dtype)
+  names = (args.models.split(",") if args.models
+           else MODELS["large" if args.large else "base"])
+  configs = {n: small_config(n) if args.small else preset(n) for n in names}
+  batches = [int(b) for b in args.batches.split(",")]
+  device = str(jax.devices()[0].device_kind)
+  print(f"device: {device}; {dataclasses.asdict(SamplingParams())}; dtype {args.dtype}",
+        flush=True)
+
+  contexts = [dict(context=c, **{n: round(state_nbytes(cfg, 1, c, dtype) / MIB, 2)
+                                 for n, cfg in configs.items()}) for c in CONTEXTS]
+  rows: list[dict] = []
+  for name, config in configs.items():
+    model = MambaLM(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+    for batch in batches:
+      try:
+        row = bench_one(name, model, batch, args)
+      except Exception as error:  # an OOM at a large batch must not lose the other rows
+        row = dict(model=name, batch=batch, error=f"{type(error).__name__}: {error}"[:300])
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+      add_ratios([r for r in rows if "error" not in r])
+      with open(args.out, "w") as f:
+        json.dump(dict(device=device, dtype=args.dtype, small=args.small, rows=rows,
+                       state_vs_context=contexts), f, indent=1)
+  print(markdown([r for r in rows if "error" not in r], contexts))
+
+
+if __name__ == "__main__":
+  main()
