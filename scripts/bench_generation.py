@@ -1,7 +1,8 @@
 """Generation benchmark: Mamba-1, Mamba-2 and Transformer++ of the same size, random weights.
 
 For each model and batch size: a prompt of ``--prompt_len`` random tokens, prefilled in
-parallel (``mamba_jax.inference.jit_prefill``, in pieces of ``--prefill_chunk`` tokens), then
+parallel (``mamba_jax.inference.jit_prefill``; in one pass, or in pieces of
+``--prefill_chunk`` tokens from batch ``--chunk_from_batch`` on), then
 ``--gen_len`` tokens decoded greedily by the compiled ``while_loop``
 (``mamba_jax.inference.decode``, donated cache). Reported per row:
 
@@ -93,7 +94,9 @@ def bench_one(name: str, model: MambaLM, batch: int, args: argparse.Namespace) -
   max_length = args.prompt_len + args.gen_len
   ids = jax.random.randint(jax.random.key(batch), (batch, args.prompt_len), 0,
                            config.vocab_size, jnp.int32)
-  chunk = args.prefill_chunk if args.prefill_chunk < args.prompt_len else None
+  chunk = (args.prefill_chunk
+           if batch >= args.chunk_from_batch and args.prefill_chunk < args.prompt_len
+           else None)
   greedy, key = SamplingParams(), jax.random.key(0)
   graphdef, state = nnx.split(model)
 
@@ -171,15 +174,17 @@ def main() -> None:
   parser.add_argument("--batches", default="1,16,64,128")
   parser.add_argument("--prompt_len", type=int, default=2048)
   parser.add_argument("--gen_len", type=int, default=128)
-  parser.add_argument("--prefill_chunk", type=int, default=512,
-                      help="prefill piece length (bounds attention's prefill memory)")
+  parser.add_argument("--prefill_chunk", type=int, default=1024,
+                      help="prefill piece length from --chunk_from_batch on (bounds the "
+                           "attention logits' memory; fewer pieces compile faster)")
+  parser.add_argument("--chunk_from_batch", type=int, default=64)
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   parser.add_argument("--models", default="", help="comma-separated preset names (override)")
   parser.add_argument("--out", default="bench_generation.json")
   args = parser.parse_args()
   if args.small:
-    args.prompt_len, args.gen_len, args.prefill_chunk = 64, 16, 32
+    args.prompt_len, args.gen_len, args.prefill_chunk, args.chunk_from_batch = 64, 16, 32, 4
     if args.batches == parser.get_default("batches"):
       args.batches = "1,4"
   dtype = jnp.dtype(args.dtype)
@@ -193,10 +198,11 @@ def main() -> None:
 
   contexts = [dict(context=c, **{n: round(state_nbytes(cfg, 1, c, dtype) / MIB, 2)
                                  for n, cfg in configs.items()}) for c in CONTEXTS]
+  models = {n: MambaLM(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+            for n, cfg in configs.items()}
   rows: list[dict] = []
-  for name, config in configs.items():
-    model = MambaLM(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
-    for batch in batches:
+  for batch in batches:  # every model at a batch before the next: ratios come early
+    for name, model in models.items():
       try:
         row = bench_one(name, model, batch, args)
       except Exception as error:  # an OOM at a large batch must not lose the other rows
