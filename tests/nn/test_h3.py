@@ -41,7 +41,7 @@ def make(cls, dtype=jnp.float64, seed=0, **kwargs):
              **kwargs)
 
 
-@pytest.mark.parametrize("ssm_kind", ["s4d", "s6"])
+@pytest.mark.parametrize("ssm_kind", [pytest.param("s4d", marks=pytest.mark.slow), "s6"])
 def test_h3_forward_and_vjp_match_reference(ssm_kind):
   m = make(H3Mixer, ssm_kind=ssm_kind)
   assert m.in_proj.kernel.shape == (D_MODEL, 3 * D_MODEL) and m.conv1d.bias is None
@@ -68,7 +68,7 @@ def test_no_gate_forward_matches_reference_float32():
                "SSMNoGate forward")
 
 
-@pytest.mark.parametrize("cls", [H3Mixer, SSMNoGate])
+@pytest.mark.parametrize("cls", [H3Mixer, pytest.param(SSMNoGate, marks=pytest.mark.slow)])
 def test_prefill_then_steps_equal_full_forward(cls):
   m = make(cls, seed=3, ssm_kind="s6")
   u = jnp.asarray(np.random.default_rng(3).standard_normal((2, 6, D_MODEL)))

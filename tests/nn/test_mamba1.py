@@ -121,7 +121,7 @@ def test_bf16_forward_close_to_float64_oracle():
   assert_close(y, reference(params, u, m), TOL[jnp.bfloat16], "bf16 forward")
 
 
-@pytest.mark.parametrize("variant", ["s6", "mixed"])
+@pytest.mark.parametrize("variant", ["s6", pytest.param("mixed", marks=pytest.mark.slow)])
 def test_prefill_then_steps_equal_full_forward(variant):
   m = make(**VARIANTS[variant], seed=5)
   u = jnp.asarray(np.random.default_rng(5).standard_normal((2, 6, D_MODEL)))
@@ -211,6 +211,7 @@ def test_ablation_initialisations():
   assert s4d.B.get_metadata().get("no_weight_decay") is True
 
 
+@pytest.mark.slow
 def test_init_state_and_step_shapes_and_dtypes():
   m = make(jnp.float32, A_init="s4d_lin")
   state = m.init_state(3)
