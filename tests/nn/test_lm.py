@@ -190,6 +190,26 @@ def test_weight_decay_mask_excludes_ssm_params_norms_biases_and_embeddings():
   np.testing.assert_allclose(mixer.in_proj.kernel[...], w_in * (1 - 0.1 * 0.5), rtol=1e-6)
 
 
+def test_norms_and_residual_dtypes():
+  """LayerNorm = (x − mean)/√(var + eps)·w + b; the residual stream's dtype per
+  residual_in_fp32; the branch input in the compute dtype."""
+  from mamba_jax.nn.block import Block, Norm
+  x = np.random.default_rng(9).standard_normal((3, 5, 16))
+  norm = Norm(16, rms=False, eps=1e-5, param_dtype=jnp.float64)
+  norm.weight[...] = jnp.linspace(0.5, 1.5, 16)
+  norm.bias[...] = jnp.linspace(-1, 1, 16)
+  ref = ((x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+         * np.linspace(0.5, 1.5, 16) + np.linspace(-1, 1, 16))
+  assert_close(norm(jnp.asarray(x)), ref, TOL[jnp.float64], "LayerNorm")
+  hidden = jnp.asarray(x, jnp.bfloat16)
+  for in_fp32, residual_dtype in ((True, jnp.float32), (False, jnp.bfloat16)):
+    block = Block(16, nnx.Linear(16, 16, rngs=nnx.Rngs(0)), rms_norm=False,
+                  residual_in_fp32=in_fp32, dtype=jnp.bfloat16)
+    normed, residual = block._add_norm(hidden, hidden, block.norm)
+    assert normed.dtype == jnp.bfloat16 and residual.dtype == residual_dtype
+    assert_close(residual, 2 * np.asarray(hidden, np.float64), 0.0, "residual sum")
+
+
 def test_lm_validation():
   with pytest.raises(ValueError, match="config"):
     MambaLM({"d_model": 8}, rngs=nnx.Rngs(0))
