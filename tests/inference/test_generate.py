@@ -122,8 +122,10 @@ def test_decode_loop_compiles_once_per_shape():
   assert not np.array_equal(np.asarray(first), np.asarray(second))
 
 
-def test_hf_checkpoint_greedy_matches_its_logits_and_full_forwards():
-  name = "mamba1_tied_residual_fp32"
+@pytest.mark.parametrize("name", [
+    "mamba1_tied_residual_fp32",
+    pytest.param("mamba2_ngroups2", marks=pytest.mark.slow)])  # dt_limit, 2 groups
+def test_hf_checkpoint_greedy_matches_its_logits_and_full_forwards(name):
   expected = read_safetensors(FIXTURES / name / "expected.safetensors")
   model = load_pretrained(FIXTURES / name, dtype=jnp.float32)
   ids = jnp.asarray(expected["input_ids"], jnp.int32)
