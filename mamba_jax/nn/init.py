@@ -109,9 +109,10 @@ def dt_proj_kernel_init(key: jax.Array, shape: Sequence[int], dt_rank: int,
 def s4d_real_A_log(d_inner: int, d_state: int, dtype: Any = jnp.float32) -> jax.Array:
   """S4D-Real: A[e, n] = -(n + 1), stored as A_log[e, n] = log(n + 1), shape (e, n).
 
-  Mamba §3.6 / S4D (Gu et al., 2022). Kept in float32 like mamba_ssm.
+  Mamba §3.6 / S4D (Gu et al., 2022). Kept in float32 like mamba_ssm (computed in the wider of
+  float32 and dtype).
   """
-  a = jnp.arange(1, d_state + 1, dtype=jnp.float32)
+  a = jnp.arange(1, d_state + 1, dtype=jnp.promote_types(dtype, jnp.float32))
   return jnp.broadcast_to(jnp.log(a), (d_inner, d_state)).astype(dtype)
 
 
@@ -122,9 +123,9 @@ def s4d_lin_A(d_inner: int, d_state: int,
   The real part is stored as ``A_log = log(1/2)`` (so Re A = -exp(A_log) stays negative) and
   the imaginary part ``A_imag = πn`` as a separate real parameter (Mamba Table 8, S4D).
   """
-  a_log = jnp.full((d_inner, d_state), math.log(0.5), jnp.float32)
-  a_imag = jnp.broadcast_to(math.pi * jnp.arange(d_state, dtype=jnp.float32),
-                            (d_inner, d_state))
+  wide = jnp.promote_types(dtype, jnp.float32)
+  a_log = jnp.full((d_inner, d_state), math.log(0.5), wide)
+  a_imag = jnp.broadcast_to(math.pi * jnp.arange(d_state, dtype=wide), (d_inner, d_state))
   return a_log.astype(dtype), a_imag.astype(dtype)
 
 

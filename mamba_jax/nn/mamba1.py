@@ -181,12 +181,13 @@ class SSMMixerBase(nnx.Module):
       return nnx.Param(value.astype(param_dtype), **metadata)
 
     c_std = math.sqrt(0.5) if self.is_complex else 1.0
-    self.B = None if "B" in self.selective else vector(jnp.ones((n,)), **_NO_WD)
-    self.B_imag = (vector(jnp.zeros((n,)), **_NO_WD)
+    f32 = jnp.float32
+    self.B = None if "B" in self.selective else vector(jnp.ones((n,), f32), **_NO_WD)
+    self.B_imag = (vector(jnp.zeros((n,), f32), **_NO_WD)
                    if self.B is not None and self.is_complex else None)
     self.C = (None if "C" in self.selective
-              else vector(c_std * jax.random.normal(rngs.params(), (n,))))
-    self.C_imag = (vector(c_std * jax.random.normal(rngs.params(), (n,)))
+              else vector(c_std * jax.random.normal(rngs.params(), (n,), f32)))
+    self.C_imag = (vector(c_std * jax.random.normal(rngs.params(), (n,), f32))
                    if self.C is not None and self.is_complex else None)
 
   def A(self, dtype: Any = jnp.float32) -> jax.Array:
