@@ -1,0 +1,1 @@
+"""Sharding: the mesh, logical axis names, rules tables, sequence parallelism, placement."""
