@@ -100,7 +100,8 @@ def _bwd_kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_keep: bool,
       h = decay_at(j, dt, at, keep) * h + row_to_col(b[j:j + 1, :]) * du[j:j + 1, :]
     return h
 
-  hs_ref[block_l] = lax.fori_loop(0, groups_of_rows, forward, states_ref[...])
+  steps = (jnp.int32(0), jnp.int32(groups_of_rows))  # int32 indices also under jax_enable_x64
+  hs_ref[block_l] = lax.fori_loop(*steps, forward, states_ref[...])
 
   def backward(k, carry):
     g, da, dd, dbias = carry
@@ -155,7 +156,7 @@ def _bwd_kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_keep: bool,
     return g, da, dd, dbias
 
   vec = vec_acc[...]
-  g, da, dd, dbias = lax.fori_loop(0, groups_of_rows, backward,
+  g, da, dd, dbias = lax.fori_loop(*steps, backward,
                                    (g_ref[...], da_acc[...], vec[0:1, :], vec[1:2, :]))
   g_ref[...] = g
   da_acc[...] = da

@@ -203,7 +203,8 @@ def _fwd_kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool,
     y_ref[pl.ds(r0, ROWS), :] = y.astype(y_ref.dtype)
     return h
 
-  h = lax.fori_loop(0, block_l // ROWS, rows, state_ref[...])
+  # int32 loop indices (they meet program_id) also under jax_enable_x64.
+  h = lax.fori_loop(jnp.int32(0), jnp.int32(block_l // ROWS), rows, state_ref[...])
   state_ref[...] = h
 
   @pl.when(chunk == pl.num_programs(2) - 1)

@@ -67,19 +67,22 @@ def _compare_grads(vjp, oracle_vjp, out, primals, dtype, seed, what):
     assert_close(got, want, TOLERANCES[dtype], f"{what} {jnp.dtype(dtype).name} d{name}")
 
 
-class SelectiveScanGpuCases:
-  """The checks, shared by the compiled (GPU) and interpreted (CPU) classes below."""
+class SelectiveScanKernelCases:
+  """The checks, shared by the GPU and TPU kernels, compiled and interpreted.
+
+  Subclasses set ``wrapper`` (the public kernel function; the GPU one here), INTERPRET (the
+  wrapper's ``interpret`` argument), SHAPE and BLOCKS.
+  """
+  wrapper = staticmethod(selective_scan_pallas_gpu)
   INTERPRET = False
-  # (b, l, d, n) and block sizes: l = 700 is not a multiple of block_l.
+  # (b, l, d, n): l = 700 is not a multiple of any block_l.
   SHAPE = (2, 700, 256, 16)
   BLOCKS = None
 
-  def _kernel(self, softplus, final, seq_idx=None, blocks=None):
-    blocks = blocks or self.BLOCKS
-
+  def _kernel(self, softplus, final, seq_idx=None):
     def run(u, delta, A, B, C, D, z, bias, init):
-      return selective_scan_pallas_gpu(u, delta, A, B, C, D, z, bias, softplus, init, seq_idx,
-                                       final, blocks=blocks, interpret=self.INTERPRET)
+      return self.wrapper(u, delta, A, B, C, D, z, bias, softplus, init, seq_idx, final,
+                          blocks=self.BLOCKS, interpret=self.INTERPRET)
     return run
 
   def _compare(self, dtype, flags, seed, *, shape=None, softplus=True, final=True):
@@ -147,7 +150,7 @@ class SelectiveScanGpuCases:
     _compare_grads(vjp, oracle_vjp, out, primals, jnp.float32, 6, "seq_idx")
 
 
-class TestSelectiveScanGpuInterpret(SelectiveScanGpuCases):
+class TestSelectiveScanGpuInterpret(SelectiveScanKernelCases):
   """The same kernels in the Pallas interpreter on CPU: tiny shapes, 2 chunks of 2 sub-chunks."""
   INTERPRET = True
   SHAPE = (2, 21, 16, 8)
@@ -173,7 +176,7 @@ class TestSelectiveScanGpuInterpret(SelectiveScanGpuCases):
 
 
 @pytest.mark.gpu
-class TestSelectiveScanGpu(SelectiveScanGpuCases):
+class TestSelectiveScanGpu(SelectiveScanKernelCases):
   """The compiled kernels on an NVIDIA GPU, default block sizes."""
 
 
