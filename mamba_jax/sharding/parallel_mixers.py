@@ -1,0 +1,172 @@
+"""Tensor- and sequence-parallel forwards of the Mamba-2 and Mamba-1 mixers, by composition.
+
+The mixers (``mamba_jax.nn``) call the ops directly and take no distributed arguments. This
+file runs the same computation from a mixer's own parameters and helpers, with
+
+* the fused in_proj split into its parts (Mamba-2 [z0, x0, z, x, B, C, dt]; Mamba-1
+  [x, z]) inside the computation, each part's head / group / channel axis constrained to
+  ``tensor`` (Mamba-2 §8: the z, x, B, C, dt of a head on one device). The fused kernel is
+  whole on every tensor device (logical.py), so each device slices its own columns: no
+  communication; the conv kernel's [x, B, C] rows likewise;
+* the conv, the SSD / selective scan as ``shard_map`` ops of
+  :mod:`mamba_jax.sharding.sequence_parallel` over (batch, ``sequence``, ``tensor``);
+* the gated norm group-local (ngroups % tensor == 0) and out_proj row-parallel: one
+  all-reduce of (b, l, d) over ``tensor`` per mixer. Mamba-1's x_proj is row-parallel too:
+  one more all-reduce, of (b, l, r + 2n), for Δ, B, C.
+
+:func:`parallelize` swaps the SSM mixers of a MambaLM for :class:`ParallelMixer` wrappers, on
+a model merged inside the traced function (``nnx.merge(graphdef, state)``), so gradients
+are taken with respect to the usual parameter state. A hook in the mixers (see
+docs/sharding.md) would make the wrappers unnecessary.
+
+Letter legend: b batch, l length, d d_model, e d_inner, s d_ssm, h heads, p head_dim,
+n d_state, g groups, m d_inner − d_ssm, r dt_rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from mamba_jax.nn.attention import Attention
+from mamba_jax.nn.mamba1 import Mamba1Mixer
+from mamba_jax.nn.mamba2 import Mamba2Mixer
+from mamba_jax.sharding import logical as lg
+from mamba_jax.sharding.mesh import axis_size
+from mamba_jax.sharding.rules import Rules, rules_for_mesh
+from mamba_jax.sharding.sequence_parallel import (causal_conv1d_sequence_parallel,
+                                                  selective_scan_sequence_parallel,
+                                                  ssd_sequence_parallel)
+
+_BL = (lg.ACT_BATCH, lg.ACT_LENGTH)
+
+
+def _head_axis(mesh: Mesh) -> Optional[str]:
+  return "tensor" if axis_size(mesh, "tensor") > 1 else None
+
+
+def _project(u: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], lo: int, hi: int,
+             dtype: Any) -> jax.Array:
+  """Columns [lo, hi) of a Linear: u (b, l, d) -> (b, l, hi − lo), as ``nnx.Linear``."""
+  y = jnp.dot(u.astype(dtype), kernel[:, lo:hi].astype(dtype))
+  return y if bias is None else y + bias[lo:hi].astype(dtype)
+
+
+def mamba2_forward(mixer: Mamba2Mixer, u: jax.Array, mesh: Mesh, *,
+                   seq_idx: Optional[jax.Array] = None, ssd_fn: Any = None) -> jax.Array:
+  """``Mamba2Mixer.__call__(u, seq_idx=seq_idx)`` over ``mesh``: u (b, l, d) -> (b, l, d).
+
+  Call inside ``logical.use_rules(mesh, rules)`` (``ParallelMixer`` does).
+  """
+  b, l, _ = u.shape
+  h, p, g, n = mixer.nheads, mixer.headdim, mixer.ngroups, mixer.d_state
+  m, s = mixer.d_mlp, mixer.d_ssm
+  head_axis = _head_axis(mesh)
+  if head_axis is not None and m:
+    raise ValueError(f"tensor parallelism needs d_ssm == d_inner, got d_ssm = {s}, "
+                     f"d_inner = {mixer.d_inner}")
+  kernel = mixer.in_proj.kernel[...]
+  bias = None if mixer.in_proj.bias is None else mixer.in_proj.bias[...]
+  bounds = (0, m, 2 * m, 2 * m + s, 2 * m + 2 * s, 2 * m + 2 * s + g * n,
+            2 * m + 2 * s + 2 * g * n, 2 * m + 2 * s + 2 * g * n + h)
+  part = lambda i: _project(u, kernel, bias, bounds[i], bounds[i + 1], mixer.dtype)
+  heads = lambda v: lg.constrain(v.reshape(b, l, h, p), (*_BL, lg.ACT_HEADS, None))
+  groups = lambda v: lg.constrain(v.reshape(b, l, g, n), (*_BL, lg.ACT_GROUPS, None))
+  z0, x0 = part(0), part(1)
+  z, x, B, C = heads(part(2)), heads(part(3)), groups(part(4)), groups(part(5))
+  dt = lg.constrain(part(6), (*_BL, lg.ACT_HEADS))
+
+  conv_w = mixer.conv1d.kernel[...]
+  conv_b = None if mixer.conv1d.bias is None else mixer.conv1d.bias[...]
+
+  def conv(v: jax.Array, lo: int, hi: int) -> jax.Array:
+    """The depthwise conv of channels [lo, hi) of [x, B, C] (channels are independent)."""
+    out = causal_conv1d_sequence_parallel(
+        v.reshape(b, l, hi - lo), conv_w[lo:hi], None if conv_b is None else conv_b[lo:hi],
+        activation="silu", seq_idx=seq_idx, mesh=mesh, channel_axis=head_axis)
+    return out.reshape(v.shape)
+
+  x = conv(x, 0, s)
+  B = conv(B, s, s + g * n)
+  C = conv(C, s + g * n, s + 2 * g * n)
+  y = ssd_sequence_parallel(
+      x, dt, mixer._A(), B, C, chunk_size=mixer.chunk_size, D=mixer._D(),
+      z=None if mixer.rmsnorm else z, dt_bias=mixer.dt_bias[...], dt_softplus=True,
+      dt_limit=mixer.dt_limit, seq_idx=seq_idx, mesh=mesh, head_axis=head_axis,
+      ssd_fn=ssd_fn)
+  y = lg.constrain(y.reshape(b, l, s), (*_BL, lg.ACT_INNER))
+  out = mixer._output(y, z.reshape(b, l, s), z0, x0)
+  return lg.constrain(out, (*_BL, lg.ACT_EMBED))
+
+
+def mamba1_forward(mixer: Mamba1Mixer, u: jax.Array, mesh: Mesh, *,
+                   scan_fn: Any = None) -> jax.Array:
+  """``Mamba1Mixer.__call__(u)`` (or SSMNoGate's) over ``mesh``: u (b, l, d) -> (b, l, d).
+
+  Call inside ``logical.use_rules(mesh, rules)`` (``ParallelMixer`` does).
+  """
+  b, l, _ = u.shape
+  e = mixer.d_inner
+  channel_axis = _head_axis(mesh)
+  kernel = mixer.in_proj.kernel[...]
+  bias = None if mixer.in_proj.bias is None else mixer.in_proj.bias[...]
+  inner = lambda v: lg.constrain(v, (*_BL, lg.ACT_INNER))
+  x = inner(_project(u, kernel, bias, 0, e, mixer.dtype))
+  z = inner(_project(u, kernel, bias, e, 2 * e, mixer.dtype)) if mixer.GATED else None
+  conv_b = None if mixer.conv1d.bias is None else mixer.conv1d.bias[...]
+  x = causal_conv1d_sequence_parallel(x, mixer.conv1d.kernel[...], conv_b, activation="silu",
+                                      mesh=mesh, channel_axis=channel_axis)
+  delta, delta_bias, B, C = mixer.ssm_inputs(x)  # x_proj: row-parallel, one all-reduce
+  y = selective_scan_sequence_parallel(
+      x, inner(delta), mixer.A(x.dtype), B, C, D=mixer.D[...], z=z, delta_bias=delta_bias,
+      delta_softplus=True, mesh=mesh, channel_axis=channel_axis, scan_fn=scan_fn)
+  out = mixer.out_proj(inner(y))
+  return lg.constrain(out, (*_BL, lg.ACT_EMBED))
+
+
+class ParallelMixer(nnx.Module):
+  """Wraps a Mamba2Mixer / Mamba1Mixer / SSMNoGate: its forward runs over ``mesh``.
+
+  Training forward only: ``initial_state`` and ``return_state`` (prefill) raise.
+  """
+
+  def __init__(self, mixer: nnx.Module, mesh: Mesh, rules: Rules):
+    if not isinstance(mixer, (Mamba2Mixer, Mamba1Mixer)):
+      raise ValueError(f"ParallelMixer supports Mamba2Mixer and Mamba1Mixer (and SSMNoGate), "
+                       f"not {type(mixer).__name__}")
+    self.mixer, self.mesh = mixer, mesh
+    self.rules = tuple(sorted(rules.items()))
+
+  def __call__(self, u: jax.Array, *, initial_state: Any = None,
+               seq_idx: Optional[jax.Array] = None, return_state: bool = False) -> jax.Array:
+    if initial_state is not None or return_state:
+      raise ValueError("ParallelMixer runs the training forward only: initial_state and "
+                       "return_state are not supported")
+    with lg.use_rules(self.mesh, dict(self.rules)):
+      if isinstance(self.mixer, Mamba2Mixer):
+        return mamba2_forward(self.mixer, u, self.mesh, seq_idx=seq_idx)
+      if seq_idx is not None:
+        raise ValueError(f"{type(self.mixer).__name__} does not support seq_idx")
+      return mamba1_forward(self.mixer, u, self.mesh)
+
+
+def parallelize(model: nnx.Module, mesh: Mesh, rules: Optional[Rules] = None) -> nnx.Module:
+  """Replaces, in place, every SSM mixer of a MambaLM by a :class:`ParallelMixer`.
+
+  Use on a model merged inside the function being traced (the module graph changes).
+  Attention layers stay as they are (XLA partitions them over heads from the rules), which
+  needs ``sequence`` = 1. Returns ``model``.
+  """
+  rules = rules_for_mesh(mesh) if rules is None else rules
+  for layer in model.backbone.layers:
+    if isinstance(layer.mixer, Attention):
+      if axis_size(mesh, "sequence") > 1:
+        raise ValueError("sequence parallelism does not cover attention layers (they need "
+                         "the keys and values of the whole sequence)")
+      continue
+    layer.mixer = ParallelMixer(layer.mixer, mesh, rules)
+  return model
