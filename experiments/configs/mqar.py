@@ -25,8 +25,10 @@ Variants:
   (default) the Figure 8 grid above: 60 rows (5 models × 3 lengths × 4 widths). Hardware/time:
             GPU; not run here.
   tiny      L = 64 with 8 pairs, vocabulary 64, d_model 32, rows Mamba-1, Mamba-2 (N 16 and
-            64) and attention. Expected: attention and Mamba-2 above Mamba-1; numbers and time
-            on 2 CPU cores in experiments/README.md.
+            64) and attention, 600 steps. Measured (2 CPU cores, 215 s): Mamba-1 5.5 %,
+            Mamba-2 N=16 4.4 %, N=64 13.4 %, attention 19.0 % (not converged); with
+            --config.num_train_steps=6000 on one H100 (283 s) Mamba-2 N=64 reaches 100 % and
+            the others stay near 20 %.
 """
 
 from __future__ import annotations

@@ -21,9 +21,9 @@ Variants:
   (default) the paper's setting. Expected: the paper's numbers above. Hardware/time: not run
             here; 6 rows × 400K steps of 64 × 4128 tokens is a multi-GPU-day job.
   tiny      length 32 + 2·4 tokens, vocabulary 8, d_model 32, rows S4 (no gate) and
-            Mamba + S6, 1000 steps of batch 32. Expected: Mamba + S6 near 100 %, S4 well
-            below (the qualitative result of Table 1); experiments/README.md has the numbers
-            and the time measured on 2 CPU cores (about 5 minutes).
+            Mamba + S6, 1000 steps of batch 32 at a constant 3e-3 (30 warmup steps).
+            Expected (measured): Mamba + S6 99.2 %, S4 (no gate) 68.4 %; 236 s on 2 CPU
+            cores (pinned with taskset on an otherwise busy 16-core host).
   test      a seconds-long run for the test suite (one row, 40 steps).
 """
 
@@ -75,7 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.task.update(dict(length=32, num_tokens=4, vocab_size=8))
     config.model.update(dict(d_model=32, vocab_size=8))
     config.rows = _rows(("S4 (no gate)", "Mamba + S6"))
-    config.optimizer.update(dict(learning_rate=3e-3, schedule="cosine", warmup_steps=30))
+    config.optimizer.update(dict(learning_rate=3e-3, schedule="constant", warmup_steps=30))
     config.batch_size = 32
     config.num_train_steps = 1000
     config.eval_batch_size = 64
