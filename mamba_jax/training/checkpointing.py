@@ -4,6 +4,10 @@
   data    the data iterator's state (``grain`` ``DatasetIterator.get_state()``), JSON
   config  the run's config, JSON (for reading a checkpoint without its command line)
 
+With several processes, orbax writes the arrays from every process and the JSON items from
+the primary one; the data state is the same on all processes (each has read as many of its
+batches), so every process restores it.
+
 Saves are asynchronous (the step loop goes on while the arrays are written) and atomic: orbax
 writes into a temporary directory and renames it when done, so a run killed mid-save leaves the
 previous checkpoint as the latest one. ``max_to_keep`` bounds the directory.

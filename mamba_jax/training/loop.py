@@ -189,7 +189,8 @@ def train_row(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   logging.info("%s: %d parameters, %d micro-steps of %d × %d tokens", cfg.name, num_params,
                total_steps, cfg.batch_size, train_task.seq_len)
   tokens_per_step = cfg.batch_size * train_task.seq_len
-  window_start, window_steps, window_sums = time.perf_counter(), 0, {}
+  # Throughput is timed from the end of this process's first step (which compiles).
+  window_start, window_steps, window_sums, timed_steps = time.perf_counter(), 0, {}, 0
   profiling = False
   try:
     for step in range(start, total_steps):
@@ -214,22 +215,33 @@ def train_row(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         window_sums[k] = window_sums.get(k, 0.0) + metrics[k]
       window_steps += 1
       done = step + 1
+      if step == start:
+        first_step_s = time.perf_counter() - window_start
+        logging.info("%s: first step (with compilation) took %.1f s", cfg.name, first_step_s)
+        writer.write(done, {"first_step_s": first_step_s}, split="compile")
+        window_start = time.perf_counter()
+      else:
+        timed_steps += 1
       if done % cfg.log_every_steps == 0 or done == total_steps:
         values = {k: v / window_steps for k, v in window_sums.items()}
-        elapsed = time.perf_counter() - window_start
-        tokens_per_s = tokens_per_step * window_steps / elapsed
+        timing = {}
+        if timed_steps:
+          elapsed = time.perf_counter() - window_start
+          tokens_per_s = tokens_per_step * timed_steps / elapsed
+          timing = {"step_time_s": elapsed / timed_steps, "tokens_per_s": tokens_per_s,
+                    "mfu": model_flops_utilization(num_params, tokens_per_s)}
         logged = writer.write(done, {
-            **values, "learning_rate": schedule(done // accum),
-            "step_time_s": elapsed / window_steps, "tokens_per_s": tokens_per_s,
-            "mfu": model_flops_utilization(num_params, tokens_per_s),
+            **values, **timing, "learning_rate": schedule(done // accum),
             "nonfinite_count": state["nonfinite_count"]})
         progress.update(done, f"loss {logged['loss']:.4f} acc {logged['accuracy']:.3f}",
                         force=True)
-        window_start, window_steps, window_sums = time.perf_counter(), 0, {}
+        window_start, window_steps, window_sums, timed_steps = time.perf_counter(), 0, {}, 0
       else:
         progress.update(done)
       if done % cfg.eval_every_steps == 0 and done != total_steps:
+        eval_start = time.perf_counter()
         writer.write(done, evaluate(cfg, eval_step, state["params"], mesh), split="eval")
+        window_start += time.perf_counter() - eval_start  # not a train step's time
       if done % cfg.checkpoint_every_steps == 0 or done == total_steps:
         ckpt.save(done, _copy(state), pipeline.iterator_state(data), cfg, force=True)
         last_good = done
