@@ -41,10 +41,11 @@ from mamba_jax.config import MambaConfig
 # Weight axes.
 VOCAB, EMBED, EMBED_VECTOR, POSITION = "vocab", "embed", "embed_vector", "position"
 IN_PROJ_FUSED, CONV_FUSED, CONV_WIDTH = "in_proj_fused", "conv_fused", "conv_width"
-HEADS, INNER, STATE, X_PROJ_OUT, DT_RANK = "heads", "inner", "state", "x_proj_out", "dt_rank"
+HEADS, GROUPS, INNER, STATE = "heads", "groups", "inner", "state"
+X_PROJ_OUT, DT_RANK = "x_proj_out", "dt_rank"
 MLP, MLP_FUSED, ATTN_OUT_IN = "mlp", "mlp_fused", "attn_out_in"
 WEIGHT_AXES = (VOCAB, EMBED, EMBED_VECTOR, POSITION, IN_PROJ_FUSED, CONV_FUSED, CONV_WIDTH,
-               HEADS, INNER, STATE, X_PROJ_OUT, DT_RANK, MLP, MLP_FUSED, ATTN_OUT_IN)
+               HEADS, GROUPS, INNER, STATE, X_PROJ_OUT, DT_RANK, MLP, MLP_FUSED, ATTN_OUT_IN)
 
 # Activation axes.
 ACT_BATCH, ACT_LENGTH, ACT_EMBED = "act_batch", "act_length", "act_embed"

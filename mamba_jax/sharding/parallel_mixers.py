@@ -30,7 +30,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from mamba_jax.nn.attention import Attention
 from mamba_jax.nn.mamba1 import Mamba1Mixer
@@ -49,11 +49,38 @@ def _head_axis(mesh: Mesh) -> Optional[str]:
   return "tensor" if axis_size(mesh, "tensor") > 1 else None
 
 
+def _columns(kernel: jax.Array, lo: int, hi: int, split: tuple[int, ...], mesh: Mesh,
+             axis: Optional[str], lead: Optional[str] = lg.EMBED) -> jax.Array:
+  """Columns [lo, hi) of a fused kernel (d, ·) viewed as (d, *split), with split[0] over
+  mesh axis ``axis``: each device slices its own block from its whole copy of the kernel
+  (an explicit ``shard_map``, so no collective moves weights in the forward)."""
+  part = lambda w: w[:, lo:hi].reshape(w.shape[0], *split)
+  if axis is None:
+    return part(kernel)
+  rules = lg.current_rules()
+  d_spec = None if lead is None else lg.to_spec((lead,), rules[1] if rules else {})[0]
+  ways = axis_size(mesh, axis)
+
+  def local(w: jax.Array) -> jax.Array:
+    block = split[0] // ways
+    return jax.lax.dynamic_slice_in_dim(part(w), jax.lax.axis_index(axis) * block, block, 1)
+
+  tail = (None,) * (len(split) - 1)
+  return jax.shard_map(local, mesh=mesh, in_specs=P(d_spec, None),
+                       out_specs=P(d_spec, axis, *tail), check_vma=False)(kernel)
+
+
 def _project(u: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], lo: int, hi: int,
-             dtype: Any) -> jax.Array:
-  """Columns [lo, hi) of a Linear: u (b, l, d) -> (b, l, hi − lo), as ``nnx.Linear``."""
-  y = jnp.dot(u.astype(dtype), kernel[:, lo:hi].astype(dtype))
-  return y if bias is None else y + bias[lo:hi].astype(dtype)
+             dtype: Any, mesh: Mesh, split: tuple[int, ...] = (),
+             axis: Optional[str] = None) -> jax.Array:
+  """Columns [lo, hi) of a fused Linear, as ``nnx.Linear``: u (b, l, d) -> (b, l, *split),
+  split[0] over mesh axis ``axis``."""
+  split = split or (hi - lo,)
+  w = _columns(kernel, lo, hi, split, mesh, axis).astype(dtype)
+  y = jnp.einsum("bld,d...->bl...", u.astype(dtype), w)
+  if bias is not None:
+    y = y + bias[lo:hi].astype(dtype).reshape(split)
+  return y
 
 
 def mamba2_forward(mixer: Mamba2Mixer, u: jax.Array, mesh: Mesh, *,
@@ -73,21 +100,28 @@ def mamba2_forward(mixer: Mamba2Mixer, u: jax.Array, mesh: Mesh, *,
   bias = None if mixer.in_proj.bias is None else mixer.in_proj.bias[...]
   bounds = (0, m, 2 * m, 2 * m + s, 2 * m + 2 * s, 2 * m + 2 * s + g * n,
             2 * m + 2 * s + 2 * g * n, 2 * m + 2 * s + 2 * g * n + h)
-  part = lambda i: _project(u, kernel, bias, bounds[i], bounds[i + 1], mixer.dtype)
-  heads = lambda v: lg.constrain(v.reshape(b, l, h, p), (*_BL, lg.ACT_HEADS, None))
-  groups = lambda v: lg.constrain(v.reshape(b, l, g, n), (*_BL, lg.ACT_GROUPS, None))
+  part = lambda i, split=(), axis=None: _project(u, kernel, bias, bounds[i], bounds[i + 1],
+                                                 mixer.dtype, mesh, split, axis)
+  heads = lambda i: lg.constrain(part(i, (h, p), head_axis), (*_BL, lg.ACT_HEADS, None))
+  groups = lambda i: lg.constrain(part(i, (g, n), head_axis), (*_BL, lg.ACT_GROUPS, None))
   z0, x0 = part(0), part(1)
-  z, x, B, C = heads(part(2)), heads(part(3)), groups(part(4)), groups(part(5))
-  dt = lg.constrain(part(6), (*_BL, lg.ACT_HEADS))
+  z, x, B, C = heads(2), heads(3), groups(4), groups(5)
+  dt = lg.constrain(part(6, (h,), head_axis), (*_BL, lg.ACT_HEADS))
 
   conv_w = mixer.conv1d.kernel[...]
   conv_b = None if mixer.conv1d.bias is None else mixer.conv1d.bias[...]
 
+  def rows(w: jax.Array, lo: int, hi: int) -> jax.Array:
+    """Rows [lo, hi) of the fused conv kernel (c, w) or bias (c,), sliced locally."""
+    cols = _columns(w.reshape(w.shape[0], -1).T, lo, hi, (hi - lo,), mesh, head_axis, None)
+    return cols.T.reshape(hi - lo, *w.shape[1:])
+
   def conv(v: jax.Array, lo: int, hi: int) -> jax.Array:
     """The depthwise conv of channels [lo, hi) of [x, B, C] (channels are independent)."""
     out = causal_conv1d_sequence_parallel(
-        v.reshape(b, l, hi - lo), conv_w[lo:hi], None if conv_b is None else conv_b[lo:hi],
-        activation="silu", seq_idx=seq_idx, mesh=mesh, channel_axis=head_axis)
+        v.reshape(b, l, hi - lo), rows(conv_w, lo, hi),
+        None if conv_b is None else rows(conv_b, lo, hi), activation="silu",
+        seq_idx=seq_idx, mesh=mesh, channel_axis=head_axis)
     return out.reshape(v.shape)
 
   x = conv(x, 0, s)
@@ -115,8 +149,9 @@ def mamba1_forward(mixer: Mamba1Mixer, u: jax.Array, mesh: Mesh, *,
   kernel = mixer.in_proj.kernel[...]
   bias = None if mixer.in_proj.bias is None else mixer.in_proj.bias[...]
   inner = lambda v: lg.constrain(v, (*_BL, lg.ACT_INNER))
-  x = inner(_project(u, kernel, bias, 0, e, mixer.dtype))
-  z = inner(_project(u, kernel, bias, e, 2 * e, mixer.dtype)) if mixer.GATED else None
+  x = inner(_project(u, kernel, bias, 0, e, mixer.dtype, mesh, (e,), channel_axis))
+  z = (inner(_project(u, kernel, bias, e, 2 * e, mixer.dtype, mesh, (e,), channel_axis))
+       if mixer.GATED else None)
   conv_b = None if mixer.conv1d.bias is None else mixer.conv1d.bias[...]
   x = causal_conv1d_sequence_parallel(x, mixer.conv1d.kernel[...], conv_b, activation="silu",
                                       mesh=mesh, channel_axis=channel_axis)

@@ -38,7 +38,7 @@ DP: Rules = {lg.ACT_BATCH: "data"}
 FSDP: Rules = {lg.ACT_BATCH: "fsdp", lg.EMBED: "fsdp"}
 
 TP: Rules = {
-    lg.VOCAB: "tensor", lg.HEADS: "tensor", lg.INNER: "tensor", lg.MLP: "tensor",
+    lg.VOCAB: "tensor", lg.HEADS: "tensor", lg.GROUPS: "tensor", lg.INNER: "tensor", lg.MLP: "tensor",
     lg.ATTN_OUT_IN: "tensor",
     lg.ACT_HEADS: "tensor", lg.ACT_GROUPS: "tensor", lg.ACT_INNER: "tensor",
     lg.ACT_MLP: "tensor", lg.ACT_VOCAB: "tensor",

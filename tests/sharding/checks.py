@@ -1,0 +1,238 @@
+"""Multi-device checks run in a subprocess with 8 host CPU devices (see ``run_checks``).
+
+``python -m tests.sharding.checks <check> [args]`` prints one JSON object of relative
+errors (sharded vs one device, float64) or counts; the pytest modules assert on it. Each
+check compares against the unsharded ops / model, never against shapes alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_checks(check: str, *args: str, devices: int = 8, timeout: int = 600,
+               env: dict[str, str] | None = None) -> dict[str, Any]:
+  """Runs ``check`` in a fresh python with ``devices`` CPU devices and float64; its JSON."""
+  full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+              "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu", **(env or {})}
+  proc = subprocess.run([sys.executable, "-m", "tests.sharding.checks", check, *args],
+                        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+  if proc.returncode != 0:
+    raise AssertionError(f"check {check} {args} failed (rc {proc.returncode}):\n"
+                         f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _rel(a, b) -> float:
+  import numpy as np
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  denom = np.linalg.norm(b.ravel())
+  return float(np.linalg.norm((a - b).ravel()) / denom) if denom else float(
+      np.linalg.norm(a.ravel()))
+
+
+def _tree_rel(a, b) -> float:
+  import jax
+  return max(_rel(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _mesh(spec: str):
+  import jax
+  from mamba_jax.sharding.mesh import MeshConfig, make_mesh
+  config = MeshConfig.from_string(spec)
+  n = 1
+  for size in config.sizes:
+    n *= size
+  return make_mesh(config, jax.devices()[:n])
+
+
+def check_ops(spec: str) -> dict[str, float]:
+  """SSD / selective scan / conv, sequence(-and-tensor)-parallel vs the single-device ops:
+  forward, final states and the gradient of a loss of both, with initial states and seq_idx
+  resets on and across shard boundaries; 36 positions (9 per device on sequence=4) with
+  chunk 4, so shards are not a multiple of the chunk."""
+  import jax
+  import jax.numpy as jnp
+  from mamba_jax.ops.causal_conv1d import causal_conv1d
+  from mamba_jax.ops.selective_scan import selective_scan
+  from mamba_jax.ops.ssd import ssd
+  from mamba_jax.sharding import sequence_parallel as sp
+
+  mesh = _mesh(spec)
+  tensor = "tensor" if mesh.shape["tensor"] > 1 else None
+  k = jax.random.split(jax.random.key(0), 12)
+  f = jnp.float64
+  b, l, h, p, g, n, e = 2, 36, 4, 3, 2, 5, 8
+  normal = lambda i, shape: jax.random.normal(k[i], shape, f)
+  # Resets at 5, 17 (inside shards of 9), 21; row 2 resets exactly at the boundary 9.
+  seq = jnp.array([[0] * 5 + [1] * 12 + [2] * 4 + [3] * 15, [0] * 9 + [1] * 27])
+  out: dict[str, float] = {}
+
+  def compare(name, ref_fn, par_fn, args):
+    loss = lambda fn: lambda *a: jnp.sum(fn(*a)[0] ** 2) + jnp.sum(jnp.sin(fn(*a)[1]))
+    argnums = tuple(range(len(args)))
+    ref, par = ref_fn(*args), jax.jit(par_fn)(*args)
+    out[f"{name}_y"], out[f"{name}_state"] = _rel(par[0], ref[0]), _rel(par[1], ref[1])
+    g_ref = jax.grad(loss(ref_fn), argnums)(*args)
+    g_par = jax.jit(jax.grad(loss(par_fn), argnums))(*args)
+    out[f"{name}_grad"] = _tree_rel(g_par, g_ref)
+
+  x, dt, z = normal(0, (b, l, h, p)), normal(1, (b, l, h)), normal(6, (b, l, h, p))
+  A = -jnp.exp(normal(2, (h,)))
+  B, C = normal(3, (b, l, g, n)), normal(4, (b, l, g, n))
+  kw = dict(chunk_size=4, D=normal(5, (h,)), z=z, dt_bias=normal(7, (h,)), dt_softplus=True,
+            return_final_states=True)
+  for name, extra in (("ssd", {}), ("ssd_init_seq", dict(initial_states=normal(8, (b, h, p, n)),
+                                                         seq_idx=seq))):
+    compare(name, functools.partial(ssd, impl="sequential", **kw, **extra),
+            functools.partial(sp.ssd_sequence_parallel, **kw, **extra, mesh=mesh,
+                              head_axis=tensor), (x, dt, A, B, C))
+
+  u, delta = normal(0, (b, l, e)), normal(1, (b, l, e))
+  A_s = -jnp.exp(normal(2, (e, n)))
+  kw = dict(D=normal(5, (e,)), z=normal(6, (b, l, e)), delta_bias=normal(7, (e,)),
+            delta_softplus=True, initial_state=normal(8, (b, e, n)), return_final_state=True)
+  compare("scan", functools.partial(selective_scan, impl="sequential", **kw),
+          functools.partial(sp.selective_scan_sequence_parallel, **kw, mesh=mesh,
+                            channel_axis=tensor), (u, delta, A_s, normal(3, (b, l, n)),
+                                                   normal(4, (b, l, n))))
+  compare("scan_grouped", functools.partial(selective_scan, impl="sequential", **kw),
+          functools.partial(sp.selective_scan_sequence_parallel, **kw, mesh=mesh,
+                            channel_axis=tensor), (u, delta, A_s, normal(3, (b, l, 2, n)),
+                                                   normal(4, (b, l, 2, n))))
+  kw = dict(activation="silu", initial_states=normal(3, (b, e, 3)), seq_idx=seq,
+            return_final_states=True)
+  compare("conv", functools.partial(causal_conv1d, **kw),
+          functools.partial(sp.causal_conv1d_sequence_parallel, **kw, mesh=mesh,
+                            channel_axis=tensor), (u, normal(1, (e, 4)), normal(2, (e,))))
+  return out
+
+
+def _tiny(layer: str):
+  import jax.numpy as jnp
+  from flax import nnx
+  from mamba_jax.config import MambaConfig
+  from mamba_jax.nn.lm import MambaLM
+  config = MambaConfig.tiny(layer=layer)
+  if layer == "Mamba2":  # ngroups 4: tensor = 2 or 4 holds whole groups
+    config = config.replace(ssm_cfg={**config.ssm_cfg, "ngroups": 4})
+  model = MambaLM(config, dtype=jnp.float64, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+  return config, model
+
+
+def check_model(layer: str, parallel: str, *specs: str) -> dict[str, Any]:
+  """Loss, logits and every parameter gradient of a tiny MambaLM under each mesh of
+  ``specs`` vs one device. ``parallel``: "mixers" (parallelize: TP/SP mixer forwards) or
+  "gspmd" (the model's own forward, XLA partitions it from the parameter shardings)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+  from mamba_jax.sharding.mesh import validate_mesh
+  from mamba_jax.sharding.parallel_mixers import parallelize
+  from mamba_jax.sharding.shard import batch_sharding, shard
+
+  config, model = _tiny(layer)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  b, l = 4, 32
+  ids = jax.random.randint(jax.random.key(1), (b, l), 0, config.vocab_size)
+  targets = jnp.roll(ids, -1, axis=1)
+  seq = (jnp.array([[0] * 5 + [1] * 12 + [2] * 15] * 2 + [[0] * 8 + [1] * 24] * 2)
+         if layer in ("Mamba2", "hybrid") else None)
+
+  def loss_fn(params, ids, targets, seq, mesh=None):
+    model = nnx.merge(graphdef, params, rest)
+    if mesh is not None and parallel == "mixers":
+      parallelize(model, mesh)
+    logits = model(ids, seq_idx=seq)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean(), logits
+
+  (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+      params, ids, targets, seq)
+  out: dict[str, Any] = {}
+  for spec in specs:
+    mesh = _mesh(spec)
+    validate_mesh(mesh, config, batch=b, length=l)
+    put = lambda x: None if x is None else jax.device_put(x, batch_sharding(mesh))
+    fn = jax.jit(jax.value_and_grad(functools.partial(loss_fn, mesh=mesh), has_aux=True))
+    (s_loss, s_logits), s_grads = fn(shard(params, config, mesh), put(ids), put(targets),
+                                     put(seq))
+    out[spec] = dict(loss=_rel(s_loss, loss), logits=_rel(s_logits, logits),
+                     grads=_tree_rel(s_grads, grads))
+  return out
+
+
+def check_float32(spec: str) -> dict[str, float]:
+  """A float32 tiny Mamba-2 LM (dtype and parameters float32) under ``spec`` vs one device."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+  from mamba_jax.config import MambaConfig
+  from mamba_jax.nn.lm import MambaLM
+  from mamba_jax.sharding.parallel_mixers import parallelize
+  from mamba_jax.sharding.shard import batch_sharding, shard
+
+  config = MambaConfig.tiny(layer="Mamba2")
+  config = config.replace(ssm_cfg={**config.ssm_cfg, "ngroups": 2})
+  graphdef, params, rest = nnx.split(MambaLM(config, rngs=nnx.Rngs(0)), nnx.Param, ...)
+  ids = jax.random.randint(jax.random.key(1), (4, 32), 0, config.vocab_size)
+
+  def loss_fn(params, ids, mesh=None):
+    model = nnx.merge(graphdef, params, rest)
+    if mesh is not None:
+      parallelize(model, mesh)
+    logits = model(ids)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits[:, :-1], ids[:, 1:]).mean(), logits
+
+  (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, ids)
+  mesh = _mesh(spec)
+  fn = jax.jit(jax.value_and_grad(functools.partial(loss_fn, mesh=mesh), has_aux=True))
+  (s_loss, s_logits), s_grads = fn(shard(params, config, mesh),
+                                   jax.device_put(ids, batch_sharding(mesh)))
+  return dict(loss=_rel(s_loss, loss), logits=_rel(s_logits, logits),
+              grads=_tree_rel(s_grads, grads), dtype=str(s_logits.dtype))
+
+
+def check_allreduce(layer: str) -> dict[str, int]:
+  """Collectives in the compiled forward of one mixer under tensor = 2 (ParallelMixer)."""
+  import jax
+  import re
+  from flax import nnx
+  from mamba_jax.sharding.parallel_mixers import ParallelMixer
+  from mamba_jax.sharding.rules import rules_for_mesh
+  from mamba_jax.sharding.shard import shard
+
+  config, model = _tiny(layer)
+  mesh = _mesh("tensor=2")
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params = shard(params, config, mesh)
+
+  def forward(params, u):
+    mixer = nnx.merge(graphdef, params, rest).backbone.layers[0].mixer
+    return ParallelMixer(mixer, mesh, rules_for_mesh(mesh))(u)
+
+  u = jax.random.normal(jax.random.key(0), (2, 16, config.d_model))
+  text = jax.jit(forward).lower(params, u).compile().as_text()
+  ops = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+  counts = {op: len(re.findall(rf"= \S+ {op}(-start)?\(", text)) for op in ops}
+  return counts
+
+
+def main() -> None:
+  check, args = sys.argv[1], sys.argv[2:]
+  result = {"ops": check_ops, "model": check_model, "float32": check_float32,
+            "allreduce": check_allreduce}[check](*args)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
