@@ -103,7 +103,7 @@ def selective_scan_pallas_gpu(u: jax.Array, delta: jax.Array, A: jax.Array, B: j
     seq_idx: optional (b, l) integer segment ids (packed sequences); the decay t−1 → t is zeroed
       where they change, with a virtual seq_idx[−1] = 0.
     return_final_state: also return the state after the last position.
-    blocks: block sizes; None picks ``default_block_sizes(d, g)``.
+    blocks: block sizes; None picks ``default_block_sizes(d, g, b)``.
     interpret: run the kernels in the Pallas interpreter (CPU).
 
   Returns:
@@ -119,7 +119,7 @@ def selective_scan_pallas_gpu(u: jax.Array, delta: jax.Array, A: jax.Array, B: j
   batch, length, d_inner, d_state, groups = (dims.batch, dims.length, dims.d_inner,
                                              dims.d_state, dims.groups)
   if blocks is None:
-    blocks = default_block_sizes(d_inner, groups)
+    blocks = default_block_sizes(d_inner, groups, batch)
   blocks.check(d_inner, groups, d_state)
   pad = -length % blocks.block_l
 

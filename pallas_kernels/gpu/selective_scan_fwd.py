@@ -92,11 +92,16 @@ class ScanGpuBlockSizes:
     return pl_triton.CompilerParams(num_warps=self.num_warps, num_stages=1)
 
 
-def default_block_sizes(d_inner: int, groups: int) -> ScanGpuBlockSizes:
-  """The default blocks with block_d the largest power of two <= 32 dividing d_inner / g."""
+MIN_PROGRAMS = 1024  # ~8 programs per SM of an H100 (132 SMs) to hide the per-step latency
+
+
+def default_block_sizes(d_inner: int, groups: int, batch: int) -> ScanGpuBlockSizes:
+  """The default blocks: block_d the largest power of two <= 32 dividing d_inner / g, halved
+  (down to 4) while the grid has fewer than ``MIN_PROGRAMS`` programs — long sequences come in
+  small batches, and each program walks its whole sequence serially."""
   per_group = d_inner // groups
   block_d = 32
-  while per_group % block_d:
+  while per_group % block_d or (block_d > 4 and batch * (d_inner // block_d) < MIN_PROGRAMS):
     block_d //= 2
   return ScanGpuBlockSizes(block_d=block_d)
 

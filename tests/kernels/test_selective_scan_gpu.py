@@ -20,7 +20,7 @@ from tests.numerics import assert_close
 # Norm-relative tolerances against the float64 oracle. float32: a per-step float32 recurrence,
 # measured <= 2.4e-7 (dA, a sum over every position). bfloat16 / float16: inputs rounded, all
 # arithmetic float32, only the outputs and gradients rounded to the input dtype; measured
-# <= 3e-3 (bf16).
+# <= 2e-3 (bf16 ddelta), the same on GPU-interpret and TPU-interpret.
 TOLERANCES = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 FULL = dict(groups=2, bc_4d=True, use_d=True, use_z=True, use_bias=True, use_init=True)
