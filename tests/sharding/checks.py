@@ -227,10 +227,94 @@ def check_allreduce(layer: str) -> dict[str, int]:
   return counts
 
 
+def check_training(spec: str, restore_spec: str, directory: str) -> dict[str, Any]:
+  """Three AdamW steps of the training package's train step, the state sharded over
+  ``spec`` (the model's own forward, partitioned by XLA) vs one device; then the sharded
+  state saved with orbax and restored onto ``restore_spec``."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  import orbax.checkpoint as ocp
+  from flax import nnx
+  from mamba_jax.nn.lm import weight_decay_mask
+  from mamba_jax.sharding.shard import abstract_tree, batch_sharding, shard
+  from mamba_jax.training.train_step import init_train_state, make_train_step
+
+  config, model = _tiny("Mamba2")
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optax.adamw(1e-2, weight_decay=0.1, mask=weight_decay_mask(model))
+  ids = jax.random.randint(jax.random.key(1), (4, 17), 0, config.vocab_size)
+  batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "mask": jnp.ones((4, 16), bool)}
+
+  def run(state, batch):
+    step = make_train_step(graphdef, rest, tx, config.vocab_size)
+    for _ in range(3):
+      state, _ = step(state, batch)
+    return state
+
+  ref = run(init_train_state(params, tx), batch)
+  mesh = _mesh(spec)
+  state = shard(init_train_state(params, tx), config, mesh)
+  state = run(state, jax.device_put(batch, batch_sharding(mesh)))
+  out = {"params": _tree_rel(state["params"], ref["params"]),
+         "opt_state": _tree_rel(state["opt_state"], ref["opt_state"]),
+         "step": int(state["step"])}
+  path = os.path.join(directory, "state")
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, state)
+  checkpointer.wait_until_finished()
+  target = _mesh(restore_spec)
+  restored = checkpointer.restore(path, abstract_tree(state, config, target))
+  out["restored"] = _tree_rel(restored, state)
+  kernel = restored["params"]["backbone"]["layers"][0]["mixer"]["out_proj"]["kernel"]
+  out["restored_spec"] = str(kernel[...].sharding.spec)
+  return out
+
+
+def check_multiprocess(process_id: str, port: str) -> dict[str, Any]:
+  """One of two processes × 4 CPU devices: a data=2, tensor=2, sequence=2 loss and gradient
+  of a tiny Mamba-2 LM across both processes vs this process alone on one device."""
+  import jax
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                             process_id=int(process_id))
+  import numpy as np
+  import optax
+  from flax import nnx
+  from jax.experimental import multihost_utils
+  from mamba_jax.sharding.parallel_mixers import parallelize
+  from mamba_jax.sharding.shard import batch_sharding, sharded_init
+
+  config, model = _tiny("Mamba2")
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  ids = np.asarray(jax.random.randint(jax.random.key(1), (4, 32), 0, config.vocab_size))
+
+  def loss_fn(params, ids, mesh=None):
+    model = nnx.merge(graphdef, params, rest)
+    if mesh is not None:
+      parallelize(model, mesh)
+    logits = model(ids)
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+  local = jax.local_devices()[0]
+  ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss_fn))(jax.device_put(params, local),
+                                                             jax.device_put(ids, local))
+  mesh = _mesh("data=2,tensor=2,sequence=2")
+  g_params = sharded_init(lambda: nnx.state(_tiny("Mamba2")[1], nnx.Param), config, mesh)
+  sharding = batch_sharding(mesh)
+  g_ids = jax.make_array_from_callback(ids.shape, sharding, lambda index: ids[index])
+  loss, grads = jax.jit(jax.value_and_grad(lambda p, i: loss_fn(p, i, mesh)))(g_params, g_ids)
+  grads = multihost_utils.process_allgather(grads, tiled=True)
+  return {"process": jax.process_index(), "devices": jax.device_count(),
+          "loss": _rel(multihost_utils.process_allgather(loss), ref_loss),
+          "grads": _tree_rel(grads, ref_grads)}
+
+
 def main() -> None:
   check, args = sys.argv[1], sys.argv[2:]
   result = {"ops": check_ops, "model": check_model, "float32": check_float32,
-            "allreduce": check_allreduce}[check](*args)
+            "allreduce": check_allreduce, "training": check_training,
+            "multiprocess": check_multiprocess}[check](*args)
   print(json.dumps(result))
 
 
