@@ -21,6 +21,7 @@ from mamba_jax.ops.impl import resolve_impl
 from mamba_jax.ops.selective_scan_associative import selective_scan_associative
 from mamba_jax.ops.selective_scan_chunked import (CHUNK_SIZE, check_chunk_size,
                                                   selective_scan_chunked)
+from mamba_jax.ops.selective_scan_pallas import selective_scan_pallas
 from mamba_jax.ops.selective_scan_sequential import selective_scan_sequential
 
 ScanFn = Callable[..., tuple[jax.Array, jax.Array]]
@@ -38,11 +39,17 @@ def _forms(chunk_size: int) -> dict[str, ScanFn]:
   }
 
 
-IMPLS = tuple(_forms(CHUNK_SIZE))
+# "pallas" takes the raw inputs (the kernels fuse Δ preprocessing, D and z), so it is routed
+# before the shared preprocessing rather than through ``_forms``.
+IMPLS = (*_forms(CHUNK_SIZE), "pallas")
 
 
 def _auto() -> str:
-  """What ``impl="auto"`` runs: the chunked form on every platform for now."""
+  """What ``impl="auto"`` runs: the chunked form on every platform.
+
+  The Pallas kernels ("pallas") are tested against the oracle in interpret mode but not yet
+  timed against the chunked form on a GPU or TPU, so they are used only when asked for.
+  """
   return "chunked"
 
 
@@ -158,7 +165,9 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
     return_final_state: also return the state after the last token.
     impl: "auto" (chunked on every platform for now), "sequential" (the ``lax.scan`` oracle),
       "associative" (one ``lax.associative_scan`` over the length; memory O(b·l·e·n)), or
-      "chunked" (scan over chunks of ``chunk_size``; memory O(b·l·e + b·e·n·l/chunk_size)).
+      "chunked" (scan over chunks of ``chunk_size``; memory O(b·l·e + b·e·n·l/chunk_size)), or
+      "pallas" (fused Pallas kernels; float32/bf16/fp16 and real A only; on CPU they run in
+      the Pallas interpreter).
     chunk_size: tokens per chunk of the chunked form.
 
   Returns:
@@ -200,6 +209,10 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
   check_choice("return_final_state", return_final_state, (False, True))
   impl = resolve_impl("selective_scan", impl, IMPLS, _auto)
   check_chunk_size(chunk_size)
+  if impl == "pallas":
+    with jax.named_scope("selective_scan_pallas"):
+      return selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                   initial_state, return_final_state)
 
   real, state_dtype = compute_dtypes(A, u, delta, B, C, D, z, delta_bias, initial_state)
   per_group = d_inner // groups

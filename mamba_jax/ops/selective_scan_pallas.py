@@ -1,0 +1,37 @@
+"""The Pallas-kernel form of the selective scan: which kernel runs where.
+
+``impl="pallas"`` of :func:`mamba_jax.ops.selective_scan.selective_scan` lands here with the raw
+inputs (the kernels fuse Δ preprocessing, D and the z gate themselves):
+
+  GPU  ``pallas_kernels.gpu.selective_scan.selective_scan_pallas_gpu`` (Pallas, Triton lowering)
+  TPU  ``pallas_kernels.tpu.selective_scan.selective_scan_pallas_tpu`` (Mosaic TPU)
+  CPU  the GPU kernels in the Pallas interpreter: slow, for debugging and CI, same numbers
+
+The kernels take float32 / bfloat16 / float16 inputs and a real A; anything else raises their
+ValueError, which names ``impl="chunked"`` as the form to use instead.
+
+Shape legend: b batch, l length, e d_inner, n d_state, g groups.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from mamba_jax.ops.impl import platform
+
+
+def selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                          return_final_state) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """Runs the Pallas selective-scan kernels of the default device.
+
+  Returns out (b, l, e) in u's dtype, and with ``return_final_state`` the final state (b, e, n)
+  in float32.
+  """
+  kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                initial_state=initial_state, return_final_state=return_final_state)
+  if platform() == "tpu":
+    from pallas_kernels.tpu.selective_scan import selective_scan_pallas_tpu  # pylint: disable=g-import-not-at-top
+    return selective_scan_pallas_tpu(u, delta, A, B, C, **kwargs)
+  from pallas_kernels.gpu.selective_scan import selective_scan_pallas_gpu  # pylint: disable=g-import-not-at-top
+  return selective_scan_pallas_gpu(u, delta, A, B, C, **kwargs,
+                                   interpret=platform() != "gpu")
