@@ -252,9 +252,10 @@ def check_training(spec: str, restore_spec: str, directory: str) -> dict[str, An
       state, _ = step(state, batch)
     return state
 
-  ref = run(init_train_state(params, tx), batch)
+  fresh = lambda: init_train_state(jax.tree.map(jnp.copy, params), tx)  # steps donate
+  ref = run(fresh(), batch)
   mesh = _mesh(spec)
-  state = shard(init_train_state(params, tx), config, mesh)
+  state = shard(fresh(), config, mesh)
   state = run(state, jax.device_put(batch, batch_sharding(mesh)))
   out = {"params": _tree_rel(state["params"], ref["params"]),
          "opt_state": _tree_rel(state["opt_state"], ref["opt_state"]),

@@ -68,7 +68,7 @@ def test_training_steps_and_checkpoint_across_meshes(tmp_path):
   assert result["step"] == 3
   for what in ("params", "opt_state", "restored"):
     assert result[what] <= F64, (what, result[what])
-  assert result["restored_spec"] == "PartitionSpec('tensor', 'fsdp')"
+  assert result["restored_spec"] == "P('tensor', 'fsdp')"
 
 
 @pytest.mark.slow
