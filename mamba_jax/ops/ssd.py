@@ -20,7 +20,6 @@ import functools
 import math
 from typing import Any, Callable, Sequence
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +27,7 @@ import numpy as np
 from mamba_jax.ops.checks import (check_divisible, check_floating, check_integer, check_rank,
                                   check_shape, is_concrete)
 from mamba_jax.ops import ssd_pallas
-from mamba_jax.ops.impl import is_hopper_or_newer, platform, resolve_impl
+from mamba_jax.ops.impl import resolve_impl
 from mamba_jax.ops.ssd_chunked import ssd_chunked
 from mamba_jax.ops.ssd_quadratic import ssd_quadratic
 from mamba_jax.ops.ssd_sequential import ssd_sequential
@@ -161,22 +160,18 @@ _FORMS = {
     "sequential": functools.partial(_ssd_jnp, core=ssd_sequential),
     "quadratic": functools.partial(_ssd_jnp, core=ssd_quadratic),
     "chunked": functools.partial(_ssd_jnp, core=ssd_chunked),
-    "pallas": ssd_pallas.ssd_pallas,
 }
+_FORMS["pallas"] = functools.partial(ssd_pallas.ssd_pallas, reference=_FORMS["chunked"])
 
 
 def _auto_form(x, B, C, z, chunk_size) -> str:
-  """The form ``impl="auto"`` runs.
+  """The form ``impl="auto"`` runs: the chunked SSD on every platform, for now.
 
-  The Pallas kernels on Hopper (sm90+) GPUs when they take the inputs, else the chunked SSD.
-  TPUs also get the chunked form until the Mosaic TPU kernels have been compiled and timed on
-  a real TPU (they are tested only in TPU interpret mode so far).
+  The Pallas kernels become the choice on Hopper GPUs (for inputs ``ssd_pallas.supports``) once
+  their backward passes on the GPU and their forward+backward beats the chunked form there; the
+  TPU kernels once compiled and timed on a TPU (they are tested in TPU interpret mode only).
   """
-  if platform() == "gpu" and is_hopper_or_newer():
-    ok, why = ssd_pallas.supports(x, B, C, z, chunk_size)
-    if ok:
-      return "pallas"
-    logging.info("ssd: impl='auto' keeps the chunked form: the Pallas kernels need %s", why)
+  del x, B, C, z, chunk_size
   return "chunked"
 
 
@@ -216,7 +211,7 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
     return_final_states: also return the state after the last position.
     impl: "auto", "sequential", "quadratic", "chunked" or "pallas" (fused kernels; on CPU they
       run in the Pallas interpreter). "auto" picks "pallas" on Hopper GPUs for inputs the
-      kernels take, else "chunked"; the choice is logged.
+      kernels take (not yet: see ``_auto_form``), else "chunked"; the choice is logged.
 
   Returns:
     y: (b, l, h, p) in x's dtype; with ``return_final_states`` also final_states
