@@ -48,7 +48,7 @@ def _state(workdir):
       os.path.join(workdir, "mamba_s6", "checkpoints", str(STEPS), "state"))
 
 
-@pytest.mark.slow  # three processes that each compile the model: about 60 s of 2 idle cores
+# Three processes that each compile the model: about 35 s of 2 idle cores.
 def test_killed_run_resumes_to_identical_parameters(tmp_path):
   whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
   with open(tmp_path / "whole.log", "wb") as log_a, open(tmp_path / "killed.log", "wb") as log_b:
