@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 
 import jax
 
