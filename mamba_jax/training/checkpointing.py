@@ -16,6 +16,7 @@ previous checkpoint as the latest one. ``max_to_keep`` bounds the directory.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from absl import logging
@@ -38,7 +39,7 @@ class Checkpointer:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
-    self.directory = epath.Path(directory)
+    self.directory = epath.Path(os.path.abspath(directory))  # orbax needs absolute paths
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
         enable_async_checkpointing=async_save, create=True)

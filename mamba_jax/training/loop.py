@@ -266,7 +266,11 @@ def _copy(state: Any) -> Any:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
-  """Trains every row of ``config`` in turn and writes the results table; returns its rows."""
+  """Trains every row of ``config`` in turn and writes the results table; returns its rows.
+
+  ``workdir`` may be relative; it is made absolute here (orbax requires absolute paths).
+  """
+  workdir = os.path.abspath(workdir)
   if not config.rows:
     raise ValueError("config.rows must list at least one model row")
   selected = list(config.rows)

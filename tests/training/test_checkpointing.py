@@ -42,3 +42,15 @@ def test_round_trip_and_retention(tmp_path):
   assert fresh.restore_config(3) == {"name": "row", "lr": 1e-3, "sizes": [1, 2]}
   fresh.close()
   ckpt.close()
+
+
+def test_relative_directory_is_resolved_against_the_working_directory(tmp_path, monkeypatch):
+  """orbax refuses relative paths; `make demo` passes a relative workdir."""
+  monkeypatch.chdir(tmp_path)
+  config = ml_collections.ConfigDict({"name": "row"})
+  ckpt = Checkpointer("runs/row/checkpoints", async_save=False)
+  ckpt.save(1, _state(1.0), {"next_index": 1}, config, force=True)
+  ckpt.wait()
+  assert ckpt.directory == tmp_path / "runs/row/checkpoints"
+  assert Checkpointer("runs/row/checkpoints").latest_step() == 1
+  ckpt.close()
