@@ -195,8 +195,44 @@ def model_from_state_dict(config: MambaConfig, state_dict: Mapping[str, np.ndarr
   return nnx.merge(graphdef, nnx.from_flat_state(leaves), rest)
 
 
+# mamba_ssm's MHA reads attn_cfg with its own defaults: rotary embeddings only when
+# rotary_emb_dim > 0, and causal=False unless given. Our Attention picks the encoding with
+# ``positions`` (RoPE over the whole head when rotary_emb_dim is 0) and defaults to causal.
+# The two functions below translate between them; the keys only we have are dropped on export.
+_ATTN_KEYS_ONLY_OURS = ("positions", "max_position", "implementation")
+
+
+def attn_cfg_from_mamba_ssm(attn_cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """mamba_ssm attn_cfg -> ours, making mamba_ssm's defaults explicit."""
+  out = dict(attn_cfg)
+  out.setdefault("positions", "rope" if out.get("rotary_emb_dim", 0) > 0 else "none")
+  out.setdefault("causal", False)
+  return out
+
+
+def attn_cfg_to_mamba_ssm(attn_cfg: Mapping[str, Any], d_model: int) -> dict[str, Any]:
+  """Our attn_cfg -> mamba_ssm's MHA keyword arguments, with the same attention."""
+  out = dict(attn_cfg)
+  positions = out.get("positions", "rope")
+  if positions == "absolute":
+    raise ValueError("mamba_ssm's MHA has no absolute position embeddings "
+                     "(attn_cfg positions='absolute'); save this model with format='orbax'")
+  if positions == "rope":
+    if not out.get("rotary_emb_dim"):
+      out["rotary_emb_dim"] = out.get("head_dim") or d_model // out["num_heads"]
+  else:
+    out["rotary_emb_dim"] = 0
+  out.setdefault("causal", True)
+  for key in _ATTN_KEYS_ONLY_OURS:
+    out.pop(key, None)
+  return out
+
+
 def config_from_mamba_ssm(raw: Mapping[str, Any]) -> MambaConfig:
   """mamba_ssm's config.json dict -> MambaConfig (ValueError naming a bad key)."""
+  raw = dict(raw)
+  if raw.get("attn_layer_idx"):
+    raw["attn_cfg"] = attn_cfg_from_mamba_ssm(raw.get("attn_cfg") or {})
   return MambaConfig.from_dict(raw)
 
 
@@ -211,9 +247,15 @@ def load_mamba_ssm(directory: Path, *, dtype: Any = jnp.float32) -> MambaLM:
                                source=str(weights))
 
 
-def mamba_ssm_config_json(config: MambaConfig) -> str:
-  """config.json text as mamba_ssm writes it (Python json: an infinite bound is Infinity)."""
+def mamba_ssm_config_json(config: MambaConfig, *, mamba_ssm_attention: bool = True) -> str:
+  """config.json text as mamba_ssm writes it (Python json: an infinite bound is Infinity).
+
+  ``mamba_ssm_attention``: rewrite attn_cfg in mamba_ssm's MHA terms (for mamba_ssm's format);
+  False keeps our own keys (for the orbax format, read back by mamba_jax only).
+  """
   data = config.to_dict()
+  if mamba_ssm_attention and data.get("attn_layer_idx"):
+    data["attn_cfg"] = attn_cfg_to_mamba_ssm(data.get("attn_cfg") or {}, config.d_model)
   if "norm_epsilon" in data:
     logging.warning("config.json gets norm_epsilon=%s, a mamba_jax key that mamba_ssm's own "
                     "MambaConfig does not accept (mamba_ssm always uses 1e-5)",

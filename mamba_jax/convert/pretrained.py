@@ -35,8 +35,9 @@ from mamba_jax.config import MambaConfig
 from mamba_jax.convert.hf_layout import (SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME,
                                          config_from_hf, load_hf, save_hf)
 from mamba_jax.convert.mamba_ssm_layout import (CONFIG_NAME, TORCH_WEIGHTS_NAME, abstract_model,
-                                                load_mamba_ssm, mamba_ssm_config_json,
-                                                read_json, save_mamba_ssm)
+                                                config_from_mamba_ssm, load_mamba_ssm,
+                                                mamba_ssm_config_json, read_json,
+                                                save_mamba_ssm)
 from mamba_jax.nn.lm import MambaLM
 
 FORMATS = ("hf", "mamba_ssm", "orbax")
@@ -90,7 +91,8 @@ def _save_orbax(model: MambaLM, directory: Path) -> None:
     checkpointer.save((directory / ORBAX_PARAMS_NAME).absolute(), nnx.state(model, nnx.Param),
                       force=True)
     checkpointer.wait_until_finished()
-  (directory / CONFIG_NAME).write_text(mamba_ssm_config_json(model.config))
+  (directory / CONFIG_NAME).write_text(
+      mamba_ssm_config_json(model.config, mamba_ssm_attention=False))
 
 
 def load_pretrained(local_dir: str | Path, *, dtype: Any = jnp.float32) -> MambaLM:
@@ -153,4 +155,6 @@ def read_config(local_dir: str | Path) -> MambaConfig:
   raw = read_json(directory / CONFIG_NAME)
   if kind == "hf":
     return config_from_hf(raw, str(directory / CONFIG_NAME))
+  if kind == "mamba_ssm":
+    return config_from_mamba_ssm(raw)
   return MambaConfig.from_dict(raw)

@@ -18,7 +18,7 @@ from flax import nnx
 from mamba_jax.config import MambaConfig
 from mamba_jax.convert import load_pretrained, save_pretrained
 from mamba_jax.convert.hf_layout import read_safetensors, write_safetensors
-from mamba_jax.convert.mamba_ssm_layout import model_state_dict
+from mamba_jax.convert.mamba_ssm_layout import config_from_mamba_ssm, model_state_dict
 from mamba_jax.convert.torch_pickle import read_torch_zip, write_torch_zip
 from mamba_jax.nn.lm import MambaLM
 
@@ -111,8 +111,34 @@ def test_models_hf_cannot_hold_round_trip_through_mamba_ssm_and_orbax(tmp_path, 
   for fmt in ("mamba_ssm", "orbax"):
     save_pretrained(model, tmp_path / fmt, format=fmt)
     again = load_pretrained(tmp_path / fmt)
-    assert again.config == model.config
+    if fmt == "orbax":
+      assert again.config == model.config
+    else:  # attn_cfg is rewritten in mamba_ssm's terms: the same attention, other keys
+      ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % config.vocab_size
+      np.testing.assert_array_equal(np.asarray(again(ids)), np.asarray(model(ids)))
     assert_same_params(model, again)
+
+
+def test_attention_config_follows_mamba_ssm_defaults(tmp_path):
+  """mamba_ssm's MHA: no rotary unless rotary_emb_dim > 0, non-causal unless causal is given."""
+  raw = MambaConfig.tiny("hybrid").to_dict()
+  raw["attn_cfg"] = {"num_heads": 2}
+  config = config_from_mamba_ssm(raw)
+  assert config.attn_cfg["positions"] == "none" and config.attn_cfg["causal"] is False
+  raw["attn_cfg"] = {"num_heads": 2, "rotary_emb_dim": 8, "causal": True}
+  assert config_from_mamba_ssm(raw).attn_cfg["positions"] == "rope"
+
+  model = MambaLM(MambaConfig.tiny("hybrid"), rngs=nnx.Rngs(0))  # RoPE over the whole head
+  save_pretrained(model, tmp_path, format="mamba_ssm")
+  written = json.loads((tmp_path / "config.json").read_text())["attn_cfg"]
+  head_dim = model.config.d_model // written["num_heads"]
+  assert "positions" not in written and written["causal"] is True
+  assert written["rotary_emb_dim"] == model.config.attn_cfg.get("head_dim", head_dim)
+
+  absolute = MambaConfig.tiny("hybrid").replace(
+      attn_cfg={**MambaConfig.tiny("hybrid").attn_cfg, "positions": "absolute"})
+  with pytest.raises(ValueError, match="absolute"):
+    save_pretrained(MambaLM(absolute, rngs=nnx.Rngs(0)), tmp_path / "abs", format="mamba_ssm")
 
 
 def test_cli_converts_between_formats(tmp_path):
