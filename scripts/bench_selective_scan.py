@@ -37,7 +37,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -46,9 +45,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_timing import COPY_BYTES_PER_S, EXP_PER_S, time_ms  # noqa: E402
 
-COPY_BYTES_PER_S = 3.0e12
-EXP_PER_S = 132 * 16 * 1.98e9
 DIFF_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
@@ -64,18 +62,6 @@ def floor(tokens: int, d_inner: int, d_state: int, gate: bool) -> dict[str, floa
   return dict(fwd_ms=fwd * 1e3, fwd_bwd_ms=fwd_bwd * 1e3, fwd_bytes=fwd_bytes,
               fwd_bwd_bytes=fwd_bytes + bwd_bytes)
 
-
-def time_ms(fn, sync, reps: int, inner: int, warmup: int) -> float:
-  for _ in range(warmup):
-    sync(fn())
-  samples = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-      out = fn()
-    sync(out)
-    samples.append((time.perf_counter() - t0) * 1e3 / inner)
-  return statistics.median(samples)
 
 
 def make_inputs(batch: int, length: int, d_inner: int, d_state: int, gate: bool, seed: int = 0):

@@ -29,9 +29,7 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 import types
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -39,10 +37,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_timing import COPY_BYTES_PER_S, MATMUL_FLOPS_PER_S, time_ms  # noqa: E402
 
 HEADS, HEAD_DIM, GROUPS = 32, 64, 1
-COPY_BYTES_PER_S = 3.0e12
-MATMUL_FLOPS_PER_S = 740e12
 
 
 def floor_ms(tokens: int, state: int, chunk: int) -> tuple[float, float]:
@@ -58,18 +55,6 @@ def floor_ms(tokens: int, state: int, chunk: int) -> tuple[float, float]:
   fb = max((fwd_bytes + bwd_bytes) / COPY_BYTES_PER_S, 3 * flops / MATMUL_FLOPS_PER_S)
   return fwd * 1e3, fb * 1e3
 
-
-def time_ms(fn, sync, reps: int, inner: int, warmup: int = 3) -> float:
-  for _ in range(warmup):
-    sync(fn())
-  samples = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-      out = fn()
-    sync(out)
-    samples.append((time.perf_counter() - t0) * 1e3 / inner)
-  return statistics.median(samples)
 
 
 def jax_sync(out):
