@@ -36,12 +36,8 @@ from pallas_kernels.gpu.ssd_chunk_state import mm
 
 
 def _put_row(rows, i, row):
-  """rows with row i replaced by ``row``, as a select (not a store at a run-time index).
-
-  Stores into a (heads, block) output block at a run-time head index inside the head loop were
-  measured wrong on the H100 (Triton lowering, jax 0.11.2) while right in interpret mode; the
-  per-head rows are therefore kept in registers and stored once.
-  """
+  """rows with row i replaced by ``row``, as a select: the per-head rows stay in registers
+  and the (heads, block) output block is stored once."""
   hit = lax.broadcasted_iota(jnp.int32, rows.shape, 0) == i
   return jnp.where(hit, row[None, :], rows)
 
@@ -91,7 +87,9 @@ def _db_kernel(*refs, has_seq: bool, chunk_size: int, block_m: int, block_k: int
 
   s0 = pl.program_id(1) * block_m
   rows = pl.ds(s0, block_m)
-  bb = b_ref[rows, :].astype(jnp.float32)
+  # b_ref's block is already this program's rows (``rows_of="b"``): index it whole. Indexing it
+  # at ``rows`` again reads past the block on the GPU, which interpret mode hides by clamping.
+  bb = b_ref[...].astype(jnp.float32)
   seq_s = seq_ref[rows] if has_seq else None
   k0 = s0 // block_k
 
@@ -129,7 +127,7 @@ def _dc_kernel(*refs, has_seq: bool, block_m: int, block_k: int, per_group: int)
 
   t0 = pl.program_id(1) * block_m
   rows = pl.ds(t0, block_m)
-  cc = c_ref[rows, :].astype(jnp.float32)
+  cc = c_ref[...].astype(jnp.float32)  # already this program's rows (``rows_of="c"``)
   seq_t = seq_ref[rows] if has_seq else None
   num_k = (t0 + block_m + block_k - 1) // block_k
 
