@@ -2,18 +2,15 @@
 
 ``impl="pallas"`` of :func:`mamba_jax.ops.ssd.ssd` lands here with the full raw signature:
 
-  GPU  forward: ``pallas_kernels.gpu.ssd.ssd_pallas_gpu`` (compiled; Pallas, Triton lowering);
-       backward: the VJP of the chunked XLA form (see below)
+  GPU  ``pallas_kernels.gpu.ssd.ssd_pallas_gpu`` forward and backward (compiled; Pallas,
+       Triton lowering)
   TPU  ``pallas_kernels.tpu.ssd.ssd_pallas_tpu`` forward and backward (compiled; Mosaic TPU)
   CPU  the GPU kernels, forward and backward, in the Pallas interpreter: slow, for debugging
        and CI
 
-Why the GPU backward is XLA's for now: the GPU backward kernels match the oracle in the Pallas
-interpreter but not compiled on an H100 (their dt/A/B/C gradients fail the test in
-tests/kernels/test_ssd_gpu.py there, while the forward, the final states and dx pass). Until
-they do, the GPU path pairs the kernels' forward with the chunked form's VJP (recomputing its
-forward), so gradients are right at the cost of speed. ``kernel_backward`` picks the pairing
-explicitly; tests exercise both on CPU.
+The GPU kernels' own backward is the default everywhere. ``kernel_backward=False`` pairs the
+kernels' forward with the chunked form's VJP instead (recomputing its forward): slower, kept as
+a cross-check when debugging the backward kernels; tests exercise both pairings.
 
 :func:`supports` says whether the kernels take given inputs (the ``auto`` rule uses it; an
 explicit ``impl="pallas"`` on unsupported inputs raises the kernel's own ValueError).
@@ -96,8 +93,8 @@ def ssd_pallas(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
     x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx:
       as :func:`mamba_jax.ops.ssd.ssd`.
     reference: the chunked form with the same full signature, whose VJP is the GPU backward.
-    kernel_backward: use the GPU kernels' own backward (True) or ``reference``'s VJP (False);
-      None: the kernels' own on CPU (interpreted), the reference's on a GPU. Ignored on TPU.
+    kernel_backward: use the GPU kernels' own backward (True, the default when None) or
+      ``reference``'s VJP (False). Ignored on TPU.
   """
   where = platform()
   if where == "tpu":
@@ -105,9 +102,7 @@ def ssd_pallas(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
     return ssd_pallas_tpu(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
                           initial_states, seq_idx, True)
   interpret = where != "gpu"
-  if kernel_backward is None:
-    kernel_backward = interpret
-  if kernel_backward:
+  if kernel_backward is None or kernel_backward:
     return _gpu_kernels(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
                         initial_states, seq_idx, interpret)
   run = _kernel_forward_reference_backward(reference, chunk_size, dt_softplus, dt_limit,

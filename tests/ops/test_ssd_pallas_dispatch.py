@@ -89,3 +89,19 @@ def test_pallas_gradients_match_oracle_with_either_backward(kernel_backward):
   grads_ref = vjp_ref(tuple(c.astype(jnp.float64) for c in cot))
   for name, a, b in zip(("x", "dt", "A", "B", "C", "D", "init"), grads, grads_ref):
     assert_close(a, b, 1e-5, f"d{name}")
+
+
+@pytest.mark.parametrize("where, hopper, change, expected", [
+    ("gpu", True, {}, "pallas"),
+    ("gpu", True, dict(p=24), "chunked"),  # head_dim the kernels do not tile
+    ("gpu", True, dict(dtype=jnp.float64), "chunked"),
+    ("gpu", False, {}, "chunked"),  # pre-Hopper GPU
+    ("tpu", False, {}, "chunked"),  # TPU kernels are opt-in until timed on a TPU
+    ("cpu", False, {}, "chunked"),
+])
+def test_auto_rule(monkeypatch, where, hopper, change, expected):
+  from mamba_jax.ops import ssd as ssd_module
+  monkeypatch.setattr(ssd_module, "platform", lambda: where)
+  monkeypatch.setattr(ssd_module, "is_hopper_or_newer", lambda: hopper)
+  args = _inputs(np.random.default_rng(5), l=8, **change)
+  assert ssd_module._auto_form(args["x"], args["B"], args["C"], None, 16) == expected
