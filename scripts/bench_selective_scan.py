@@ -51,7 +51,8 @@ DIFF_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
 def floor(tokens: int, d_inner: int, d_state: int, gate: bool) -> dict[str, float]:
-  """Floor times (ms) and bytes of the forward and forward+backward, bf16 inputs."""
+  """Floor times (ms) and bytes of the forward and forward+backward, and the forward's exps
+  (one per token, channel and state), bf16 inputs."""
   seq = tokens * d_inner * 2
   bc = tokens * d_state * 2 * 2
   fwd_bytes = (3 + gate) * seq + bc  # u, delta (, z), y; B, C
@@ -60,7 +61,7 @@ def floor(tokens: int, d_inner: int, d_state: int, gate: bool) -> dict[str, floa
   fwd = max(fwd_bytes / COPY_BYTES_PER_S, exps / EXP_PER_S)
   fwd_bwd = max((fwd_bytes + bwd_bytes) / COPY_BYTES_PER_S, 2 * exps / EXP_PER_S)
   return dict(fwd_ms=fwd * 1e3, fwd_bwd_ms=fwd_bwd * 1e3, fwd_bytes=fwd_bytes,
-              fwd_bwd_bytes=fwd_bytes + bwd_bytes)
+              fwd_bwd_bytes=fwd_bytes + bwd_bytes, exps=exps)
 
 
 
