@@ -12,16 +12,18 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 
 from mamba_jax.ops.checks import (check_choice, check_divisible, check_floating, check_rank,
                                   check_shape)
-from mamba_jax.ops.impl import resolve_impl
+from mamba_jax.ops.impl import is_hopper_or_newer, platform, resolve_impl
 from mamba_jax.ops.selective_scan_associative import selective_scan_associative
 from mamba_jax.ops.selective_scan_chunked import (CHUNK_SIZE, check_chunk_size,
                                                   selective_scan_chunked)
 from mamba_jax.ops.selective_scan_pallas import selective_scan_pallas
+from mamba_jax.ops.selective_scan_pallas import supports as selective_scan_pallas_supports
 from mamba_jax.ops.selective_scan_sequential import selective_scan_sequential
 
 ScanFn = Callable[..., tuple[jax.Array, jax.Array]]
@@ -44,13 +46,22 @@ def _forms(chunk_size: int) -> dict[str, ScanFn]:
 IMPLS = (*_forms(CHUNK_SIZE), "pallas")
 
 
-def _auto() -> str:
-  """What ``impl="auto"`` runs: the chunked form on every platform.
+def _auto(**arrays: Any) -> str:
+  """What ``impl="auto"`` runs: the Pallas kernels on Hopper GPUs, else the chunked form.
 
-  The Pallas kernels ("pallas") are tested against the oracle in interpret mode but not yet
-  timed against the chunked form on a GPU or TPU, so they are used only when asked for.
+  On an H100 (bf16, d_inner 2048, N 16, 65,536 tokens) the kernels take 3.8 ms forward and
+  29.5 ms forward+backward against the chunked form's 18.7 and 155 ms, and they match the
+  float64 oracle there (tests/kernels/test_selective_scan_gpu.py). Inputs they do not take
+  (``selective_scan_pallas.supports``: complex A, float64) keep the chunked form, and the log
+  says why. The TPU kernels stay opt-in (``impl="pallas"``) until compiled and timed on a TPU.
   """
-  return "chunked"
+  if platform() != "gpu" or not is_hopper_or_newer():
+    return "chunked"
+  ok, why = selective_scan_pallas_supports(**arrays)
+  if not ok:
+    logging.info("selective_scan: impl='auto' keeps the chunked form on this GPU: %s", why)
+    return "chunked"
+  return "pallas"
 
 
 def compute_dtypes(A: jax.Array, *arrays: Any) -> tuple[jnp.dtype, jnp.dtype]:
@@ -163,7 +174,8 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
     delta_softplus: apply softplus to delta (after the bias).
     initial_state: the state before the first token.
     return_final_state: also return the state after the last token.
-    impl: "auto" (chunked on every platform for now), "sequential" (the ``lax.scan`` oracle),
+    impl: "auto" ("pallas" on Hopper GPUs for inputs the kernels take, else "chunked"; see
+      ``_auto``), "sequential" (the ``lax.scan`` oracle),
       "associative" (one ``lax.associative_scan`` over the length; memory O(b·l·e·n)), or
       "chunked" (scan over chunks of ``chunk_size``; memory O(b·l·e + b·e·n·l/chunk_size)), or
       "pallas" (fused Pallas kernels; float32/bf16/fp16 and real A only; on CPU they run in
@@ -207,7 +219,9 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
                 "(batch, d_inner, d_state)", is_complex)
   check_choice("delta_softplus", delta_softplus, (False, True))
   check_choice("return_final_state", return_final_state, (False, True))
-  impl = resolve_impl("selective_scan", impl, IMPLS, _auto)
+  impl = resolve_impl("selective_scan", impl, IMPLS, lambda: _auto(
+      u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+      initial_state=initial_state))
   check_chunk_size(chunk_size)
   if impl == "pallas":
     with jax.named_scope("selective_scan_pallas"):

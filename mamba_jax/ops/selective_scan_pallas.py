@@ -16,8 +16,26 @@ Shape legend: b batch, l length, e d_inner, n d_state, g groups.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from mamba_jax.ops.impl import platform
+
+KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def supports(**arrays: jax.Array | None) -> tuple[bool, str]:
+  """Whether the kernels take these inputs (named as in ``selective_scan``), and if not, why.
+
+  They take real float32 / bfloat16 / float16 arrays; ``None`` entries (absent options) pass.
+  """
+  for name, x in arrays.items():
+    if x is None:
+      continue
+    if jnp.iscomplexobj(x):
+      return False, f"{name} is complex (the kernels take a real A and real inputs)"
+    if jnp.result_type(x) not in KERNEL_DTYPES:
+      return False, f"{name} dtype {jnp.result_type(x)} (kernels take float32, bfloat16, float16)"
+  return True, ""
 
 
 def selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,

@@ -43,3 +43,18 @@ def test_auto_is_chunked():
   f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
   args = (f(1, 9, 4), f(1, 9, 4), -jnp.exp(f(4, 16)), f(1, 9, 16), f(1, 9, 16))
   np.testing.assert_array_equal(selective_scan(*args), selective_scan(*args, impl="chunked"))
+
+
+@pytest.mark.parametrize("where, hopper, A_dtype, expected", [
+    ("gpu", True, jnp.float32, "pallas"),
+    ("gpu", True, jnp.complex64, "chunked"),  # the kernels take a real A only
+    ("gpu", True, jnp.float64, "chunked"),
+    ("gpu", False, jnp.float32, "chunked"),  # pre-Hopper GPU
+    ("tpu", False, jnp.float32, "chunked"),  # TPU kernels are opt-in until timed on a TPU
+])
+def test_auto_rule(monkeypatch, where, hopper, A_dtype, expected):
+  from mamba_jax.ops import selective_scan as module
+  monkeypatch.setattr(module, "platform", lambda: where)
+  monkeypatch.setattr(module, "is_hopper_or_newer", lambda: hopper)
+  u = jnp.ones((1, 4, 2), jnp.float32)
+  assert module._auto(u=u, delta=u, A=jnp.ones((2, 16), A_dtype), B=None, C=None) == expected
