@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 
 from mamba_jax.data import pipeline
-from mamba_jax.data.synthetic import make_task
+from mamba_jax.data.tasks import make_task
 from mamba_jax.training import models
 from mamba_jax.training import results as results_lib
 from mamba_jax.training.checkpointing import Checkpointer
@@ -130,6 +130,8 @@ def evaluate(cfg: ml_collections.ConfigDict, eval_step, params, mesh) -> dict[st
     count = max(sums["count"], 1.0)
     out[f"accuracy{suffix}"] = sums["correct"] / count
     out[f"loss{suffix}"] = sums["loss_sum"] / count
+    if hasattr(task, "loss_metrics"):  # e.g. perplexity, bits per byte of a text task
+      out.update({f"{k}{suffix}": v for k, v in task.loss_metrics(out[f"loss{suffix}"]).items()})
   return out
 
 

@@ -4,9 +4,10 @@
 "accuracy": float, ..., "paper": {metric: value}}]}``. ``results.md`` shows the columns named by
 ``config.results.columns`` (metric keys of the rows) next to the paper's numbers. Configs with
 ``config.results.plot`` = "accuracy_vs_length" (accuracy@<length> metrics, one line per row) or
-"accuracy_vs_width" (rows grouped by ``config.results.group_by``) get ``results.png`` when
-matplotlib is importable; it is not a dependency, so without it a log line says the figure
-was skipped.
+"accuracy_vs_width" (rows grouped by ``config.results.group_by``) or "metric_vs_params"
+(``config.results.metric`` against the parameter count, grouped likewise) get
+``results.png`` when matplotlib is importable; it is not a dependency, so without it a log
+line says the figure was skipped.
 """
 
 from __future__ import annotations
@@ -19,25 +20,29 @@ from typing import Any, Sequence
 from absl import logging
 import ml_collections
 
-PLOTS = ("none", "accuracy_vs_length", "accuracy_vs_width")
+PLOTS = ("none", "accuracy_vs_length", "accuracy_vs_width", "metric_vs_params")
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, percent: bool = True) -> str:
   if value is None:
     return "—"
   if isinstance(value, float):
-    return f"{100 * value:.1f}" if 0.0 <= value <= 1.0 else f"{value:.4g}"
+    return f"{100 * value:.1f}" if percent and 0.0 <= value <= 1.0 else f"{value:.4g}"
   return str(value)
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-  """Rows as a markdown table: model, the metric columns (accuracies in %), the paper's."""
+  """Rows as a markdown table: model, the metric columns (accuracies in %), the paper's.
+
+  Only columns named accuracy* are shown in %; others (loss, perplexity, bits_per_byte) as is.
+  """
   paper_columns = [c for c in columns if any(c in r.get("paper", {}) for r in rows)]
   header = ["model", *columns, *[f"paper {c}" for c in paper_columns]]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in rows:
-    cells = [r["model"], *[_fmt(r.get(c)) for c in columns],
-             *[_fmt(r.get("paper", {}).get(c)) for c in paper_columns]]
+    cells = [r["model"], *[_fmt(r.get(c), c.startswith("accuracy")) for c in columns],
+             *[_fmt(r.get("paper", {}).get(c), c.startswith("accuracy"))
+               for c in paper_columns]]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -71,6 +76,17 @@ def _plot(config: ml_collections.ConfigDict, rows: Sequence[dict[str, Any]], pat
         ax.plot(*zip(*points), marker="o", label=r["model"])
     ax.set_xscale("log", base=2)
     ax.set_xlabel("test sequence length")
+  elif kind == "metric_vs_params":
+    metric = config.results.metric
+    groups_m: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+      if r.get(metric) is not None:
+        groups_m.setdefault(str(r.get(config.results.group_by)), []).append(
+            (r["params"], r[metric]))
+    for name, points in groups_m.items():
+      ax.plot(*zip(*sorted(points)), marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
   else:
     groups: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
@@ -80,8 +96,11 @@ def _plot(config: ml_collections.ConfigDict, rows: Sequence[dict[str, Any]], pat
       ax.plot(*zip(*sorted(points)), marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("model dimension")
-  ax.set_ylabel("accuracy")
-  ax.set_ylim(0, 1.02)
+  if kind == "metric_vs_params":
+    ax.set_ylabel(config.results.metric)
+  else:
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
   ax.legend(fontsize="small")
   ax.set_title(config.experiment)
   fig.tight_layout()
