@@ -1,11 +1,17 @@
 """Benchmark of Mamba-2 SSD implementations side by side on one GPU, in one process.
 
 Compares, at heads 32 x head_dim 64, groups 1, a fixed token count (batch x length):
-  pallas   ``pallas_kernels.gpu.ssd.ssd_pallas_gpu`` (Pallas kernels, Triton lowering)
+  pallas   ``pallas_kernels.gpu.ssd.ssd_pallas_gpu(backend="triton")`` (Pallas kernels, Triton
+           lowering, forward and backward)
+  pallas_mgpu  ``ssd_pallas_gpu(backend="mosaic")``: the forward in Mosaic GPU wgmma kernels
+           (Hopper), the backward the Triton-lowered one
   chunked  ``mamba_jax.ops.ssd.ssd(..., impl="chunked")`` (plain jnp / XLA)
   triton   mamba_ssm 2.3.2.post1's ``mamba_chunk_scan_combined`` (PyTorch + Triton)
   cudnn    ``jax.nn.dot_product_attention(implementation="cudnn")``, causal, same width
 all with chunk 256, D (per head), dt_bias, dt_softplus, bf16 x/B/C, float32 A/D/dt/dt_bias.
+
+``--stages`` also times the forward's kernels one by one for both Pallas backends (chunk state,
+state passing, chunk scan) on the same inputs.
 
 Times the forward and the forward+backward (gradients of every input, a random cotangent) as the
 median over ``--reps`` repetitions (each ``--inner`` back-to-back calls, then a sync), after
@@ -26,6 +32,7 @@ Prints a markdown table; writes JSON, and a PNG next to it when matplotlib impor
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -37,7 +44,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_timing import COPY_BYTES_PER_S, MATMUL_FLOPS_PER_S, time_ms  # noqa: E402
+from bench_timing import (COPY_BYTES_PER_S, MATMUL_FLOPS_PER_S, environment,  # noqa: E402
+                          time_ms)
 
 HEADS, HEAD_DIM, GROUPS = 32, 64, 1
 
@@ -136,13 +144,54 @@ def bench_triton(combined, inp, chunk: int, reps: int, inner: int) -> tuple[floa
   return result
 
 
+def bench_stages(inp, chunk: int, reps: int, inner: int) -> dict[str, float]:
+  """ms of each forward kernel of the two Pallas backends, on the preprocessed inputs."""
+  from pallas_kernels.gpu import ssd as pssd
+  from pallas_kernels.gpu.ssd_blocks import tuned_block_sizes
+  from pallas_kernels.gpu.ssd_chunk_scan import chunk_scan_fwd
+  from pallas_kernels.gpu.ssd_chunk_state import chunk_state
+  from pallas_kernels.gpu.ssd_mgpu_chunk_scan import chunk_scan_fwd_mgpu
+  from pallas_kernels.gpu.ssd_mgpu_chunk_state import chunk_state_mgpu
+  from pallas_kernels.gpu.ssd_state_passing import state_passing_fwd
+  x, b, c = inp["x"], inp["B"], inp["C"]
+  batch, length, heads, p = x.shape
+  n = b.shape[-1]
+  chunks = length // chunk
+  blocks = tuned_block_sizes(p, n, chunk)
+  dt = jnp.transpose(jax.nn.softplus(inp["dt"] + inp["dt_bias"]), (0, 2, 1))
+  cs, dte, w_off, lam = jax.jit(functools.partial(pssd._decays, seq_idx=None,
+                                                  chunk_size=chunk))(dt, inp["A"])
+  w = dte * dt
+  d = jnp.broadcast_to(inp["D"][:, None], (heads, p))
+  states = chunk_state(x, b, w, chunk_size=chunk, blocks=blocks)
+  init = jnp.zeros((batch, heads, p * n), jnp.float32)
+  all_states = state_passing_fwd(states.reshape(batch, chunks, heads, p * n), lam, init,
+                                 blocks=blocks).reshape(batch, chunks + 1, heads, p, n)
+  cast = jax.jit(lambda a: a.astype(x.dtype))
+  prev = cast(all_states)
+  runs = {
+      "chunk_state triton": lambda: chunk_state(x, b, w, chunk_size=chunk, blocks=blocks),
+      "chunk_state mosaic": lambda: chunk_state_mgpu(x, b, w, chunk_size=chunk),
+      "state_passing triton": lambda: state_passing_fwd(
+          states.reshape(batch, chunks, heads, p * n), lam, init, blocks=blocks),
+      "state cast to x dtype": lambda: cast(all_states),
+      "chunk_scan triton": lambda: chunk_scan_fwd(x, b, c, dt, cs, w_off, all_states, d,
+                                                  chunk_size=chunk, blocks=blocks),
+      "chunk_scan mosaic": lambda: chunk_scan_fwd_mgpu(x, b, c, dt, cs, w_off, prev, d,
+                                                       chunk_size=chunk),
+  }
+  return {k: time_ms(f, jax_sync, reps, inner) for k, f in runs.items()}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--tokens", type=int, default=65536)
   parser.add_argument("--cases", default="1024:128,4096:128,16384:128,65536:128,4096:64,4096:256",
                       help="comma-separated length:state pairs")
   parser.add_argument("--chunk", type=int, default=256)
-  parser.add_argument("--impls", default="pallas,chunked,triton,cudnn")
+  parser.add_argument("--impls", default="pallas,pallas_mgpu,chunked,triton,cudnn")
+  parser.add_argument("--stages", action="store_true",
+                      help="also time the Pallas forward kernels one by one")
   parser.add_argument("--reps", type=int, default=20)
   parser.add_argument("--inner", type=int, default=3)
   parser.add_argument("--mamba-ssm-root", default=".device/mamba_ssm-2.3.2.post1")
@@ -156,7 +205,7 @@ def main():
   device = jax.devices()[0].device_kind
   print(f"device: {device}; jax {jax.__version__}; tokens {args.tokens}; heads {HEADS} x "
         f"head_dim {HEAD_DIM}, groups {GROUPS}, chunk {args.chunk}", flush=True)
-  rows = []
+  rows, stage_rows = [], []
   for case in args.cases.split(","):
     length, state = map(int, case.split(":"))
     batch = args.tokens // length
@@ -166,8 +215,10 @@ def main():
       if impl == "cudnn" and any(r["impl"] == "cudnn" and r["length"] == length for r in rows):
         continue
       try:
-        if impl == "pallas":
-          t = bench_jax_ssd(ssd_pallas_gpu, inp, args.chunk, args.reps, args.inner)
+        if impl in ("pallas", "pallas_mgpu"):
+          backend = "triton" if impl == "pallas" else "mosaic"
+          t = bench_jax_ssd(functools.partial(ssd_pallas_gpu, backend=backend), inp,
+                            args.chunk, args.reps, args.inner)
         elif impl == "chunked":
           t = bench_jax_ssd(lambda *a, **k: ssd(*a, **k, impl="chunked"), inp, args.chunk,
                             args.reps, args.inner)
@@ -186,6 +237,15 @@ def main():
                  fwd_bwd_floor_pct=100 * fb_floor / t[1])
       rows.append(row)
       print(json.dumps(row), flush=True)
+    if args.stages:
+      try:
+        stages = bench_stages(inp, args.chunk, args.reps, args.inner)
+      except Exception as e:  # reported, not hidden: the end-to-end rows above still stand
+        print(f"stages L={length} N={state}: FAILED {type(e).__name__}: {str(e)[:300]}",
+              flush=True)
+      else:
+        stage_rows.append(dict(length=length, state=state, **stages))
+        print(json.dumps(stage_rows[-1]), flush=True)
   for r in rows:
     ref = [s for s in rows if s["impl"] == "triton" and s["length"] == r["length"]
            and s["state"] == r["state"]]
@@ -201,8 +261,17 @@ def main():
           f"| {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_vs_triton']:.2f} "
           f"| {r['fwd_bwd_vs_triton']:.2f} | {r['fwd_floor_pct']:.1f} "
           f"| {r['fwd_bwd_floor_pct']:.1f} |")
+  if stage_rows:
+    names = [k for k in stage_rows[0] if k not in ("length", "state")]
+    print("\nforward kernels, ms\n| L | N | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for r in stage_rows:
+      print(f"| {r['length']} | {r['state']} | " + " | ".join(f"{r[k]:.3f}" for k in names)
+            + " |")
   with open(args.out, "w") as f:
-    json.dump(dict(device=device, tokens=args.tokens, chunk=args.chunk, rows=rows), f, indent=1)
+    json.dump(dict(device=device, environment=environment(), jax=jax.__version__,
+                   tokens=args.tokens, chunk=args.chunk, rows=rows, stages=stage_rows), f,
+              indent=1)
   try:
     import matplotlib
     matplotlib.use("Agg")

@@ -30,7 +30,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gpu import ssd_bwd
+from pallas_kernels.gpu import ssd_bwd, ssd_mgpu
 from pallas_kernels.gpu.ssd_blocks import SSDBlockSizes, tuned_block_sizes
 from pallas_kernels.gpu.ssd_chunk_scan import chunk_scan_fwd, chunk_scan_gate_bwd
 from pallas_kernels.gpu.ssd_chunk_state import chunk_state
@@ -63,11 +63,14 @@ def _decays(dt, a, seq_idx, chunk_size):
   return flat(cs), flat(dte), flat(w_off), lam
 
 
-def _forward(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret):
+def _forward(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret, backend):
   batch, length, heads, head_dim = x.shape
   state = b.shape[-1]
   chunks = length // chunk_size
   cs, dte, w_off, lam = _decays(dt, a, seq_idx, chunk_size)
+  if backend == "mosaic":
+    return ssd_mgpu.forward_mgpu(x, b, c, dt, cs, dte, w_off, lam, d, z, init, seq_idx,
+                                 chunk_size=chunk_size, blocks=blocks, interpret=interpret)
   states = chunk_state(x, b, dte * dt, chunk_size=chunk_size, blocks=blocks,
                        interpret=interpret)
   if init is None:
@@ -81,18 +84,21 @@ def _forward(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret)
   return y, all_states
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
-def _ssd_core(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret):
-  y, all_states = _forward(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
+def _ssd_core(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret, backend):
+  y, all_states = _forward(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret,
+                           backend)
   return y, all_states[:, -1]
 
 
-def _ssd_core_fwd(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret):
-  y, all_states = _forward(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret)
+def _ssd_core_fwd(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret, backend):
+  y, all_states = _forward(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret,
+                           backend)
   return (y, all_states[:, -1]), (x, dt, a, b, c, d, z, init, seq_idx, all_states)
 
 
-def _ssd_core_bwd(chunk_size, blocks, interpret, res, cotangents):
+def _ssd_core_bwd(chunk_size, blocks, interpret, backend, res, cotangents):
+  del backend  # both forwards share the Triton-lowered backward kernels
   x, dt, a, b, c, d, z, init, seq_idx, all_states = res
   dout, dfinal = cotangents
   batch, length, heads, head_dim = x.shape
@@ -163,11 +169,13 @@ def _check_args(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "chunk_size", "dt_softplus", "dt_limit", "return_final_states", "blocks", "interpret"))
+    "chunk_size", "dt_softplus", "dt_limit", "return_final_states", "blocks", "interpret",
+    "backend"))
 def ssd_pallas_gpu(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None,
                    dt_softplus: bool = False, dt_limit: tuple[float, float] = (0.0, math.inf),
                    initial_states=None, seq_idx=None, return_final_states: bool = False, *,
-                   blocks: SSDBlockSizes | None = None, interpret: bool = False):
+                   blocks: SSDBlockSizes | None = None, interpret: bool = False,
+                   backend: str | None = None):
   """Mamba-2 SSD (Dao & Gu 2024, Sec. 6), forward and backward as Pallas GPU kernels.
 
   Args:
@@ -186,6 +194,10 @@ def ssd_pallas_gpu(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bia
     return_final_states: also return the (b, h, p, n) float32 final states.
     blocks: tile sizes; None picks the tuned table's entry for this device.
     interpret: run every kernel in the Pallas interpreter (CPU).
+    backend: the forward's kernels: "mosaic" (Mosaic GPU wgmma kernels for Hopper,
+      ``ssd_mgpu``; bfloat16 / float16 only, else a ValueError naming "triton"), "triton" (the
+      Triton-lowered kernels), or None: "mosaic" on an sm90 GPU when it supports the inputs,
+      else "triton". The backward is the Triton-lowered kernels' either way.
 
   Returns:
     out (b, l, h, p) in x's dtype, and the final states when ``return_final_states``.
@@ -198,6 +210,7 @@ def ssd_pallas_gpu(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bia
   if blocks is None:
     blocks = tuned_block_sizes(head_dim, state, chunk_size)
   blocks.check(chunk_size, head_dim, state)
+  backend = ssd_mgpu.resolve_backend(backend, x.dtype, head_dim, state, chunk_size, interpret)
   if (head_dim * state) % blocks.block_pn:
     raise ValueError(f"p*n={head_dim * state} must be a multiple of block_pn={blocks.block_pn}")
 
@@ -222,6 +235,6 @@ def ssd_pallas_gpu(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bia
   init = None if initial_states is None else initial_states.astype(jnp.float32)
   seq = None if seq_idx is None else seq_idx.astype(jnp.int32)
   out, final = _ssd_core(x, dtp, A.astype(jnp.float32), B, C, d, z, init, seq,
-                         chunk_size, blocks, interpret)
+                         chunk_size, blocks, interpret, backend)
   out = out[:, :length]
   return (out, final) if return_final_states else out

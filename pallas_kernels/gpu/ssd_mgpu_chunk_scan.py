@@ -1,0 +1,219 @@
+"""SSD chunk scan on Hopper: the outputs of each chunk, a Mosaic GPU (wgmma) Pallas kernel.
+
+Mamba-2 (Dao & Gu, 2024), Sec. 6 / Listing 1, steps 1 and 4. Within chunk c, for t in the chunk,
+
+  y_t = sum_{s <= t} (C_t . B_s) exp(cs_t - cs_s) dt_s x_s      (diagonal block, (L o C B^T) X)
+      + w_off_t * C_t . H[c - 1]                                  (off-diagonal: state entering c)
+      + D x_t,
+  out_t = y_t * silu(z_t)                                         (when z is given),
+
+the same contract as the Triton-lowered ``ssd_chunk_scan.chunk_scan_fwd``. One CTA (one
+warpgroup) computes a row block of 64 positions t of one (b, c, h):
+
+  acc  = wgmma(C_rows, H[c-1]^T) * w_off_t                       (64 x n) @ (n x p)
+  for each causal column block s of 64 positions (ring of two TMA-loaded B / x blocks):
+    cb   = wgmma(C_rows, B_s^T)                                   (64 x n) @ (n x 64), float32
+    w    = cb * exp(min(cs_t - cs_s, 0)) * dt_s, 0 where s > t or seq_t != seq_s  (float32)
+    acc += wgmma(w in the input dtype, x_s)                       (64 x 64) @ (64 x p)
+  out  = (acc + D x_t) * silu(z_t), stored through SMEM by TMA.
+
+Decays stay in float32 registers; matmul operands are bf16/f16 with float32 accumulation. The
+heavy row blocks (more column blocks) are scheduled first.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from pallas_kernels.gpu.ssd_mgpu_common import (COL_VECTOR, MATMUL_DTYPES, ROW_VECTOR, ROWS,
+                                                TILE, launch_options, smem, wgmma_accumulate,
+                                                wgmma_product)
+
+
+def _kernel(*refs, has_d: bool, has_z: bool, has_seq: bool, chunk_size: int, chunks: int,
+            per_group: int, interpret: bool):
+  refs = list(refs)
+  x_ref, b_ref, c_ref, dt_ref, cs_ref, woff_ref, prev_ref = refs[:7]
+  rest = refs[7:]
+  d_ref = rest.pop(0) if has_d else None
+  z_ref = rest.pop(0) if has_z else None
+  seq_ref = rest.pop(0) if has_seq else None
+  y_ref = rest.pop(0)
+  (c_s, prev_s, b_s, x_s, cs_s, dt_s, woff_s, seq_s, d_s, y_s,
+   w_s, in_bar, b_bar, x_bar) = rest
+
+  q = chunk_size
+  nm = q // ROWS
+  dtype = x_ref.dtype
+  p = x_ref.shape[-1]
+  h = lax.axis_index("h")
+  m = nm - 1 - lax.axis_index("m")          # the longest row blocks first
+  bc = lax.axis_index("bc")
+  bi = lax.div(bc, jnp.int32(chunks))
+  ci = lax.rem(bc, jnp.int32(chunks))
+  g = lax.div(h, jnp.int32(per_group))
+  chunk0 = ci * q
+  t0 = m * ROWS
+
+  def load_block(k, slot):
+    cols = pl.ds(chunk0 + k * ROWS, ROWS)
+    plgpu.copy_gmem_to_smem(b_ref.at[bi, cols, g], b_s.at[slot], b_bar.at[slot])
+    plgpu.copy_gmem_to_smem(x_ref.at[bi, cols, h], x_s.at[slot], x_bar.at[slot])
+
+  rows = pl.ds(chunk0 + t0, ROWS)
+  loads = [
+      (c_ref.at[bi, rows, g], c_s),
+      (prev_ref.at[bi, ci, h], prev_s),
+      (cs_ref.at[bi, h, pl.ds(chunk0, q)], cs_s),
+      (dt_ref.at[bi, h, pl.ds(chunk0, q)], dt_s),
+      (woff_ref.at[bi, h, rows], woff_s),
+  ]
+  if has_seq:
+    loads.append((seq_ref.at[bi, pl.ds(chunk0, q)], seq_s))
+  if has_d:
+    loads.append((d_ref.at[h], d_s))
+  if has_z:
+    loads.append((z_ref.at[bi, rows, h], y_s))   # z shares the output rows' buffer
+  for i, (src, dst) in enumerate(loads):
+    plgpu.copy_gmem_to_smem(src, dst, in_bar.at[i])
+  load_block(0, 0)
+
+  @pl.when(m >= 1)
+  def _():
+    load_block(1, 1)
+
+  for i in range(len(loads)):
+    plgpu.barrier_wait(in_bar.at[i])
+
+  acc = wgmma_product(c_s, prev_s.transpose((1, 0)), (ROWS, p))
+  woff_t = plgpu.load(woff_s, layout=ROW_VECTOR)
+  acc = acc * lax.broadcast_in_dim(woff_t, (ROWS, p), [0])
+  cs_t = plgpu.load(cs_s.at[pl.ds(t0, ROWS)], layout=ROW_VECTOR)
+  seq_t = plgpu.load(seq_s.at[pl.ds(t0, ROWS)], layout=ROW_VECTOR) if has_seq else None
+  t_ids = t0 + plgpu.broadcasted_iota(jnp.int32, (ROWS, ROWS), 0, layout=TILE)
+  s_iota = plgpu.broadcasted_iota(jnp.int32, (ROWS, ROWS), 1, layout=TILE)
+  row = lambda v: lax.broadcast_in_dim(v, (ROWS, ROWS), [0])
+  col = lambda v: lax.broadcast_in_dim(v, (ROWS, ROWS), [1])
+
+  def body(k, acc):
+    slot = lax.rem(k, jnp.int32(2))
+    plgpu.barrier_wait(b_bar.at[slot])
+    plgpu.barrier_wait(x_bar.at[slot])
+
+    cb = wgmma_product(c_s, b_s.at[slot].transpose((1, 0)), (ROWS, ROWS))
+    s0 = k * ROWS
+    cs_c = plgpu.load(cs_s.at[pl.ds(s0, ROWS)], layout=COL_VECTOR)
+    dt_c = plgpu.load(dt_s.at[pl.ds(s0, ROWS)], layout=COL_VECTOR)
+    keep = t_ids >= s0 + s_iota
+    if has_seq:
+      keep = keep & (row(seq_t) == col(plgpu.load(seq_s.at[pl.ds(s0, ROWS)],
+                                                    layout=COL_VECTOR)))
+    decay = jnp.exp(jnp.minimum(row(cs_t) - col(cs_c), 0.0))
+    w = jnp.where(keep, cb * decay * col(dt_c), 0.0).astype(dtype)
+
+    acc = wgmma_accumulate(acc, w, x_s.at[slot], interpret, w_s)
+
+    @pl.when(k + 2 <= m)
+    def _():
+      load_block(k + 2, slot)
+
+    return acc
+
+  y = lax.fori_loop(jnp.int32(0), m + 1, body, acc)
+  if has_d:
+    x_t = plgpu.load(x_s.at[lax.rem(m, jnp.int32(2))], layout=TILE).astype(jnp.float32)
+    d = plgpu.load(d_s, layout=COL_VECTOR)
+    y = y + lax.broadcast_in_dim(d, (ROWS, p), [1]) * x_t
+  if has_z:
+    z = plgpu.load(y_s, layout=TILE).astype(jnp.float32)   # each thread rewrites its own
+    y = y * z / (1.0 + jnp.exp(-z))
+  y_s[...] = y.astype(dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(y_s, y_ref.at[bi, rows, h])
+  plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "interpret"))
+def chunk_scan_fwd_mgpu(x, b, c, dt, cs, w_off, prev_states, d=None, z=None, seq_idx=None, *,
+                        chunk_size: int, interpret: bool = False):
+  """SSD outputs from the chunk-boundary states (Mamba-2 Sec. 6 steps 1 and 4), on wgmma.
+
+  Args:
+    x: (b, l, h, p) bfloat16 / float16; b, c: (b, l, g, n) in x's dtype; l a multiple of
+      ``chunk_size``; p and n multiples of 64.
+    dt: (b, h, l) float32 processed steps (0 on padding).
+    cs: (b, h, l) float32 within-chunk cumulative sums of dt * A.
+    w_off: (b, h, l) float32 exp(cs_t), zeroed where t's sequence differs from the one that
+      ends the previous chunk.
+    prev_states: (b, c', h, p, n) in x's dtype with c' >= l / chunk_size; index c is the state
+      entering chunk c (H[c - 1]).
+    d: (h, p) float32 skip weights, or None.
+    z: (b, l, h, p) gate in x's dtype, or None.
+    seq_idx: (b, l) int32, or None.
+    chunk_size: q, a multiple of 64.
+    interpret: run in Mosaic GPU's interpreter (CPU).
+
+  Returns:
+    (b, l, h, p) in x's dtype: (y + D x) * silu(z).
+  """
+  batch, length, heads, head_dim = x.shape
+  groups, state = b.shape[2:]
+  if x.dtype not in MATMUL_DTYPES:
+    raise ValueError(f"x dtype {x.dtype} must be bfloat16 or float16 (wgmma operands)")
+  if chunk_size % ROWS or length % chunk_size:
+    raise ValueError(f"{chunk_size=} must be a multiple of {ROWS} dividing {length=}")
+  if head_dim % ROWS or state % ROWS:
+    raise ValueError(f"head_dim p={head_dim} and d_state n={state} must be multiples of {ROWS}")
+  for name, v in (("dt", dt), ("cs", cs), ("w_off", w_off)):
+    if v.shape != (batch, heads, length) or v.dtype != jnp.float32:
+      raise ValueError(f"{name} has shape {v.shape} dtype {v.dtype}; expected "
+                       f"({batch}, {heads}, {length}) float32")
+  chunks = length // chunk_size
+  if (prev_states.ndim != 5 or prev_states.shape[0] != batch or prev_states.shape[1] < chunks
+      or prev_states.shape[2:] != (heads, head_dim, state) or prev_states.dtype != x.dtype):
+    raise ValueError(f"prev_states has shape {prev_states.shape} dtype {prev_states.dtype}; "
+                     f"expected ({batch}, >= {chunks}, {heads}, {head_dim}, {state}) {x.dtype}")
+  dtype = x.dtype
+  q = chunk_size
+  args = [x, b, c, dt, cs, w_off, prev_states]
+  if d is not None:
+    args.append(d)
+  if z is not None:
+    args.append(z)
+  if seq_idx is not None:
+    args.append(seq_idx)
+  num_loads = 5 + sum(v is not None for v in (d, z, seq_idx))
+  scratch = [
+      smem((ROWS, state), dtype, interpret),                   # C rows
+      smem((head_dim, state), dtype, interpret),               # H[c - 1]
+      smem((2, ROWS, state), dtype, interpret),                # B column blocks (ring)
+      smem((2, ROWS, head_dim), dtype, interpret),             # x column blocks (ring)
+      plgpu.SMEM((q,), jnp.float32),                           # cs of the chunk
+      plgpu.SMEM((q,), jnp.float32),                           # dt of the chunk
+      plgpu.SMEM((ROWS,), jnp.float32),                        # w_off of the rows
+      None if seq_idx is None else plgpu.SMEM((q,), jnp.int32),
+      None if d is None else plgpu.SMEM((head_dim,), jnp.float32),
+      smem((ROWS, head_dim), dtype, interpret),                # z rows, then the output rows
+      smem((ROWS, ROWS), dtype, interpret) if interpret else None,  # w, interpreter only
+      plgpu.Barrier(num_barriers=num_loads),
+      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=2),
+  ]
+  kernel = functools.partial(_kernel, has_d=d is not None, has_z=z is not None,
+                             has_seq=seq_idx is not None, chunk_size=q, chunks=chunks,
+                             per_group=heads // groups, interpret=interpret)
+  return plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct(x.shape, dtype),
+      scratch_types=scratch,
+      grid=(heads, q // ROWS, batch * chunks),
+      grid_names=("h", "m", "bc"),
+      kernel_name="ssd_chunk_scan_mgpu",
+      **launch_options(interpret),
+  )(*args)
