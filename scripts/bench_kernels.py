@@ -1,7 +1,8 @@
 """Kernel scaling: SSD and S6 against causal attention of equal width (Mamba Fig. 8 left, Mamba-2 Fig. 10).
 
 At a fixed token count (batch x length), heads 32 x head_dim 64, groups 1, chunk 256, bf16:
-  ssd        ours: ``pallas`` (pallas_kernels.gpu.ssd), ``chunked`` (XLA); mamba_ssm's Triton
+  ssd        ours: ``pallas`` (pallas_kernels.gpu.ssd's default backend; ``pallas:NAME`` picks
+             one), ``chunked`` (XLA); mamba_ssm's Triton
              ``mamba_chunk_scan_combined`` (``triton``), through scripts/bench_ssd.py's timers
   attention  ``jax.nn.dot_product_attention(implementation="cudnn")``, causal, 32 x 64
   s6         ours: ``pallas`` (pallas_kernels.gpu.selective_scan), ``chunked`` (XLA), d_state 16,
@@ -37,6 +38,7 @@ CPU smoke (tiny shapes, XLA forms only):
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -126,7 +128,10 @@ def main():
   parser.add_argument("--state", type=int, default=128, help="SSD state N of the length sweep")
   parser.add_argument("--states", default="16,32,64,128,256", help="N sweep (SSD)")
   parser.add_argument("--states_length", type=int, default=4096, help="length of the N sweep")
-  parser.add_argument("--ssd_impls", default="pallas,chunked,triton")
+  parser.add_argument("--ssd_impls", default="pallas,chunked,triton",
+                      help="pallas (the kernels' default backend), pallas:BACKEND (e.g. "
+                           "pallas:triton, pallas:mosaic, where ssd_pallas_gpu takes backend=), "
+                           "chunked, triton (mamba_ssm)")
   parser.add_argument("--s6_impls", default="pallas,chunked")
   parser.add_argument("--s6_lengths", default="1024,4096,16384,65536")
   parser.add_argument("--s6_d_inner", type=int, default=2048)
@@ -167,9 +172,12 @@ def main():
             flush=True)
       ssd_impls.remove("triton")
   ssd_fns = {"chunked": lambda *a, **k: ssd(*a, **k, impl="chunked")}
-  if "pallas" in ssd_impls:
-    from pallas_kernels.gpu.ssd import ssd_pallas_gpu
-    ssd_fns["pallas"] = ssd_pallas_gpu
+  for impl in ssd_impls:
+    if impl.startswith("pallas"):  # "pallas": the kernels' default backend; "pallas:NAME"
+      from pallas_kernels.gpu.ssd import ssd_pallas_gpu
+      backend = impl.partition(":")[2]
+      ssd_fns[impl] = (ssd_pallas_gpu if not backend else functools.partial(
+          ssd_pallas_gpu, backend=backend))
 
   result = dict(section="kernels", device=device, env=environment(), args=vars(args),
                 heads=HEADS, head_dim=HEAD_DIM, groups=GROUPS, rows=[], skipped=[],

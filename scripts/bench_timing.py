@@ -42,7 +42,7 @@ PEAK_BF16_FLOPS_PER_S = 989e12
 
 
 def environment() -> dict[str, Any]:
-  """Where a benchmark ran: date (UTC), host, GPU name and driver, library versions.
+  """Where a benchmark ran: date (UTC), host, CPUs and their load, GPU and driver, versions.
 
   Reads ``nvidia-smi`` and the installed packages' metadata only (it does not import jax or
   torch, so a driver process does not take the GPU). Missing pieces are None.
@@ -68,7 +68,8 @@ def environment() -> dict[str, Any]:
   except (OSError, subprocess.SubprocessError):
     pass
   return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              host=platform.node(), cpu_count=os.cpu_count(), gpu=gpu, driver=driver,
+              host=platform.node(), cpu_count=os.cpu_count(),
+              load_average=[round(v, 2) for v in os.getloadavg()], gpu=gpu, driver=driver,
               versions=versions)
 
 
