@@ -2,7 +2,9 @@
 
 For each model and batch size: a prompt of ``--prompt_len`` random tokens, prefilled in
 parallel (``mamba_jax.inference.jit_prefill``; in one pass, or in pieces of
-``--prefill_chunk`` tokens from batch ``--chunk_from_batch`` on), then
+``--prefill_chunk`` tokens from batch ``--chunk_from_batch`` on; Transformer++'s first piece
+runs cuDNN flash attention on GPUs, its later pieces and decode steps XLA over the KV cache),
+then
 ``--gen_len`` tokens decoded greedily by the compiled ``while_loop``
 (``mamba_jax.inference.decode``, donated cache). Reported per row:
 
@@ -18,9 +20,12 @@ parallel (``mamba_jax.inference.jit_prefill``; in one pass, or in pieces of
   vs_transformer     decode_tok_s / the Transformer++'s at the same batch
 
 and a second table: the decoding-state size at batch 1 against context length (2K to 64K),
-constant for the SSMs and linear for attention, from shapes alone (``state_nbytes``).
+constant for the SSMs and linear for attention, from shapes alone (``state_nbytes``) and, on
+devices with memory statistics, measured: the growth of ``bytes_in_use`` when an empty cache
+(``init_cache``) of that length is allocated (``<model>_measured``).
 Compilation is excluded from every timing (one warm-up call per shape). The JSON is rewritten
-after every row, so a run cut short keeps what it measured.
+after every row, so a run cut short keeps what it measured; ``--budget_s`` skips (and lists)
+the rows that would start after that many seconds.
 
 Usage:
   PYTHONPATH=. python scripts/bench_generation.py --out gen.json            # ~130M, GPU
@@ -34,20 +39,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
+import sys
 import time
 from typing import Any, Optional
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench_timing import environment, write_json  # noqa: E402
 from mamba_jax.config import MambaConfig, preset  # noqa: E402
-from mamba_jax.inference.cache import cache_nbytes, state_nbytes  # noqa: E402
+from mamba_jax.inference.cache import cache_nbytes, init_cache, state_nbytes  # noqa: E402
 from mamba_jax.inference.decode import _decode  # noqa: E402
 from mamba_jax.inference.generate import jit_prefill  # noqa: E402
 from mamba_jax.inference.sampling import SamplingParams  # noqa: E402
@@ -85,6 +92,23 @@ def _median_ms(fn, reps: int) -> float:
 def _peak_mib() -> Optional[float]:
   stats = jax.devices()[0].memory_stats()
   return None if not stats else stats.get("peak_bytes_in_use", 0) / MIB
+
+
+def _in_use() -> Optional[int]:
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats else stats.get("bytes_in_use", 0)
+
+
+def measured_state_mib(model: MambaLM, context: int, dtype) -> Optional[float]:
+  """Device bytes an empty cache of ``context`` positions (batch 1) takes, in MiB; None
+  without memory statistics (CPU)."""
+  before = _in_use()
+  if before is None:
+    return None
+  cache = jax.block_until_ready(init_cache(model, 1, context, dtype))
+  grown = _in_use() - before
+  del cache
+  return round(grown / MIB, 2)
 
 
 def bench_one(name: str, model: MambaLM, batch: int, args: argparse.Namespace) -> dict:
@@ -181,16 +205,22 @@ def main() -> None:
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   parser.add_argument("--models", default="", help="comma-separated preset names (override)")
+  parser.add_argument("--budget_s", type=float, default=1e9,
+                      help="skip the rows that would start after this many seconds")
   parser.add_argument("--out", default="bench_generation.json")
   args = parser.parse_args()
   if args.small:
     args.prompt_len, args.gen_len, args.prefill_chunk, args.chunk_from_batch = 64, 16, 32, 4
     if args.batches == parser.get_default("batches"):
       args.batches = "1,4"
+  start = time.perf_counter()
   dtype = jnp.dtype(args.dtype)
   names = (args.models.split(",") if args.models
            else MODELS["large" if args.large else "base"])
   configs = {n: small_config(n) if args.small else preset(n) for n in names}
+  if jax.default_backend() == "gpu":  # cuDNN flash attention for the Transformer's prefill
+    configs = {n: cfg.replace(attn_cfg={**cfg.attn_cfg, "implementation": "cudnn"})
+               if cfg.attn_layer_idx else cfg for n, cfg in configs.items()}
   batches = [int(b) for b in args.batches.split(",")]
   device = str(jax.devices()[0].device_kind)
   print(f"device: {device}; {dataclasses.asdict(SamplingParams())}; dtype {args.dtype}",
@@ -200,19 +230,33 @@ def main() -> None:
                                  for n, cfg in configs.items()}) for c in CONTEXTS]
   models = {n: MambaLM(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
             for n, cfg in configs.items()}
+  for c in contexts:
+    for n, model in models.items():
+      c[f"{n}_measured"] = measured_state_mib(model, c["context"], dtype)
   rows: list[dict] = []
+  skipped: list[str] = []
+  env = environment()
+
+  def save(rows, skipped):
+    write_json(args.out, dict(section="generation", device=device, env=env, args=vars(args),
+                              dtype=args.dtype, small=args.small, rows=rows, skipped=skipped,
+                              state_vs_context=contexts,
+                              elapsed_s=time.perf_counter() - start))
+
   for batch in batches:  # every model at a batch before the next: ratios come early
     for name, model in models.items():
+      if time.perf_counter() - start > args.budget_s:
+        skipped.append(f"{name} batch {batch}")
+        continue
       try:
         row = bench_one(name, model, batch, args)
       except Exception as error:  # an OOM at a large batch must not lose the other rows
         row = dict(model=name, batch=batch, error=f"{type(error).__name__}: {error}"[:300])
       rows.append(row)
-      print(json.dumps(row), flush=True)
+      print(row, flush=True)
       add_ratios([r for r in rows if "error" not in r])
-      with open(args.out, "w") as f:
-        json.dump(dict(device=device, dtype=args.dtype, small=args.small, rows=rows,
-                       state_vs_context=contexts), f, indent=1)
+      save(rows, skipped)
+  save(rows, skipped)
   print(markdown([r for r in rows if "error" not in r], contexts))
 
 
