@@ -1,0 +1,380 @@
+"""Builds docs/benchmarks.md and the bench_*.png figures from a bench_all.py results JSON.
+
+  python scripts/bench_report.py --json bench_results.json [more.json ...] \
+      --md docs/benchmarks.md --png_dir docs
+
+The report is a function of the JSON alone (every number in it comes from there), so it can
+be rebuilt from saved results; figures need matplotlib (skipped with a note without it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from typing import Any, Iterable
+
+TITLE = "# mamba_jax benchmarks"
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+  """A table cell: '-' for None / NaN, ints as they are, floats to ``digits`` places."""
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return "-"
+  if isinstance(value, bool) or isinstance(value, int):
+    return str(value)
+  if isinstance(value, float):
+    return f"{value:,.{digits}f}"
+  return str(value)
+
+
+def length_label(length: int) -> str:
+  return f"{length // 1024}K" if length >= 1024 and length % 1024 == 0 else str(length)
+
+
+def table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> list[str]:
+  header = list(header)
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in row) + " |"
+            for row in rows]
+  return lines
+
+
+def _ratio(a, b):
+  ok = lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+  return b / a if ok(a) and ok(b) else None
+
+
+def kernels_md(data: dict) -> list[str]:
+  rows = data.get("rows", [])
+  out = [f"{data.get('device', '?')}; {fmt(data['args'].get('tokens'))} tokens per case "
+         f"(batch x length) for SSD and attention, {data.get('heads')} heads x "
+         f"{data.get('head_dim')}, groups {data.get('groups')}, chunk "
+         f"{data['args'].get('chunk')}, bf16; medians of {data['args'].get('reps')} x "
+         f"{data['args'].get('inner')} calls after warm-up. % floor = the roofline floor "
+         "(max(bytes / 3.0 TB/s, FLOPs / 740 TFLOP/s), fewest bytes, FLOPs as in "
+         "scripts/bench_kernels.py) over the time. Speedups are baseline ms / ms.", ""]
+  ssd = [r for r in rows if r["op"] in ("ssd", "attention")]
+  state = data["args"].get("state")
+  lengths = sorted({r["length"] for r in ssd if r["op"] == "attention" or r["state"] == state})
+
+  def find(op, impl, length, n=None):
+    hit = [r for r in rows if r["op"] == op and r["impl"] == impl and r["length"] == length
+           and (n is None or r.get("state") == n)]
+    return hit[0] if hit else None
+
+  body = []
+  for length in lengths:
+    att = find("attention", "cudnn", length)
+    for r in [r for r in ssd if r["length"] == length and (r["op"] == "attention"
+                                                           or r["state"] == state)]:
+      tri = find("ssd", "triton", length, r.get("state")) if r["op"] == "ssd" else None
+      body.append([r["op"], r["impl"], length_label(length), r["batch"], r["fwd_ms"],
+                   r["fwd_bwd_ms"], r["fwd_floor_pct"], r["fwd_bwd_floor_pct"],
+                   _ratio(r["fwd_ms"], tri and tri["fwd_ms"]),
+                   _ratio(r["fwd_bwd_ms"], tri and tri["fwd_bwd_ms"]),
+                   _ratio(r["fwd_bwd_ms"], att and att["fwd_bwd_ms"])
+                   if r["op"] == "ssd" else None])
+  out += [f"### SSD (N = {state}) and causal attention against sequence length", ""]
+  out += table(["op", "impl", "L", "batch", "fwd ms", "fwd+bwd ms", "fwd % floor",
+                "fwd+bwd % floor", "fwd vs Triton", "fwd+bwd vs Triton",
+                "fwd+bwd vs cuDNN attention"], body)
+  cross = data.get("crossover") or {}
+  if cross and any(r["op"] == "attention" for r in rows):
+    out += ["", "Crossover (the shortest measured length from which SSD is faster than cuDNN "
+            "attention at every longer one): " + "; ".join(
+                f"{impl}: fwd {length_label(c['fwd']) if c['fwd'] else 'none'}, fwd+bwd "
+                f"{length_label(c['fwd_bwd']) if c['fwd_bwd'] else 'none'}"
+                for impl, c in cross.items()) + "."]
+  sweep_len = data["args"].get("states_length")
+  sweep = sorted((r for r in rows if r["op"] == "ssd" and r["length"] == sweep_len),
+                 key=lambda r: (r["impl"], r["state"]))
+  if sweep:
+    out += ["", f"### SSD against state size N (L = {length_label(sweep_len)})", ""]
+    out += table(["impl", "N", "fwd ms", "fwd+bwd ms", "fwd % floor", "fwd+bwd % floor"],
+                 [[r["impl"], r["state"], r["fwd_ms"], r["fwd_bwd_ms"], r["fwd_floor_pct"],
+                   r["fwd_bwd_floor_pct"]] for r in sweep])
+  s6 = [r for r in rows if r["op"] == "s6"]
+  if s6:
+    out += ["", f"### Mamba-1 selective scan (S6), d_inner {s6[0].get('d_inner')}, d_state "
+            f"{s6[0].get('state')}, {fmt(data['args'].get('s6_tokens'))} tokens (floor: "
+            "bytes / 3.0 TB/s or one exp per (token, channel, state) at the special-function "
+            "rate)", ""]
+    out += table(["impl", "L", "batch", "fwd ms", "fwd+bwd ms", "fwd % floor",
+                  "fwd+bwd % floor"],
+                 [[r["impl"], length_label(r["length"]), r["batch"], r["fwd_ms"],
+                   r["fwd_bwd_ms"], r["fwd_floor_pct"], r["fwd_bwd_floor_pct"]] for r in s6])
+  return out + _problems(data)
+
+
+def training_md(data: dict) -> list[str]:
+  rows = data.get("rows", [])
+  out = ["Random tokens, float32 parameters, bf16 compute, AdamW (β 0.9 / 0.95, weight decay "
+         "0.1, clip 1.0); median step of the timed steps after warm-up (the first step, "
+         "compile included, is `compile s`). MFU = tokens/s · (6 · params + 12 · attention "
+         "layers · d · L) / 989 TFLOP/s (dense bf16 H100 SXM). `torch` = mamba_ssm "
+         "2.3.2.post1's MambaLMHeadModel (bf16 autocast, fused AdamW, Triton SSD; torch "
+         "conv1d: no causal_conv1d extension, so not its fused mem-efficient path). Peak: "
+         "`peak_bytes_in_use` (JAX) / `max_memory_allocated` (torch), each case in its own "
+         "process.", ""]
+  out += table(["model", "impl", "L", "batch", "params (M)", "step ms", "tokens/s", "MFU %",
+                "peak GiB", "compile s", "vs mamba_ssm", "SSM / attention path"],
+               [[r["model"], r["impl"], length_label(r["length"]), r["batch"],
+                 r["params"] / 1e6, r["step_ms"], r["tokens_per_s"], 100 * r["mfu"],
+                 r.get("peak_gib"), r["compile_s"], r.get("jax_vs_torch"),
+                 ", ".join(r.get("ops_impl") or []) or (r.get("attention") or "-")]
+                for r in rows])
+  return out + _problems(data)
+
+
+def cpu_md(data: dict) -> list[str]:
+  rows = data.get("rows", [])
+  env = data.get("env", {})
+  first = rows[0] if rows else {}
+  out = [f"Tiny models of each family (d_model 256, 4 layers, vocabulary 256), "
+         f"{fmt(first.get('batch'))} sequences of {fmt(first.get('length'))} tokens, float32 "
+         "parameters and bf16 compute, on the CPU (host with "
+         f"{env.get('cpu_count')} cores, pinned to 2 when it has more; load average "
+         f"{env.get('load_average')} when it started, {env.get('date')}): the first step "
+         "(tracing + XLA compilation + one step) and the median step after it.", ""]
+  out += table(["model", "params (M)", "first step (compile) s", "step ms", "tokens/s"],
+               [[r["model"], r["params"] / 1e6, r["compile_s"], r["step_ms"],
+                 r["tokens_per_s"]] for r in rows])
+  return out + _problems(data)
+
+
+def generation_md(data: dict) -> list[str]:
+  rows = [r for r in data.get("rows", []) if "error" not in r]
+  a = data.get("args", {})
+  out = [f"{data.get('device', '?')}; {data.get('dtype')} weights, random; prompt "
+         f"{a.get('prompt_len')} tokens prefilled in parallel, then {a.get('gen_len')} tokens "
+         "decoded greedily in one compiled `while_loop` (donated cache); medians of "
+         f"{a.get('reps')} runs. ms/token = decode time / (new tokens − 1); tokens/s = batch · "
+         "new tokens / decode time; `vs Transformer++` = decode tokens/s over Transformer++'s "
+         "at the same batch. Peak memory is process-wide (monotone over the rows).", ""]
+  out += table(["model", "params (M)", "batch", "prefill ms", "ms/token", "decode tokens/s",
+                "end-to-end tokens/s", "vs Transformer++", "state MiB", "decode program MiB",
+                "peak MiB"],
+               [[r["model"], r["params_m"], r["batch"], r["prefill_ms"], r["decode_ms_step"],
+                 r["decode_tok_s"], r["e2e_tok_s"], r.get("vs_transformer"), r["state_mib"],
+                 r.get("decode_prog_mib"), r.get("peak_mib")] for r in rows])
+  ctx = data.get("state_vs_context") or []
+  if ctx:
+    names = [k for k in ctx[0] if k != "context"]
+    out += ["", "Decoding state (MiB) at batch 1 against context length: from the cache "
+            "pytree's shapes, and `_measured`: the device memory an empty cache of that length "
+            "takes (`bytes_in_use` growth; '-' on CPU).", ""]
+    out += table(["context", *names], [[length_label(c["context"]), *(c[n] for n in names)]
+                                       for c in ctx])
+  errors = [r for r in data.get("rows", []) if "error" in r]
+  if errors:
+    out += ["", "Failed rows: " + "; ".join(f"{r['model']} batch {r['batch']}: {r['error']}"
+                                            for r in errors)]
+  return out + _problems(data, errors=False)
+
+
+def long_context_md(data: dict) -> list[str]:
+  a = data.get("args", {})
+  out = [f"Batch 1, float32 parameters, bf16 compute; train = loss + gradient + AdamW update "
+         f"with per-block rematerialization ({a.get('remat')}) and the LM-head loss in "
+         f"{fmt(a.get('loss_chunk'))}-token chunks; forward = all L tokens through the "
+         "backbone, logits of the last one. The search starts at "
+         f"{length_label(a.get('start', 0))} and doubles (halves) up to "
+         f"{length_label(a.get('max_length', 0))} (down to {length_label(a.get('min_length', 0))}"
+         "); each attempt in its own process.", ""]
+  body = []
+  for r in data.get("rows", []):
+    tried = "; ".join(
+        f"{length_label(t['length'])}: " + (
+            f"ok, {fmt(t.get('step_s'))} s/step, {fmt(t.get('peak_gib'))} GiB" if t["ok"]
+            else t.get("error", "failed")) for t in r["attempts"])
+    longest = length_label(r["longest"]) if r["longest"] else "none tried fit"
+    if r.get("capped_by"):
+      longest = f"≥ {longest} (search capped by {r['capped_by']})" if r["longest"] else longest
+    body.append([r["model"], r["mode"], longest, tried])
+  return out + table(["model", "mode", "longest length", "attempts"], body)
+
+
+def _problems(data: dict, errors: bool = True) -> list[str]:
+  out = []
+  if errors and data.get("errors"):
+    out += ["", "Errors: " + "; ".join(e if isinstance(e, str) else
+                                      f"{e.get('case')}: {e.get('error')}"
+                                      for e in data["errors"])]
+  if data.get("skipped"):
+    out += ["", "Not run (time budget): " + ", ".join(map(str, data["skipped"]))]
+  return out
+
+
+SECTION_MD = {
+    "kernels": ("Kernels: SSD and S6 against attention (Mamba Fig. 8 left, Mamba-2 Fig. 10)",
+                kernels_md),
+    "training": ("Training step: throughput, MFU, memory (Mamba Fig. 8 right)", training_md),
+    "generation": ("Generation: Mamba against Transformer++ of the same size", generation_md),
+    "generation_large": ("Generation at 1.4B / 1.3B", generation_md),
+    "long_context": ("Long context: the longest sequence on one device", long_context_md),
+    "cpu": ("CPU: a tiny model for notebook users", cpu_md),
+}
+
+
+def markdown(results: dict, figures: dict[str, str]) -> str:
+  env = results.get("env", {})
+  versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v)
+  lines = [TITLE, "",
+           f"Generated by `scripts/bench_report.py` from `scripts/bench_all.py "
+           f"{'--' + results['mode'] if results.get('mode') != 'full' else ''}` results "
+           "(regenerate with `python scripts/bench_report.py --json bench_results.json --md "
+           "docs/benchmarks.md --png_dir docs`). Every number below is from that run.", "",
+           f"- device: {env.get('gpu') or 'CPU only'}; driver {env.get('driver') or '-'}; "
+           f"{env.get('cpu_count')} CPU cores",
+           f"- date (UTC): {env.get('date')}", f"- software: {versions}",
+           f"- mode: {results.get('mode')}, {fmt(results.get('elapsed_s'), 0)} s in all", "",
+           "## Sections", ""]
+  secs = results.get("sections", {})
+  lines += table(["section", "status", "wall s", "limit s"],
+                 [[n, s["status"], s.get("wall_s"), s.get("limit_s")] for n, s in secs.items()])
+  for name, sec in secs.items():
+    base = next((k for k in SECTION_MD if name == k), None) or next(
+        (k for k in SECTION_MD if name.startswith(k + "_")), None)
+    title, render = SECTION_MD[base] if base else (name, None)
+    if base and base != name:
+      title = f"{title} [{name}]"
+    lines += ["", f"## {title}", ""]
+    if name in figures:
+      lines += [f"![{name}]({figures[name]})", ""]
+    if sec.get("data") and render is not None:
+      try:
+        lines += render(sec["data"])
+      except (KeyError, TypeError, ValueError) as e:  # a malformed section must not hide others
+        lines += [f"(could not render this section's data: {type(e).__name__}: {e})"]
+    if sec["status"] != "ok":
+      tail = (sec.get("log_tail") or sec.get("reason") or "").strip().splitlines()[-6:]
+      lines += ["", f"Status **{sec['status']}**" + (": last lines of its log:" if tail else ""),
+                ""]
+      if tail:
+        lines += ["```", *tail, "```"]
+  return "\n".join(lines) + "\n"
+
+
+def figures(results: dict, png_dir: str) -> dict[str, str]:
+  """Writes bench_<section>.png for the sections with plottable data; {section: file name}."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib is not installed: no figures")
+    return {}
+  made = {}
+  secs = {n: s.get("data") for n, s in results.get("sections", {}).items() if s.get("data")}
+  device = (results.get("env") or {}).get("gpu") or "CPU"
+  if secs.get("kernels", {}).get("rows"):
+    d = secs["kernels"]
+    rows, state = d["rows"], d["args"].get("state")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, title in zip(axes[:2], ("fwd_ms", "fwd_bwd_ms"), ("forward", "forward+backward")):
+      for op, impl in sorted({(r["op"], r["impl"]) for r in rows if r["op"] != "s6"}):
+        pts = sorted((r["length"], r[key]) for r in rows if r["op"] == op and r["impl"] == impl
+                     and (op == "attention" or r["state"] == state) and r[key] == r[key])
+        if pts:
+          ax.plot(*zip(*pts), marker="o", label=f"{op} {impl}")
+      ax.set_xscale("log", base=2)
+      ax.set(yscale="log", xlabel=f"sequence length ({d['args']['tokens']} tokens per case)",
+             ylabel="ms", title=f"{title}, N = {state}")
+      ax.legend(fontsize=8)
+    sweep = [r for r in rows if r["op"] == "ssd" and r["length"] == d["args"].get("states_length")]
+    for impl in sorted({r["impl"] for r in sweep}):
+      pts = sorted((r["state"], r["fwd_bwd_ms"]) for r in sweep if r["impl"] == impl)
+      axes[2].plot(*zip(*pts), marker="o", label=f"ssd {impl}")
+    axes[2].set_xscale("log", base=2)
+    axes[2].set(yscale="log", xlabel="state size N", ylabel="fwd+bwd ms",
+                title=f"SSD vs N, L = {d['args'].get('states_length')}")
+    axes[2].legend(fontsize=8)
+    fig.suptitle(device)
+    made["kernels"] = _save(fig, png_dir, "bench_kernels.png")
+  rows = [r for n, d in secs.items() if n == "training" or n.startswith("training_")
+          for r in d.get("rows", [])]
+  if rows:
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows)), 4))
+    labels = [f"{r['model']}\n{r['impl']} L={length_label(r['length'])}" for r in rows]
+    ax.bar(range(len(rows)), [r["tokens_per_s"] for r in rows],
+           color=["tab:orange" if r["impl"] == "torch" else "tab:blue" for r in rows])
+    ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=7)
+    ax.set(ylabel="training tokens/s", title=f"{device}: train step (blue ours, orange mamba_ssm)")
+    made["training"] = _save(fig, png_dir, "bench_training.png")
+  if secs.get("generation", {}).get("rows"):
+    d = secs["generation"]
+    rows = [r for r in d["rows"] if "error" not in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for model in sorted({r["model"] for r in rows}):
+      pts = sorted((r["batch"], r["decode_tok_s"]) for r in rows if r["model"] == model)
+      axes[0].plot(*zip(*pts), marker="o", label=model)
+    axes[0].set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s",
+                title="generation throughput")
+    axes[0].legend(fontsize=8)
+    ctx = d.get("state_vs_context") or []
+    for name in [k for k in (ctx[0] if ctx else {}) if k != "context"]:
+      pts = [(c["context"], c[name]) for c in ctx if c[name] is not None]
+      if pts:
+        axes[1].plot(*zip(*pts), marker="o", label=name, linestyle="--" if "measured" in name
+                     else "-")
+    axes[1].set(xscale="log", yscale="log", xlabel="context length", ylabel="MiB (batch 1)",
+                title="decoding state")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(device)
+    made["generation"] = _save(fig, png_dir, "bench_generation.png")
+  return made
+
+
+def _save(fig, png_dir: str, name: str) -> str:
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  fig.savefig(os.path.join(png_dir, name), dpi=110)
+  plt.close(fig)
+  return name
+
+
+def build(results: dict, md_path: str, png_dir: str) -> list[str]:
+  """Writes the markdown report and the figures; returns the paths written."""
+  os.makedirs(png_dir, exist_ok=True)
+  made = figures(results, png_dir)
+  rel = os.path.relpath(png_dir, os.path.dirname(os.path.abspath(md_path)) or ".")
+  links = {k: (v if rel == "." else os.path.join(rel, v)) for k, v in made.items()}
+  with open(md_path, "w") as f:
+    f.write(markdown(results, links))
+  return [md_path] + [os.path.join(png_dir, v) for v in made.values()]
+
+
+def merge(parts: list[dict]) -> dict:
+  """Results of several bench_all.py calls as one: sections of later parts replace earlier
+  ones of the same name; the top-level env / mode are the first GPU run's (else the first's),
+  and each section keeps its own env in its data."""
+  if not parts:
+    raise ValueError("merge: no results given")
+  base = next((p for p in parts if (p.get("env") or {}).get("gpu")), parts[0])
+  merged = {**base, "sections": {}, "elapsed_s": sum(p.get("elapsed_s") or 0 for p in parts)}
+  for part in parts:
+    for name, section in part.get("sections", {}).items():
+      if section.get("status") != "skipped" or name not in merged["sections"]:
+        merged["sections"][name] = {**section, "from_env": part.get("env")}
+  return merged
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--json", required=True, nargs="+",
+                      help="bench_all.py results JSON(s); several (e.g. one per --only call, "
+                           "the CPU numbers from another machine) are merged in order")
+  parser.add_argument("--md", default="docs/benchmarks.md")
+  parser.add_argument("--png_dir", default="docs")
+  args = parser.parse_args()
+  parts = []
+  for path in args.json:
+    with open(path) as f:
+      parts.append(json.load(f))
+  print("wrote", ", ".join(build(merge(parts), args.md, args.png_dir)))
+
+
+if __name__ == "__main__":
+  main()

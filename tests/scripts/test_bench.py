@@ -1,0 +1,206 @@
+"""The pure pieces of the benchmark scripts: FLOP / byte counters, crossover, the report builder.
+
+Timings are never asserted; the counters are checked against hand-computed values and against
+PERF.md's anchors, and the report is built from a small hand-made results JSON.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import bench_kernels  # noqa: E402
+import bench_report  # noqa: E402
+import bench_selective_scan  # noqa: E402
+import bench_ssd  # noqa: E402
+import bench_training  # noqa: E402
+
+
+def test_ssd_cost_tiny_by_hand():
+  # 2 tokens, N 1, Q 2, 1 head of dim 1, 1 group:
+  #   FLOPs T.G.Q.N + T.H.(Q.P + 4.N.P) = 2.1.2.1 + 2.1.(2 + 4) = 4 + 12 = 16
+  #   bytes: x and y 2.2 each, B and C 2.2 each, dt 2.4 -> forward 4 + 4 + 8 + 8 = 24
+  #   backward: x, dy, dx (12), B, C, dB, dC (16), dt, ddt (16) -> 44 more
+  cost = bench_kernels.ssd_cost(tokens=2, state=1, chunk=2, heads=1, head_dim=1, groups=1)
+  assert cost == dict(fwd_flops=16, fwd_bwd_flops=48, fwd_bytes=24, fwd_bwd_bytes=68)
+
+
+def test_ssd_floor_matches_perf_md_and_bench_ssd():
+  # PERF.md: N = 128, 65,536 tokens, 32 x 64, chunk 256: 105 GFLOP, ~575 MB, floors 0.19 /
+  # 0.48 ms; scripts/bench_ssd.py's floor_ms counts the same way.
+  cost = bench_kernels.ssd_cost(65536, 128, 256)
+  assert cost["fwd_flops"] == pytest.approx(105e9, rel=0.01)
+  assert cost["fwd_bytes"] == pytest.approx(578e6, rel=0.01)
+  fwd, fwd_bwd = bench_kernels.floor_ms(cost)
+  assert fwd == pytest.approx(0.19, abs=0.005)
+  assert fwd_bwd == pytest.approx(0.48, abs=0.01)
+  assert (fwd, fwd_bwd) == pytest.approx(bench_ssd.floor_ms(65536, 128, 256))
+
+
+def test_attention_cost_by_hand():
+  # b 1, L 4, 1 head of dim 2, causal: Q.Kᵀ and P.V are 2.L.L.P = 64 FLOPs each, halved:
+  # 64; backward 2.5x -> 224 in all. Tensors 4.2 bf16 = 16 bytes: q, k, v, o = 64;
+  # backward q, k, v, o, do in, dq, dk, dv out = 128 more.
+  cost = bench_kernels.attention_cost(1, 4, heads=1, head_dim=2)
+  assert cost == dict(fwd_flops=64, fwd_bwd_flops=224, fwd_bytes=64, fwd_bwd_bytes=192)
+  assert bench_kernels.attention_cost(1, 4, 1, 2, causal=False)["fwd_flops"] == 128
+
+
+def test_selective_scan_floor_counts_exps():
+  fl = bench_selective_scan.floor(tokens=4, d_inner=3, d_state=2, gate=False)
+  # one exp per (token, channel, state); bytes u, delta, y (3.4.3.2) + B, C (2.4.2.2)
+  assert fl["exps"] == 24
+  assert fl["fwd_bytes"] == 3 * 4 * 3 * 2 + 4 * 2 * 2 * 2
+
+
+def _row(op, impl, length, fwd_bwd, state=128):
+  return dict(op=op, impl=impl, length=length, state=state if op == "ssd" else None,
+              fwd_ms=fwd_bwd / 3, fwd_bwd_ms=fwd_bwd)
+
+
+def test_crossover_is_the_start_of_the_last_winning_run():
+  rows = [_row("attention", "cudnn", 512, 1.0), _row("attention", "cudnn", 1024, 2.0),
+          _row("attention", "cudnn", 2048, 4.0), _row("attention", "cudnn", 4096, 8.0),
+          _row("ssd", "x", 512, 0.5), _row("ssd", "x", 1024, 3.0),   # wins, then loses
+          _row("ssd", "x", 2048, 3.0), _row("ssd", "x", 4096, 3.0),   # wins from 2048 on
+          _row("ssd", "x", 2048, 0.1, state=64)]                        # other N: ignored
+  assert bench_kernels.crossover(rows, "x") == 2048
+  assert bench_kernels.crossover(rows, "missing") is None
+  losing = [_row("attention", "cudnn", 512, 1.0), _row("ssd", "y", 512, 2.0)]
+  assert bench_kernels.crossover(losing, "y") is None
+
+
+def test_training_flops_per_token():
+  # 6.N, plus 12 . layers . d . L for attention: 6.100 + 12.2.8.16 = 600 + 3072
+  assert bench_training.train_flops_per_token(100, 2, 8, 16) == 3672
+  assert bench_training.train_flops_per_token(100, 0, 0, 16) == 600
+  row = bench_training.finish(dict(batch=2, step_ms=1000.0, flops_per_token=989e12 / 4,
+                                   peak_bytes=2 ** 31), length=2)
+  assert row["tokens_per_s"] == 4.0 and row["mfu"] == pytest.approx(1.0)
+  assert row["peak_gib"] == 2.0
+
+
+def test_auto_choices_reads_the_impl_log():
+  log = ("I1122 impl.py:44] ssd: impl='auto' resolved to 'chunked' on gpu sm_90\n"
+         "I1122 impl.py:44] ssd: impl='auto' resolved to 'chunked' on gpu sm_90\n")
+  assert bench_training.auto_choices(log) == ["ssd=chunked (gpu sm_90)"]
+
+
+FAKE = {
+    "mode": "reduced",
+    "env": {"gpu": "NVIDIA H100 80GB HBM3", "driver": "580.159.04", "cpu_count": 16,
+            "date": "2026-11-22T10:00:00+00:00", "versions": {"jax": "0.11.2"}},
+    "elapsed_s": 300.0,
+    "sections": {
+        "kernels": {"status": "ok", "wall_s": 100.0, "limit_s": 150.0, "data": {
+            "device": "H100", "heads": 32, "head_dim": 64, "groups": 1,
+            "args": {"tokens": 65536, "chunk": 256, "reps": 10, "inner": 2, "state": 128,
+                     "states_length": 2048, "s6_tokens": 65536},
+            "rows": [dict(_row("ssd", "pallas", 2048, 3.0), batch=32, fwd_floor_pct=10.0,
+                          fwd_bwd_floor_pct=12.5),
+                     dict(_row("ssd", "triton", 2048, 6.0), batch=32, fwd_floor_pct=5.0,
+                          fwd_bwd_floor_pct=6.25),
+                     dict(_row("attention", "cudnn", 2048, 7.5), batch=32,
+                          fwd_floor_pct=20.0, fwd_bwd_floor_pct=30.0),
+                     dict(_row("ssd", "pallas", 2048, 2.0, state=16), batch=32,
+                          fwd_floor_pct=1.0, fwd_bwd_floor_pct=1.0),
+                     dict(op="s6", impl="chunked", length=2048, batch=32, state=16,
+                          d_inner=1536, fwd_ms=1.0, fwd_bwd_ms=4.0, fwd_floor_pct=40.0,
+                          fwd_bwd_floor_pct=20.0)],
+            "crossover": {"pallas": {"fwd": 2048, "fwd_bwd": 2048}},
+            "errors": [], "skipped": ["ssd pallas L=32768 N=128"]}},
+        "training": {"status": "ok", "wall_s": 90.0, "limit_s": 150.0, "data": {
+            "rows": [dict(model="mamba2-130m", impl="jax", length=2048, batch=16,
+                          params=129e6, step_ms=123.4, tokens_per_s=265555.0, mfu=0.21,
+                          peak_gib=20.5, compile_s=30.0, jax_vs_torch=1.25,
+                          ops_impl=["ssd=chunked (gpu sm_90)"]),
+                     dict(model="mamba2-130m", impl="torch", length=2048, batch=16,
+                          params=129e6, step_ms=154.3, tokens_per_s=212444.0, mfu=0.17,
+                          peak_gib=30.9, compile_s=5.0)],
+            "errors": [{"case": "mamba-130m:2048:jax", "error": "out of memory"}],
+            "skipped": []}},
+        "generation": {"status": "timeout", "wall_s": 80.0, "limit_s": 80.0,
+                       "log_tail": "compiling\nkilled", "data": {
+            "device": "H100", "dtype": "bfloat16",
+            "args": {"prompt_len": 2048, "gen_len": 128, "reps": 2},
+            "rows": [dict(model="mamba2-130m", params_m=128.9, batch=1, prefill_ms=10.0,
+                          decode_ms_step=0.75, decode_tok_s=1333.0, e2e_tok_s=900.0,
+                          vs_transformer=1.5, state_mib=18.1, decode_prog_mib=300.0,
+                          peak_mib=1000.0),
+                     dict(model="transformerpp-125m", batch=64, error="OOM")],
+            "state_vs_context": [{"context": 2048, "mamba2-130m": 18.1,
+                                  "mamba2-130m_measured": 18.2}]}},
+        "long_context": {"status": "ok", "wall_s": 60.0, "limit_s": 100.0, "data": {
+            "args": {"remat": True, "loss_chunk": 8192, "start": 262144,
+                     "max_length": 262144, "min_length": 8192},
+            "rows": [dict(model="mamba2-130m", mode="train", longest=262144,
+                          capped_by="max_length", attempts=[dict(
+                              length=262144, ok=True, step_s=3.5, peak_gib=41.0)]),
+                     dict(model="transformerpp-125m", mode="train", longest=None,
+                          capped_by="time budget", attempts=[])]}},
+        "cpu": {"status": "skipped", "reason": "driver deadline"},
+    },
+}
+
+
+def test_report_from_a_fake_results_json(tmp_path):
+  written = bench_report.build(json.loads(json.dumps(FAKE)), str(tmp_path / "bench.md"),
+                               str(tmp_path))
+  md = (tmp_path / "bench.md").read_text()
+  assert md.startswith(bench_report.TITLE)
+  for text in ("NVIDIA H100 80GB HBM3", "| ssd | pallas | 2K | 32 | 1.00 | 3.00 | 10.00 | "
+               "12.50 | 2.00 | 2.00 | 2.50 |",      # vs Triton 6/3, vs attention 7.5/3
+               "pallas: fwd 2K, fwd+bwd 2K", "| mamba2-130m | jax | 2K | 16 | 129.00 |",
+               "1.25", "mamba-130m:2048:jax: out of memory", "ssd pallas L=32768 N=128",
+               "Status **timeout**", "killed", "transformerpp-125m batch 64: OOM",
+               "≥ 256K (search capped by max_length)", "256K: ok, 3.50 s/step, 41.00 GiB",
+               "| 2K | 18.10 | 18.20 |", "driver deadline"):
+    assert text in md, text
+  pngs = sorted(os.path.basename(p) for p in written if p.endswith(".png"))
+  assert pngs == ["bench_generation.png", "bench_kernels.png", "bench_training.png"]
+  assert "![kernels](bench_kernels.png)" in md
+
+
+def test_report_cli_rebuilds_from_saved_json(tmp_path):
+  path = tmp_path / "results.json"
+  path.write_text(json.dumps({**FAKE, "sections": {"cpu": {
+      "status": "ok", "wall_s": 20.0, "limit_s": 60.0, "data": {"env": {"cpu_count": 2},
+      "rows": [dict(model="mamba-130m", params=1.2e6, batch=8, length=256, compile_s=9.5,
+                    step_ms=250.0, tokens_per_s=8192.0)]}}}}))
+  subprocess.run([sys.executable, str(REPO / "scripts" / "bench_report.py"), "--json",
+                  str(path), "--md", str(tmp_path / "out.md"), "--png_dir", str(tmp_path)],
+                 check=True, capture_output=True)
+  md = (tmp_path / "out.md").read_text()
+  assert "| mamba-130m | 1.20 | 9.50 | 250.00 | 8,192.00 |" in md
+
+
+@pytest.mark.slow
+def test_bench_all_smoke_runs_every_section(tmp_path):
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, str(REPO / "scripts" / "bench_all.py"), "--smoke", "--out",
+                  str(tmp_path)], check=True, env=env, capture_output=True, timeout=900)
+  results = json.loads((tmp_path / "bench_results.json").read_text())
+  assert {n: s["status"] for n, s in results["sections"].items()} == dict.fromkeys(
+      ("kernels", "training", "generation", "long_context", "cpu"), "ok")
+  assert (tmp_path / "benchmarks.md").exists()
+
+
+def test_merge_keeps_later_sections_and_the_gpu_env():
+  gpu = {"mode": "full", "env": {"gpu": "H100"}, "elapsed_s": 10.0, "sections": {
+      "kernels": {"status": "ok", "data": {"rows": [1]}},
+      "cpu": {"status": "skipped"}}}
+  cpu = {"mode": "full", "env": {"gpu": None}, "elapsed_s": 5.0, "sections": {
+      "cpu": {"status": "ok", "data": {"rows": [2]}},
+      "kernels": {"status": "skipped"}}}
+  merged = bench_report.merge([cpu, gpu])
+  assert merged["env"]["gpu"] == "H100" and merged["elapsed_s"] == 15.0
+  assert merged["sections"]["kernels"]["data"] == {"rows": [1]}  # skipped does not replace
+  assert merged["sections"]["cpu"]["data"] == {"rows": [2]}
+  with pytest.raises(ValueError, match="no results"):
+    bench_report.merge([])
