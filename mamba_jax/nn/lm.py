@@ -92,6 +92,19 @@ class MixerModel(nnx.Module):
     self.norm_f = Norm(d, rms=config.rms_norm, eps=config.norm_epsilon,
                        param_dtype=param_dtype)
 
+  def __call__(self, input_ids: jax.Array, *, seq_idx: Optional[jax.Array] = None
+               ) -> jax.Array:
+    """Final hidden states: input_ids (b, l) int -> norm_f(hidden + residual) (b, l, d).
+
+    What :class:`MambaLM` feeds its LM head (float32, or wider); for heads of other tasks
+    (``mamba_jax.nn.classifier``).
+    """
+    with jax.named_scope("mixer_model"):
+      hidden, residual = self.embedding(input_ids), None
+      for layer in self.layers:
+        hidden, residual = layer(hidden, residual, seq_idx=seq_idx)[:2]
+      return self._final(hidden, residual)
+
   def _final(self, hidden: jax.Array, residual: Optional[jax.Array]) -> jax.Array:
     """norm_f(hidden + residual) in float32 (or wider)."""
     acc = jnp.promote_types(hidden.dtype, jnp.float32)

@@ -25,6 +25,8 @@ Config fields read here (besides ``optimizer``, ``model``, ``task``; see the con
                                   the update and count it
   profile_steps                   () or (first, last): jax.profiler trace of those micro-steps
   compute_dtype                   "float32" | "bfloat16" (the model's dtype; params float32)
+  classifier                      absent, or {"num_classes", "pooling"}: a sequence classifier
+                                  (models.build_model) scored on its (b, 1, classes) logits
   data_threads                    grain reader threads
   only_rows                       "" (all rows), or comma-separated row names to train
 """
@@ -159,14 +161,14 @@ def train_row(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = _mesh()
   replicated = NamedSharding(mesh, P())
   model = models.build_model(models.model_config(cfg.model), dtype_name=cfg.compute_dtype,
-                             seed=cfg.seed)
+                             seed=cfg.seed, classifier=cfg.get("classifier"))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   accum = cfg.optimizer.grad_accum_steps
   total_steps = cfg.num_train_steps * accum
   tx = make_optimizer(cfg.optimizer, cfg.num_train_steps, models.weight_decay_mask(model))
   schedule = learning_rate_schedule(cfg.optimizer, cfg.num_train_steps)
-  vocab = cfg.task.vocab_size
+  vocab = models.output_size(cfg)
   train_step = make_train_step(graphdef, rest, tx, vocab)
   eval_step = make_eval_step(graphdef, rest, vocab)
   state = jax.device_put(init_train_state(params, tx), replicated)

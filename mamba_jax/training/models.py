@@ -4,7 +4,7 @@ An experiment config holds the model as plain ``MambaConfig`` fields (``config.m
 model row of a table overrides some of them (``row.model``); ``ssm_cfg`` and ``attn_cfg`` are
 merged key by key, so a row can say ``ssm_cfg={"layer": "H3"}`` and keep the shared d_state.
 The compute dtype (``config.compute_dtype``: "float32" or "bfloat16") is the model's ``dtype``;
-parameters stay float32.
+parameters stay float32. A config with a ``classifier`` field gets a sequence classifier.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from mamba_jax.config import MambaConfig
 from mamba_jax.nn import lm
+from mamba_jax.nn.classifier import SequenceClassifier
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _NESTED = ("ssm_cfg", "attn_cfg")
@@ -54,10 +55,25 @@ def compute_dtype(name: str) -> Any:
   return COMPUTE_DTYPES[name]
 
 
-def build_model(config: MambaConfig, *, dtype_name: str, seed: int) -> nnx.Module:
-  """``MambaLM(config)`` with float32 parameters and the given compute dtype."""
-  return lm.MambaLM(config, dtype=compute_dtype(dtype_name), param_dtype=jnp.float32,
-                    rngs=nnx.Rngs(seed))
+def build_model(config: MambaConfig, *, dtype_name: str, seed: int,
+                classifier: Mapping[str, Any] | None = None) -> nnx.Module:
+  """``MambaLM(config)`` with float32 parameters and the given compute dtype.
+
+  With ``classifier`` ({"num_classes": k, "pooling": "mean" | "last"}, an experiment's
+  ``config.classifier``) a :class:`~mamba_jax.nn.classifier.SequenceClassifier` on that
+  backbone instead, whose logits are (b, 1, k).
+  """
+  rngs, dtype = nnx.Rngs(seed), compute_dtype(dtype_name)
+  if classifier:
+    return SequenceClassifier(config, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+                              **_plain(classifier))
+  return lm.MambaLM(config, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def output_size(cfg: Any) -> int:
+  """Logit entries the loss reads: ``classifier.num_classes``, else the task's vocabulary."""
+  classifier = cfg.get("classifier")
+  return int(classifier["num_classes"]) if classifier else int(cfg.task.vocab_size)
 
 
 def weight_decay_mask(model: nnx.Module) -> Any:
