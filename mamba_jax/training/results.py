@@ -5,7 +5,8 @@
 ``config.results.columns`` (metric keys of the rows) next to the paper's numbers. Configs with
 ``config.results.plot`` = "accuracy_vs_length" (accuracy@<length> metrics, one line per row) or
 "accuracy_vs_width" (rows grouped by ``config.results.group_by``) or "metric_vs_params"
-(``config.results.metric`` against the parameter count, grouped likewise) get
+(``config.results.metric`` against the parameter count, grouped likewise) or
+"metric_vs_seq_len" (that metric against each row's training length, grouped likewise) get
 ``results.png`` when matplotlib is importable; it is not a dependency, so without it a log
 line says the figure was skipped.
 """
@@ -20,7 +21,8 @@ from typing import Any, Sequence
 from absl import logging
 import ml_collections
 
-PLOTS = ("none", "accuracy_vs_length", "accuracy_vs_width", "metric_vs_params")
+PLOTS = ("none", "accuracy_vs_length", "accuracy_vs_width", "metric_vs_params",
+         "metric_vs_seq_len")
 
 
 def _fmt(value: Any, percent: bool = True) -> str:
@@ -87,6 +89,17 @@ def _plot(config: ml_collections.ConfigDict, rows: Sequence[dict[str, Any]], pat
       ax.plot(*zip(*sorted(points)), marker="o", label=name)
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
+  elif kind == "metric_vs_seq_len":
+    metric = config.results.metric
+    by_group: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+      if r.get(metric) is not None:
+        by_group.setdefault(str(r.get(config.results.group_by)), []).append(
+            (r["seq_len"], r[metric]))
+    for name, points in by_group.items():
+      ax.plot(*zip(*sorted(points)), marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training sequence length")
   else:
     groups: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
@@ -96,7 +109,7 @@ def _plot(config: ml_collections.ConfigDict, rows: Sequence[dict[str, Any]], pat
       ax.plot(*zip(*sorted(points)), marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("model dimension")
-  if kind == "metric_vs_params":
+  if kind in ("metric_vs_params", "metric_vs_seq_len"):
     ax.set_ylabel(config.results.metric)
   else:
     ax.set_ylabel("accuracy")
