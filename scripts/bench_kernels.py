@@ -1,8 +1,8 @@
 """Kernel scaling: SSD and S6 against causal attention of equal width (Mamba Fig. 8 left, Mamba-2 Fig. 10).
 
 At a fixed token count (batch x length), heads 32 x head_dim 64, groups 1, chunk 256, bf16:
-  ssd        ours: ``pallas`` (pallas_kernels.gpu.ssd's default backend; ``pallas:NAME`` picks
-             one), ``chunked`` (XLA); mamba_ssm's Triton
+  ssd        ours: ``pallas`` (pallas_kernels.gpu.ssd, Triton lowering), ``pallas_mgpu`` (its
+             Mosaic GPU wgmma forward, same backward), ``chunked`` (XLA); mamba_ssm's Triton
              ``mamba_chunk_scan_combined`` (``triton``), through scripts/bench_ssd.py's timers
   attention  ``jax.nn.dot_product_attention(implementation="cudnn")``, causal, 32 x 64
   s6         ours: ``pallas`` (pallas_kernels.gpu.selective_scan), ``chunked`` (XLA), d_state 16,
@@ -85,18 +85,21 @@ def floor_ms(cost: dict[str, float]) -> tuple[float, float]:
   return fwd * 1e3, fb * 1e3
 
 
-def crossover(rows: list[dict], impl: str, key: str = "fwd_bwd_ms") -> int | None:
+def crossover(rows: list[dict], impl: str, key: str = "fwd_bwd_ms",
+              state: int | None = None) -> int | None:
   """Shortest length from which ssd ``impl`` beats attention at every longer measured length.
 
   ``rows``: kernel rows with op "ssd" / "attention", "length", "state" and ``key``; the SSD
-  rows at the most common state are used. None when it never beats attention (or no data).
+  rows at ``state`` (default: the most common one) are used. None when it never beats
+  attention (or there is no data).
   """
   att = {r["length"]: r[key] for r in rows if r["op"] == "attention" and _finite(r.get(key))}
   ssd = [r for r in rows if r["op"] == "ssd" and r["impl"] == impl and _finite(r.get(key))]
   if not ssd or not att:
     return None
-  states = [r["state"] for r in ssd]
-  state = max(set(states), key=states.count)
+  if state is None:
+    states = [r["state"] for r in ssd]
+    state = max(set(states), key=states.count)
   mine = {r["length"]: r[key] for r in ssd if r["state"] == state}
   lengths = sorted(set(mine) & set(att))
   best = None
@@ -106,6 +109,12 @@ def crossover(rows: list[dict], impl: str, key: str = "fwd_bwd_ms") -> int | Non
     else:
       break
   return best
+
+
+def crossovers(rows: list[dict], impls, state: int) -> dict[str, dict[str, int | None]]:
+  """{impl: {"fwd": length, "fwd_bwd": length}} of :func:`crossover` at ``state``."""
+  return {impl: dict(fwd=crossover(rows, impl, "fwd_ms", state),
+                     fwd_bwd=crossover(rows, impl, "fwd_bwd_ms", state)) for impl in impls}
 
 
 def _finite(v) -> bool:
@@ -128,10 +137,9 @@ def main():
   parser.add_argument("--state", type=int, default=128, help="SSD state N of the length sweep")
   parser.add_argument("--states", default="16,32,64,128,256", help="N sweep (SSD)")
   parser.add_argument("--states_length", type=int, default=4096, help="length of the N sweep")
-  parser.add_argument("--ssd_impls", default="pallas,chunked,triton",
-                      help="pallas (the kernels' default backend), pallas:BACKEND (e.g. "
-                           "pallas:triton, pallas:mosaic, where ssd_pallas_gpu takes backend=), "
-                           "chunked, triton (mamba_ssm)")
+  parser.add_argument("--ssd_impls", default="pallas,pallas_mgpu,chunked,triton",
+                      help="pallas (Triton-lowered Pallas), pallas_mgpu (Mosaic GPU forward), "
+                           "chunked (XLA), triton (mamba_ssm)")
   parser.add_argument("--s6_impls", default="pallas,chunked")
   parser.add_argument("--s6_lengths", default="1024,4096,16384,65536")
   parser.add_argument("--s6_d_inner", type=int, default=2048)
@@ -172,12 +180,10 @@ def main():
             flush=True)
       ssd_impls.remove("triton")
   ssd_fns = {"chunked": lambda *a, **k: ssd(*a, **k, impl="chunked")}
-  for impl in ssd_impls:
-    if impl.startswith("pallas"):  # "pallas": the kernels' default backend; "pallas:NAME"
-      from pallas_kernels.gpu.ssd import ssd_pallas_gpu
-      backend = impl.partition(":")[2]
-      ssd_fns[impl] = (ssd_pallas_gpu if not backend else functools.partial(
-          ssd_pallas_gpu, backend=backend))
+  backends = {"pallas": "triton", "pallas_mgpu": "mosaic"}  # bench_ssd.py's names
+  for impl in set(ssd_impls) & set(backends):
+    from pallas_kernels.gpu.ssd import ssd_pallas_gpu
+    ssd_fns[impl] = functools.partial(ssd_pallas_gpu, backend=backends[impl])
 
   result = dict(section="kernels", device=device, env=environment(), args=vars(args),
                 heads=HEADS, head_dim=HEAD_DIM, groups=GROUPS, rows=[], skipped=[],
@@ -229,10 +235,6 @@ def main():
   lengths = [int(v) for v in args.lengths.split(",")]
   for length in lengths:
     ssd_case(length, args.state, ssd_impls, with_attention=True)
-  for state in (int(v) for v in args.states.split(",")):
-    if state != args.state or args.states_length not in lengths:
-      ssd_case(args.states_length, state, ssd_impls, with_attention=False)
-
   s6_fns = {impl: (lambda impl: lambda u, delta, A, B, C, D, z, delta_bias: selective_scan(
       u, delta, A, B, C, D, z, delta_bias, True, impl=impl))(impl) for impl in ("chunked",)}
   if "pallas" in args.s6_impls.split(","):
@@ -256,9 +258,11 @@ def main():
                  d_inner=args.s6_d_inner, state=d_state))
     del inp
 
-  result["crossover"] = {impl: dict(fwd=crossover(result["rows"], impl, "fwd_ms"),
-                                    fwd_bwd=crossover(result["rows"], impl))
-                         for impl in ssd_impls}
+  for state in (int(v) for v in args.states.split(",")):
+    if state != args.state or args.states_length not in lengths:
+      ssd_case(args.states_length, state, ssd_impls, with_attention=False)
+
+  result["crossover"] = crossovers(result["rows"], ssd_impls, args.state)
   result["elapsed_s"] = time.perf_counter() - start
   write_json(args.out, result)
   print("crossover (shortest length from which SSD beats cuDNN attention):",

@@ -13,7 +13,12 @@ import argparse
 import json
 import math
 import os
+import sys
 from typing import Any, Iterable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_kernels  # noqa: E402  (its counters; imports no jax)
 
 TITLE = "# mamba_jax benchmarks"
 
@@ -80,7 +85,8 @@ def kernels_md(data: dict) -> list[str]:
   out += table(["op", "impl", "L", "batch", "fwd ms", "fwd+bwd ms", "fwd % floor",
                 "fwd+bwd % floor", "fwd vs Triton", "fwd+bwd vs Triton",
                 "fwd+bwd vs cuDNN attention"], body)
-  cross = data.get("crossover") or {}
+  cross = data.get("crossover") or bench_kernels.crossovers(
+      rows, sorted({r["impl"] for r in rows if r["op"] == "ssd"}), state)
   if cross and any(r["op"] == "attention" for r in rows):
     out += ["", "Crossover (the shortest measured length from which SSD is faster than cuDNN "
             "attention at every longer one): " + "; ".join(

@@ -204,3 +204,67 @@ def test_merge_keeps_later_sections_and_the_gpu_env():
   assert merged["sections"]["cpu"]["data"] == {"rows": [2]}
   with pytest.raises(ValueError, match="no results"):
     bench_report.merge([])
+
+
+def test_report_computes_the_crossover_of_a_section_cut_short(tmp_path):
+  data = json.loads(json.dumps(FAKE["sections"]["kernels"]["data"]))
+  del data["crossover"]  # the section was killed before it wrote it
+  md = "\n".join(bench_report.kernels_md(data))
+  assert "pallas: fwd 2K, fwd+bwd 2K" in md and "triton: fwd 2K, fwd+bwd 2K" in md
+
+
+def test_chunked_loss_equals_the_full_cross_entropy():
+  import jax
+  import optax
+  from flax import nnx
+
+  import bench_long_context
+  from mamba_jax.config import MambaConfig
+  from mamba_jax.nn.lm import MambaLM
+  from tests.numerics import assert_close
+
+  config = MambaConfig.tiny("Mamba2")
+  model = MambaLM(config, rngs=nnx.Rngs(0))
+  hidden = jax.random.normal(jax.random.key(0), (1, 32, config.d_model))
+  targets = jax.random.randint(jax.random.key(1), (1, 32), 0, config.vocab_size)
+  logits = model._logits(hidden)[..., :config.vocab_size]
+  want = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  got = jax.jit(lambda h: bench_long_context.chunked_loss(model, h, targets, 8))(hidden)
+  assert_close(got, want, rtol=1e-6, what="chunked loss")
+  with pytest.raises(ValueError, match="multiple of --loss_chunk"):
+    bench_long_context.chunked_loss(model, hidden[:, :10], targets[:, :10], 4)
+
+
+@pytest.mark.slow  # three compilations of a hybrid model's gradient: about a minute on 2 cores
+def test_long_context_loss_and_remat_match_the_model():
+  import jax
+  import optax
+  from flax import nnx
+
+  import bench_long_context
+  from mamba_jax.config import MambaConfig
+  from mamba_jax.nn.lm import MambaLM
+  from tests.numerics import assert_close
+
+  config = MambaConfig.tiny("hybrid")  # Mamba-2, attention, Mamba-2, with MLPs
+  model = MambaLM(config, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  ids = jax.random.randint(jax.random.key(1), (1, 33), 0, config.vocab_size)
+  inputs, targets = ids[:, :-1], ids[:, 1:]
+
+  def reference(p):
+    logits = nnx.merge(graphdef, p, rest)(inputs)[..., :config.vocab_size]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+  def chunked(p, remat):
+    m = nnx.merge(graphdef, p, rest)
+    return bench_long_context.chunked_loss(
+        m, bench_long_context.backbone_hidden(m, inputs, remat), targets, chunk=8)
+
+  want, want_grads = jax.jit(jax.value_and_grad(reference))(params)
+  for remat in (False, True):
+    got, grads = jax.jit(jax.value_and_grad(chunked), static_argnums=1)(params, remat)
+    assert_close(got, want, rtol=1e-6, what=f"loss, remat={remat}")
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+      assert_close(g, w, rtol=1e-5, what=f"gradient, remat={remat}")
+
