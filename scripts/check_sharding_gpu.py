@@ -1,9 +1,10 @@
 """Sharded == one device, on the real accelerators of one process (NCCL on a GPU host).
 
-For every strategy that fits the N visible devices (N = 2: dp, fsdp, tp, sp and Mamba-1 /
-Transformer++ variants; N = 4 adds dp×tp, tp×sp, dp×sp, fsdp×tp, tp4, sp4, ...; N = 8 adds
-dp×tp×sp, sp8, tp8), a small model is run on a mesh of the devices and on one device, and
-the script reports the norm-relative error (max over parameter leaves for trees) of:
+For every strategy whose mesh fills the N devices used (N = 2: dp, fsdp, tp, sp of a
+Mamba-2, tp and sp of a Mamba-1, tp and fsdp of a Transformer++; N = 4: the same 4-way,
+and dp×tp, tp×sp, dp×sp, fsdp×tp, Mamba-1 tp×sp, Transformer++ dp×tp; N = 8: 8-way, and
+dp×tp×sp, fsdp×tp×sp, tp4×sp2; ``--all_fitting`` adds the smaller meshes), a small
+model is run on a mesh of the devices and on one device, and the script reports the norm-relative error (max over parameter leaves for trees) of:
 
   loss, logits      the forward of a next-token cross-entropy;
   grads             every parameter gradient of that loss;
@@ -116,32 +117,32 @@ class Strategy:
     return math.prod(MeshConfig.from_string(self.mesh).sizes)
 
 
-def strategies(n: int) -> list[Strategy]:
-  """The strategies that fit ``n`` devices."""
-  out = []
-  for k in (2, 4, 8):
-    if n < k:
-      break
-    out += [Strategy(f"dp{k}", "mamba2", f"data={k}", "mixers"),
-            Strategy(f"fsdp{k}", "mamba2", f"fsdp={k}", "mixers"),
-            Strategy(f"tp{k}", "mamba2", f"tensor={k}", "mixers"),
-            Strategy(f"sp{k}", "mamba2", f"sequence={k}", "mixers"),
-            Strategy(f"mamba1_tp{k}", "mamba1", f"tensor={k}", "mixers"),
-            Strategy(f"mamba1_sp{k}", "mamba1", f"sequence={k}", "mixers"),
-            Strategy(f"transformerpp_tp{k}", "transformerpp", f"tensor={k}", "gspmd"),
+def strategies(n: int, all_fitting: bool = False) -> list[Strategy]:
+  """The strategies whose mesh fills ``n`` devices (all that fit with ``all_fitting``),
+  most important first: Mamba-2 single and mixed axes, then Mamba-1, then Transformer++."""
+  sizes = [k for k in (2, 4, 8) if k <= n and (all_fitting or k == n)]
+  mamba2, mamba1, tpp = [], [], []
+  for k in sizes:
+    mamba2 += [Strategy(f"dp{k}", "mamba2", f"data={k}", "mixers"),
+               Strategy(f"fsdp{k}", "mamba2", f"fsdp={k}", "mixers"),
+               Strategy(f"tp{k}", "mamba2", f"tensor={k}", "mixers"),
+               Strategy(f"sp{k}", "mamba2", f"sequence={k}", "mixers")]
+    mamba1 += [Strategy(f"mamba1_tp{k}", "mamba1", f"tensor={k}", "mixers"),
+               Strategy(f"mamba1_sp{k}", "mamba1", f"sequence={k}", "mixers")]
+    tpp += [Strategy(f"transformerpp_tp{k}", "transformerpp", f"tensor={k}", "gspmd"),
             Strategy(f"transformerpp_fsdp{k}", "transformerpp", f"fsdp={k}", "gspmd")]
     if k == 4:
-      out += [Strategy("dp2_tp2", "mamba2", "data=2,tensor=2", "mixers"),
-              Strategy("tp2_sp2", "mamba2", "tensor=2,sequence=2", "mixers"),
-              Strategy("dp2_sp2", "mamba2", "data=2,sequence=2", "mixers"),
-              Strategy("fsdp2_tp2", "mamba2", "fsdp=2,tensor=2", "mixers"),
-              Strategy("mamba1_tp2_sp2", "mamba1", "tensor=2,sequence=2", "mixers"),
-              Strategy("transformerpp_dp2_tp2", "transformerpp", "data=2,tensor=2", "gspmd")]
+      mamba2 += [Strategy("dp2_tp2", "mamba2", "data=2,tensor=2", "mixers"),
+                 Strategy("tp2_sp2", "mamba2", "tensor=2,sequence=2", "mixers"),
+                 Strategy("dp2_sp2", "mamba2", "data=2,sequence=2", "mixers"),
+                 Strategy("fsdp2_tp2", "mamba2", "fsdp=2,tensor=2", "mixers")]
+      mamba1 += [Strategy("mamba1_tp2_sp2", "mamba1", "tensor=2,sequence=2", "mixers")]
+      tpp += [Strategy("transformerpp_dp2_tp2", "transformerpp", "data=2,tensor=2", "gspmd")]
     if k == 8:
-      out += [Strategy("dp2_tp2_sp2", "mamba2", "data=2,tensor=2,sequence=2", "mixers"),
-              Strategy("fsdp2_tp2_sp2", "mamba2", "fsdp=2,tensor=2,sequence=2", "mixers"),
-              Strategy("tp4_sp2", "mamba2", "tensor=4,sequence=2", "mixers")]
-  return out
+      mamba2 += [Strategy("dp2_tp2_sp2", "mamba2", "data=2,tensor=2,sequence=2", "mixers"),
+                 Strategy("fsdp2_tp2_sp2", "mamba2", "fsdp=2,tensor=2,sequence=2", "mixers"),
+                 Strategy("tp4_sp2", "mamba2", "tensor=4,sequence=2", "mixers")]
+  return mamba2 + mamba1 + tpp
 
 
 def checkpoint_pairs(n: int) -> list[tuple[str, str]]:
@@ -348,6 +349,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                       help="devices to use (default: all visible)")
   parser.add_argument("--float64", action=argparse.BooleanOptionalAction, default=True,
                       help="also run every strategy in float64 (exactness, tolerance 1e-10)")
+  parser.add_argument("--budget_s", type=float, default=0.0,
+                      help="no strategy is started after this many seconds (0: no limit); "
+                           "the JSON is rewritten after every strategy")
+  parser.add_argument("--all_fitting", action="store_true",
+                      help="also the strategies of fewer devices than --num_devices")
   parser.add_argument("--only", default="",
                       help="comma-separated strategy names to run (default: all that fit)")
   args = parser.parse_args(argv)
@@ -357,7 +363,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   if n > len(devices):
     raise ValueError(f"--num_devices={n} but only {len(devices)} devices are visible")
   devices = devices[:n]
-  chosen = strategies(n)
+  chosen = strategies(n, args.all_fitting)
   if args.only:
     names = set(args.only.split(","))
     unknown = names - {s.name for s in chosen}
@@ -373,7 +379,34 @@ def main(argv: Optional[list[str]] = None) -> int:
   refs: dict[tuple[str, bool], dict] = {}
   rows = []
   start = time.time()
+  skipped: list[str] = []
+
+  def write(ckpts: list[dict], done: bool) -> dict:
+    table = markdown(rows, ckpts, args.float64)
+    ok = (all(r["ok"] for r in rows) and all(c["ok"] for c in ckpts) and not skipped
+          and done)
+    result = dict(
+        script="scripts/check_sharding_gpu.py", date=datetime.datetime.now(
+            datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=dict(kind=kind, platform=devices[0].platform, count=n),
+        versions=versions(), env={k: os.environ.get(k) for k in (
+            "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
+            "CUDA_VISIBLE_DEVICES")},
+        matmul_precision="highest", batch=BATCH, length=LENGTH, steps=STEPS,
+        tolerance=dict(rule=f"max({HEADROOM} * err(one-device float32 vs float64), {FLOOR})",
+                       float64=F64_TOL, checkpoint="bit-identical"),
+        strategies=rows, checkpoints=ckpts, not_run=skipped, complete=done, all_ok=ok,
+        seconds=round(time.time() - start, 1), table=table)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1, default=str)
+    return result
+
   for s in chosen:
+    if args.budget_s and time.time() - start > args.budget_s:
+      skipped.append(s.name)
+      print(f"{s.name:24s} not run: --budget_s {args.budget_s:.0f} s spent", flush=True)
+      continue
     t0 = time.time()
     row: dict[str, Any] = dict(name=s.name, model=s.model, mesh=s.mesh, parallel=s.parallel)
     try:
@@ -394,6 +427,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     summary = ("FAILED " + row["error"][:300] if "error" in row else
                " ".join(f"{q}={row[q]['err']:.1e}/{row[q]['tol']:.0e}" for q in QUANTITIES))
     print(f"{s.name:24s} {s.mesh:28s} {summary}  ({row['seconds']} s)", flush=True)
+    write([], False)
 
   ckpts = []
   with tempfile.TemporaryDirectory() as directory:
@@ -406,26 +440,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                           error=f"{type(e).__name__}: {e}", ok=False))
       print(f"checkpoint {save_spec} -> {restore_spec}: {ckpts[-1]}", flush=True)
 
-  table = markdown(rows, ckpts, args.float64)
-  print("\n" + table)
-  ok = all(r["ok"] for r in rows) and all(c["ok"] for c in ckpts)
-  result = dict(
-      script="scripts/check_sharding_gpu.py", date=datetime.datetime.now(
-          datetime.timezone.utc).isoformat(timespec="seconds"),
-      device=dict(kind=kind, platform=devices[0].platform, count=n),
-      versions=versions(), env={k: os.environ.get(k) for k in (
-          "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
-          "CUDA_VISIBLE_DEVICES")},
-      matmul_precision="highest", batch=BATCH, length=LENGTH, steps=STEPS,
-      tolerance=dict(rule=f"max({HEADROOM} * err(one-device float32 vs float64), {FLOOR})",
-                     float64=F64_TOL, checkpoint="bit-identical"),
-      strategies=rows, checkpoints=ckpts, all_ok=ok, seconds=round(time.time() - start, 1),
-      table=table)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1, default=str)
-  print(f"\n{'ALL OK' if ok else 'SOME CHECKS FAILED'}; wrote {args.out} "
-        f"({result['seconds']} s)")
+  result = write(ckpts, True)
+  print("\n" + result["table"])
+  if skipped:
+    print(f"not run (time budget): {', '.join(skipped)}")
+  ok = result["all_ok"]
+  failed = [r["name"] for r in rows if not r["ok"]] + [
+      f"checkpoint {c['save']} -> {c['restore']}" for c in ckpts if not c["ok"]]
+  verdict = ("ALL OK" if ok else f"FAILED: {', '.join(failed)}" if failed
+             else f"all run checks OK, {len(skipped)} not run")
+  print(f"\n{verdict}; wrote {args.out} ({result['seconds']} s)")
   return 0 if ok else 1
 
 
