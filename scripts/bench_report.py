@@ -116,7 +116,7 @@ def kernels_md(data: dict) -> list[str]:
 
 def training_md(data: dict) -> list[str]:
   rows = data.get("rows", [])
-  out = ["Random tokens, float32 parameters, bf16 compute, AdamW (β 0.9 / 0.95, weight decay "
+  out = ["Random tokens, float32 parameters, `compute` dtype activations, AdamW (β 0.9 / 0.95, weight decay "
          "0.1, clip 1.0); median step of the timed steps after warm-up (the first step, "
          "compile included, is `compile s`). MFU = tokens/s · (6 · params + 12 · attention "
          "layers · d · L) / 989 TFLOP/s (dense bf16 H100 SXM). `torch` = mamba_ssm "
@@ -124,9 +124,10 @@ def training_md(data: dict) -> list[str]:
          "conv1d: no causal_conv1d extension, so not its fused mem-efficient path). Peak: "
          "`peak_bytes_in_use` (JAX) / `max_memory_allocated` (torch), each case in its own "
          "process.", ""]
-  out += table(["model", "impl", "L", "batch", "params (M)", "step ms", "tokens/s", "MFU %",
-                "peak GiB", "compile s", "vs mamba_ssm", "SSM / attention path"],
-               [[r["model"], r["impl"], length_label(r["length"]), r["batch"],
+  out += table(["model", "impl", "compute", "L", "batch", "params (M)", "step ms", "tokens/s",
+                "MFU %", "peak GiB", "compile s", "vs mamba_ssm", "SSM / attention path"],
+               [[r["model"], r["impl"], r.get("dtype", "bfloat16"), length_label(r["length"]),
+                 r["batch"],
                  r["params"] / 1e6, r["step_ms"], r["tokens_per_s"], 100 * r["mfu"],
                  r.get("peak_gib"), r["compile_s"], r.get("jax_vs_torch"),
                  ", ".join(r.get("ops_impl") or []) or (r.get("attention") or "-")]
@@ -140,7 +141,7 @@ def cpu_md(data: dict) -> list[str]:
   first = rows[0] if rows else {}
   out = [f"Tiny models of each family (d_model 256, 4 layers, vocabulary 256), "
          f"{fmt(first.get('batch'))} sequences of {fmt(first.get('length'))} tokens, float32 "
-         "parameters and bf16 compute, on the CPU (host with "
+         f"parameters, {first.get('dtype', 'bfloat16')} compute, AdamW, on the CPU (host with "
          f"{env.get('cpu_count')} cores, pinned to 2 when it has more; load average "
          f"{env.get('load_average')} when it started, {env.get('date')}): the first step "
          "(tracing + XLA compilation + one step) and the median step after it.", ""]

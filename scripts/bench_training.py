@@ -26,7 +26,7 @@ timeout from ``--budget_s``; the JSON is rewritten after each case.
 Usage (GPU):
   PYTHONPATH=.:.device/training_site python scripts/bench_training.py \
       --cases mamba2-130m:2048:jax,mamba2-130m:2048:torch --out /tmp/train.json
-CPU numbers for notebook users (a tiny model on 2 cores; ``--cpu``):
+CPU numbers for notebook users (tiny models on 2 cores, float32 compute; ``--cpu``):
   JAX_PLATFORMS=cpu taskset -c 0,1 python scripts/bench_training.py --cpu --out /tmp/cpu.json
 """
 
@@ -86,7 +86,8 @@ def attention_width(config) -> tuple[int, int]:
   return len(config.attn_layer_idx), heads * head_dim
 
 
-def jax_case(name: str, length: int, tokens: int, steps: int, warmup: int, cpu: bool) -> dict:
+def jax_case(name: str, length: int, tokens: int, steps: int, warmup: int, cpu: bool,
+             dtype: str) -> dict:
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -97,7 +98,7 @@ def jax_case(name: str, length: int, tokens: int, steps: int, warmup: int, cpu: 
 
   config = model_config(name, cpu, jax.default_backend() == "gpu")
   batch = max(tokens // length, 1)
-  model = MambaLM(config, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  model = MambaLM(config, dtype=jnp.dtype(dtype), param_dtype=jnp.float32, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   n_params = sum(int(p.size) for p in jax.tree.leaves(params))
   opt = default_optimizer_config()
@@ -120,7 +121,8 @@ def jax_case(name: str, length: int, tokens: int, steps: int, warmup: int, cpu: 
   step_ms = time_ms(run, jax.block_until_ready, reps=steps, inner=1, warmup=warmup)
   loss = float(run())
   n_att, d_att = attention_width(config)
-  return dict(impl="jax", params=n_params, batch=batch, compile_s=compile_s, step_ms=step_ms,
+  return dict(impl="jax", dtype=dtype, params=n_params, batch=batch, compile_s=compile_s,
+              step_ms=step_ms,
               flops_per_token=train_flops_per_token(n_params, n_att, d_att, length),
               peak_bytes=peak_device_bytes(), loss_first=loss0, loss_last=loss,
               attention=config.attn_cfg.get("implementation") if n_att else None)
@@ -197,7 +199,8 @@ def torch_case(name: str, length: int, tokens: int, steps: int, warmup: int,
   loss0 = float(run())
   compile_s = time.perf_counter() - start
   step_ms = time_ms(run, sync, reps=steps, inner=1, warmup=warmup)
-  return dict(impl="torch", params=n_params, batch=batch, compile_s=compile_s,
+  return dict(impl="torch", dtype="bfloat16 autocast", params=n_params, batch=batch,
+              compile_s=compile_s,
               step_ms=step_ms, flops_per_token=train_flops_per_token(n_params, 0, 0, length),
               peak_bytes=int(torch.cuda.max_memory_allocated()), loss_first=loss0,
               loss_last=float(run()),
@@ -236,7 +239,7 @@ def run_case_in_process(args) -> None:
   if impl == "torch":
     row = torch_case(name, length, args.tokens, args.steps, args.warmup, args.mamba_ssm_root)
   else:
-    row = jax_case(name, length, args.tokens, args.steps, args.warmup, args.cpu)
+    row = jax_case(name, length, args.tokens, args.steps, args.warmup, args.cpu, args.dtype)
   row = finish(dict(model=name, length=length, **row), length)
   with open(args.out, "w") as f:
     json.dump(row, f)
@@ -256,9 +259,13 @@ def main():
   parser.add_argument("--cpu", action="store_true",
                       help="tiny models (d 256, 4 layers, vocab 256), length 256, 8 sequences")
   parser.add_argument("--mamba_ssm_root", default=".device/mamba_ssm-2.3.2.post1")
+  parser.add_argument("--dtype", default="", choices=("", "bfloat16", "float32"),
+                      help="compute dtype of our models (default bfloat16; float32 with --cpu, "
+                           "where XLA's bf16 arithmetic is emulated and slow)")
   parser.add_argument("--case", default="", help=argparse.SUPPRESS)
   parser.add_argument("--out", default="bench_training.json")
   args = parser.parse_args()
+  args.dtype = args.dtype or ("float32" if args.cpu else "bfloat16")
   if args.case:
     run_case_in_process(args)
     return
@@ -280,7 +287,7 @@ def main():
       path = tmp.name
     cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--out", path,
            "--tokens", str(tokens), "--steps", str(args.steps), "--warmup",
-           str(args.warmup), "--mamba_ssm_root", args.mamba_ssm_root] + (
+           str(args.warmup), "--mamba_ssm_root", args.mamba_ssm_root, "--dtype", args.dtype] + (
                ["--cpu"] if args.cpu else [])
     t0 = time.perf_counter()
     try:

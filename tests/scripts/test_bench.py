@@ -156,7 +156,7 @@ def test_report_from_a_fake_results_json(tmp_path):
   assert md.startswith(bench_report.TITLE)
   for text in ("NVIDIA H100 80GB HBM3", "| ssd | pallas | 2K | 32 | 1.00 | 3.00 | 10.00 | "
                "12.50 | 2.00 | 2.00 | 2.50 |",      # vs Triton 6/3, vs attention 7.5/3
-               "pallas: fwd 2K, fwd+bwd 2K", "| mamba2-130m | jax | 2K | 16 | 129.00 |",
+               "pallas: fwd 2K, fwd+bwd 2K", "| mamba2-130m | jax | bfloat16 | 2K | 16 | 129.00 |",
                "1.25", "mamba-130m:2048:jax: out of memory", "ssd pallas L=32768 N=128",
                "Status **timeout**", "killed", "transformerpp-125m batch 64: OOM",
                "≥ 256K (search capped by max_length)", "256K: ok, 3.50 s/step, 41.00 GiB",
