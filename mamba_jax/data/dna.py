@@ -143,25 +143,29 @@ def read_maf(path: str, species: Sequence[str] = APE_SPECIES, max_blocks: int | 
   return ({s: np.concatenate(seqs[s]) for s in species}, np.asarray(ends, np.int64))
 
 
-@functools.lru_cache(maxsize=1)
-def human_chrx() -> np.ndarray:
-  """The (70M,) uint8 tokens of GRCh37 chrX[0:70 Mb] (parsed once, then cached on disk)."""
+@functools.lru_cache(maxsize=4)
+def human_chrx(max_bases: int = 0) -> np.ndarray:
+  """GRCh37 chrX[0:70 Mb] as (n,) uint8 tokens, or its first ``max_bases`` (0: all).
+
+  Parsed once per process and cached on disk; a prefix reads only that much of the file.
+  """
   path = sources.require_file(HUMAN_CHRX, HUMAN_CHRX_INSTALL)
-  key = sources.cache_key(path=path, digest=sources.file_digest(path), vocab=VOCAB)
-  arrays = sources.cached_arrays("hs37_chrx", key,
-                                 lambda: {"tokens": np.concatenate(list(read_fasta(path).values()))})
+  key = sources.cache_key(path=path, digest=sources.file_digest(path), vocab=VOCAB,
+                          max_bases=max_bases)
+  arrays = sources.cached_arrays("hs37_chrx", key, lambda: {"tokens": np.concatenate(
+      list(read_fasta(path, max_bases or None).values()))})
   return arrays["tokens"]
 
 
-@functools.lru_cache(maxsize=1)
-def great_apes() -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """(species tokens, block ends) of the whole chr22 alignment (cached on disk)."""
+@functools.lru_cache(maxsize=4)
+def great_apes(max_blocks: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """(species tokens, block ends) of the chr22 alignment, or of its first ``max_blocks``."""
   path = sources.require_file(GREAT_APES_MAF, GREAT_APES_INSTALL)
   key = sources.cache_key(path=path, digest=sources.file_digest(path), vocab=VOCAB,
-                          species=APE_SPECIES)
+                          species=APE_SPECIES, max_blocks=max_blocks)
 
   def build():
-    seqs, ends = read_maf(path)
+    seqs, ends = read_maf(path, max_blocks=max_blocks or None)
     return {"block_ends": ends, **seqs}
 
   arrays = sources.cached_arrays("great_apes_chr22", key, build)
@@ -275,8 +279,8 @@ class NextBasePretraining:
 
   @property
   def tokens(self) -> np.ndarray:
-    tokens = human_chrx()
-    return tokens[:self.max_bases] if self.max_bases else tokens
+    """The corpus, (n,) uint8 tokens."""
+    return human_chrx(self.max_bases)
 
   @property
   def regions(self) -> np.ndarray:
@@ -356,11 +360,8 @@ class GreatApesClassification:
 
   @property
   def data(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    seqs, ends = great_apes()
-    if self.max_blocks:
-      ends = ends[:self.max_blocks]
-      seqs = {s: v[:ends[-1, i]] for i, (s, v) in enumerate(seqs.items())}
-    return seqs, ends
+    """({species: (n_s,) uint8 tokens}, block ends (blocks, species))."""
+    return great_apes(self.max_blocks)
 
   @property
   def regions(self) -> np.ndarray:
