@@ -1,0 +1,1 @@
+"""Evaluation of trained language models: zero-shot tasks (mamba_jax.evaluation.zero_shot)."""
