@@ -25,6 +25,7 @@ import concurrent.futures
 import importlib.metadata
 import io
 import os
+import shutil
 import subprocess
 import wave
 from typing import Sequence
@@ -46,7 +47,8 @@ FLITE_VOICES = ("kal16", "awb", "rms", "slt")
 ENGINES = ("espeak-ng", "flite")
 
 PIANO_COMPOSERS = ("bach", "beethoven", "mozart", "haydn")
-PIANO_INSTALL = ".venv/bin/pip install music21 pretty_midi && .venv/bin/pip install --no-deps tinysoundfont==0.3.7"
+PIANO_INSTALL = (".venv/bin/pip install music21 pretty_midi && "
+                 ".venv/bin/pip install --no-deps tinysoundfont==0.3.7")
 QUARTER_NOTES_PER_MINUTE = 96
 PEAK = 0.9
 
@@ -142,19 +144,17 @@ def spoken_digits(num_clips: int, *, sample_rate: int = 16_000, seconds: float =
     raise ValueError(f"sample_rate must be >= 8000 and seconds > 0, got {sample_rate=} "
                      f"{seconds=}")
   voices = speakers(engines)
-  sox = sources.require_executable("sox", SOX_INSTALL)
-  versions = {"sox": _version([sox, "--version"])}
-  if "espeak-ng" in engines:
-    versions["espeak-ng"] = _version([sources.require_executable("espeak-ng", ESPEAK_INSTALL),
-                                      "--version"])
-  if "flite" in engines:
-    versions["flite"] = _version([sources.require_executable("flite", FLITE_INSTALL),
-                                  "--version"])
+  programs = {"sox": SOX_INSTALL, "espeak-ng": ESPEAK_INSTALL, "flite": FLITE_INSTALL}
+  versions = {tool: _version([shutil.which(tool), "--version"]) for tool in programs
+              if (tool == "sox" or tool in engines) and shutil.which(tool)}
   key = sources.cache_key(kind="spoken_digits", num_clips=num_clips, sample_rate=sample_rate,
-                          seconds=seconds, voices=voices, seed=seed, versions=versions,
-                          digits=DIGITS, generator=2)
+                          seconds=seconds, voices=voices, seed=seed, digits=DIGITS,
+                          generator=2)
 
   def build():
+    for tool in ("sox", *engines):
+      sources.require_executable(tool, programs[tool])
+    sox = sources.require_executable("sox", SOX_INSTALL)
     jobs = [(seed, i, voices, sample_rate, seconds, sox) for i in range(num_clips)]
     workers = num_workers or os.cpu_count() or 1
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # the work is in subprocesses
@@ -164,7 +164,7 @@ def spoken_digits(num_clips: int, *, sample_rate: int = 16_000, seconds: float =
             "digits": np.array([p["digit"] for p in params], np.int32),
             "speakers": np.array([p["speaker"] for p in params], np.int32)}
 
-  arrays = sources.cached_arrays("spoken_digits", key, build)
+  arrays = sources.cached_arrays("spoken_digits", key, build, versions)
   return arrays["codes"], arrays["digits"], arrays["speakers"]
 
 
@@ -240,17 +240,24 @@ def render_notes(notes: np.ndarray, sample_rate: int, max_seconds: float) -> np.
   return (mono * (PEAK / peak) if peak > 0 else mono).astype(np.float32)
 
 
+def _piano_versions() -> dict[str, str]:
+  """Versions of the rendering tools installed here (none on a machine without them)."""
+  versions = {}
+  for package in ("music21", "tinysoundfont", "pretty_midi"):
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return versions
+
+
 def piano_piece(path: str, *, sample_rate: int = 16_000, max_seconds: float = 60.0
                 ) -> np.ndarray:
   """One score rendered to (samples,) uint8 μ-law codes (cached); empty if it cannot parse."""
-  soundfont = soundfont_path()
-  key = sources.cache_key(kind="piano", path=os.path.relpath(path, os.path.dirname(
-      sources.require_package_dir("music21", PIANO_INSTALL))), sample_rate=sample_rate,
-                          max_seconds=max_seconds, qpm=QUARTER_NOTES_PER_MINUTE, peak=PEAK,
-                          soundfont=sources.file_digest(soundfont),
-                          music21=importlib.metadata.version("music21"),
-                          tinysoundfont=importlib.metadata.version("tinysoundfont"),
-                          generator=1)
+  corpus_root = os.path.dirname(sources.require_package_dir("music21", PIANO_INSTALL))
+  key = sources.cache_key(kind="piano", path=os.path.relpath(path, corpus_root),
+                          sample_rate=sample_rate, max_seconds=max_seconds,
+                          qpm=QUARTER_NOTES_PER_MINUTE, peak=PEAK, generator=1)
 
   def build():
     try:
@@ -262,20 +269,32 @@ def piano_piece(path: str, *, sample_rate: int = 16_000, max_seconds: float = 60
       return {"codes": np.zeros(0, np.uint8)}
     return {"codes": mulaw_encode(render_notes(notes, sample_rate, max_seconds))}
 
-  return sources.cached_arrays("piano", key, build)["codes"]
+  return sources.cached_arrays("piano", key, build, _piano_versions())["codes"]
 
 
 def piano_pieces(num_pieces: int, *, sample_rate: int = 16_000, max_seconds: float = 60.0
                  ) -> list[np.ndarray]:
-  """The first ``num_pieces`` scores of :func:`piano_score_paths` that render, as μ-law."""
+  """The first ``num_pieces`` scores of :func:`piano_score_paths` that render, as μ-law.
+
+  The set is cached as one file too (keyed by its parameters), so a machine without music21
+  and tinysoundfont can read it from a copied cache directory.
+  """
   if not isinstance(num_pieces, int) or num_pieces < 1:
     raise ValueError(f"num_pieces must be an int >= 1, got {num_pieces!r}")
-  pieces = []
-  for path in piano_score_paths():
-    codes = piano_piece(path, sample_rate=sample_rate, max_seconds=max_seconds)
-    if len(codes):
-      pieces.append(codes)
-    if len(pieces) == num_pieces:
-      return pieces
-  raise ValueError(f"only {len(pieces)} of music21's scores render; num_pieces must be <= that, "
-                   f"got {num_pieces}")
+  key = sources.cache_key(kind="piano_set", num_pieces=num_pieces, sample_rate=sample_rate,
+                          max_seconds=max_seconds, qpm=QUARTER_NOTES_PER_MINUTE, peak=PEAK,
+                          composers=PIANO_COMPOSERS, generator=1)
+
+  def build():
+    pieces = []
+    for path in piano_score_paths():
+      codes = piano_piece(path, sample_rate=sample_rate, max_seconds=max_seconds)
+      if len(codes):
+        pieces.append(codes)
+      if len(pieces) == num_pieces:
+        return {f"piece{i:05d}": p for i, p in enumerate(pieces)}
+    raise ValueError(f"only {len(pieces)} of music21's scores render; num_pieces must be <= "
+                     f"that, got {num_pieces}")
+
+  arrays = sources.cached_arrays("piano_set", key, build, _piano_versions())
+  return [arrays[k] for k in sorted(arrays)]

@@ -57,35 +57,37 @@ def require_package_dir(package: str, install: str) -> str:
   return list(spec.submodule_search_locations)[0]
 
 
-def file_digest(path: str) -> str:
-  """sha256 of a file's size and modification time plus its first MiB (cheap, for keys)."""
-  stat = os.stat(path)
-  with open(path, "rb") as f:
-    head = f.read(1 << 20)
-  return hashlib.sha256(f"{stat.st_size}:{int(stat.st_mtime)}:".encode() + head).hexdigest()
-
-
 def cache_key(**fields: Any) -> str:
   """A short hash of JSON-able ``fields`` (sorted), for cache file names."""
   blob = json.dumps(fields, sort_keys=True, default=str).encode()
   return hashlib.sha256(blob).hexdigest()[:20]
 
 
-def cached_arrays(name: str, key: str, build: Callable[[], dict[str, np.ndarray]]
-                  ) -> dict[str, np.ndarray]:
+def cached_arrays(name: str, key: str, build: Callable[[], dict[str, np.ndarray]],
+                  versions: dict[str, str] | None = None) -> dict[str, np.ndarray]:
   """``build()``'s arrays, read from ``cache_dir()/name-key.npz`` when that file exists.
 
-  The file is written atomically (a temporary file renamed), so concurrent builders (test
-  workers, grain threads) never read a partial file.
+  ``versions`` ({tool: version} of the generators found on this machine) are stored with
+  the arrays; a cached file made by another version of a tool that is present here is
+  rebuilt, while tools absent here (e.g. a GPU machine without espeak-ng, handed a cache
+  directory) are not checked. The file is written atomically (a temporary file renamed), so
+  concurrent builders (test workers, grain threads) never read a partial file.
   """
   path = os.path.join(cache_dir(), f"{name}-{key}.npz")
+  versions = dict(versions or {})
   if os.path.exists(path):
     with np.load(path) as data:
-      return {k: data[k] for k in data.files}
+      arrays = {k: data[k] for k in data.files}
+    stored = json.loads(str(arrays.pop(_VERSIONS, "{}")))
+    if all(stored.get(tool, version) == version for tool, version in versions.items()):
+      return arrays
   arrays = build()
   fd, tmp = tempfile.mkstemp(dir=cache_dir(), suffix=".npz.tmp")
   with os.fdopen(fd, "wb") as f:
-    np.savez_compressed(f, **arrays)
+    np.savez_compressed(f, **arrays, **{_VERSIONS: np.array(json.dumps(versions))})
   os.chmod(tmp, 0o644)
   os.replace(tmp, path)
   return arrays
+
+
+_VERSIONS = "__versions__"
