@@ -23,10 +23,10 @@ Commands:
 Variants:
   (default) 8 layers, d_model 64, 200 pieces, lengths 2^13 … 2^19, 2^19 samples per batch,
             20K steps. Not run here.
-  gpu       the default model, 64 pieces, lengths 2^11, 2^13, 2^15, 2^16 samples per batch,
+  gpu       the default model, 32 pieces, lengths 2^11, 2^13, 2^15, 2^16 samples per batch,
             300 steps per row; one H100, about 3 minutes.
-  tiny      2 layers, d_model 32, 16 pieces, lengths 2^8, 2^10, 2^12, 8192 samples per batch,
-            150 steps per row; CPU (measured: experiments/README.md).
+  tiny      2 layers, d_model 32, 16 pieces, lengths 2^8, 2^10, 2^12, 4096 samples per batch,
+            100 steps per row; CPU (measured: experiments/README.md).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   lengths, tokens, eval_tokens = [2**k for k in range(13, 20)], 1 << 19, 1 << 21
 
   if variant == "gpu":
-    config.task.num_pieces = 64
+    config.task.num_pieces = 32
     lengths, tokens, eval_tokens = [2**k for k in (11, 13, 15)], 1 << 16, 1 << 20
     config.optimizer.update(dict(learning_rate=4e-3, warmup_steps=30))
     config.num_train_steps = 300
@@ -75,12 +75,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif variant == "tiny":
     config.task.num_pieces = 16
     config.model.update(dict(d_model=32, n_layer=2))
-    lengths, tokens, eval_tokens = [2**k for k in (8, 10, 12)], 8192, 1 << 15
+    lengths, tokens, eval_tokens = [2**k for k in (8, 10, 12)], 4096, 1 << 15
     config.optimizer.update(dict(learning_rate=4e-3, warmup_steps=15))
-    config.num_train_steps = 150
-    config.log_every_steps = 50
+    config.num_train_steps = 100
+    config.log_every_steps = 25
     config.eval_every_steps = 10_000
-    config.checkpoint_every_steps = 150
+    config.checkpoint_every_steps = 100
     config.tensorboard = False
   config.rows = length_rows("Mamba", MAMBA, lengths, tokens_per_batch=tokens,
                             eval_tokens=eval_tokens)
