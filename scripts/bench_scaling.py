@@ -481,6 +481,10 @@ def summarize(records: list[dict], meshes: list[str], models: list[str],
       mine = [r for r in records if r.get("model") == model and r.get("mesh") == mesh]
       if not mine:
         continue
+      if mine[0]["event"] == "not_applicable":
+        longest.append(dict(model=model, mesh=mesh, longest=None, stopped_by=(
+            f"n/a: {mine[0]['reason']}"), stopped_at=None, peak_gib=None))
+        continue
       trained = [r["seq"] for r in mine if r["event"] == "ok"]
       best = max(trained) if trained else 0
       above = [r for r in mine if r["event"] in FAILURES and (r.get("seq") or math.inf) > best]

@@ -99,3 +99,27 @@ def test_parse_mesh_rejects_bad_text():
   for bad in ("2x2", "0x1x1", "axbxc"):
     with pytest.raises(ValueError, match="DxTxS"):
       bench_scaling.parse_mesh(bad)
+
+
+@pytest.mark.slow
+def test_smoke_run_on_cpu_devices(tmp_path):
+  """The whole script (--smoke) on 4 host CPU devices: every mesh trains, the report has a
+  row per (mesh, length) and the search reaches its cap or an explained stop."""
+  import json
+  import os
+  import subprocess
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+  proc = subprocess.run(
+      [sys.executable, str(REPO / "scripts" / "bench_scaling.py"), "--smoke", "--meshes",
+       "1x1x1,1x2x2", "--max_seq", "256", "--search_meshes", "1x2x2", "--budget_s", "900",
+       "--out_dir", str(tmp_path), "--tag", "smoke"],
+      env=env, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads((tmp_path / "smoke.json").read_text())
+  rows = {(r["model"], r["mesh"], r["seq"]): r for r in result["rows"]}
+  assert rows[("mamba2", "1x1x1", 64)]["efficiency"] == 1.0
+  assert ("mamba2", "1x2x2", 64) in rows and ("transformerpp", "1x1x1", 64) in rows
+  longest = {(r["model"], r["mesh"]): r for r in result["longest"]}
+  assert longest[("mamba2", "1x2x2")]["longest"] >= 64
+  assert (tmp_path / "smoke.md").exists()
