@@ -110,8 +110,9 @@ class TextLM:
     if not isinstance(self.vocab_size, int) or self.vocab_size < 2:
       raise ValueError(f"vocab_size must be an int >= 2, got {self.vocab_size!r}")
 
-  @property
+  @functools.cached_property
   def tokens(self) -> np.ndarray:
+    """The split's token stream, read and checked once per task object."""
     tokens, _ = token_stream(self.source, self.tokenizer, self.split, self.val_fraction,
                              self.max_documents)
     if tokens.size < self.length + 1:
