@@ -84,7 +84,8 @@ def make_inputs(batch: int, length: int, state: int, seed: int = 0):
   )
 
 
-def bench_jax_ssd(fn, inp, chunk: int, reps: int, inner: int) -> tuple[float, float]:
+def bench_jax_ssd(fn, inp, chunk: int, reps: int, inner: int,
+                  backward: bool = True) -> tuple[float, float]:
   names = ("x", "dt", "A", "B", "C", "D", "dt_bias")
 
   def f(x, dt, A, B, C, D, dt_bias):
@@ -94,11 +95,14 @@ def bench_jax_ssd(fn, inp, chunk: int, reps: int, inner: int) -> tuple[float, fl
   fwd = jax.jit(f)
   fwd_bwd = jax.jit(lambda args, dy: jax.vjp(f, *args)[1](dy))
   t_f = time_ms(lambda: fwd(*args), jax_sync, reps, inner)
+  if not backward:
+    return t_f, math.nan
   t_fb = time_ms(lambda: fwd_bwd(args, inp["dy"]), jax_sync, reps, inner)
   return t_f, t_fb
 
 
-def bench_cudnn(batch: int, length: int, reps: int, inner: int) -> tuple[float, float]:
+def bench_cudnn(batch: int, length: int, reps: int, inner: int,
+                backward: bool = True) -> tuple[float, float]:
   ks = jax.random.split(jax.random.key(1), 4)
   shape = (batch, length, HEADS, HEAD_DIM)
   q, k, v, dy = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in ks)
@@ -109,7 +113,7 @@ def bench_cudnn(batch: int, length: int, reps: int, inner: int) -> tuple[float, 
   fwd = jax.jit(f)
   fwd_bwd = jax.jit(lambda q, k, v, dy: jax.vjp(f, q, k, v)[1](dy))
   return (time_ms(lambda: fwd(q, k, v), jax_sync, reps, inner),
-          time_ms(lambda: fwd_bwd(q, k, v, dy), jax_sync, reps, inner))
+          time_ms(lambda: fwd_bwd(q, k, v, dy), jax_sync, reps, inner) if backward else math.nan)
 
 
 def load_mamba_ssm(root: str):
@@ -121,7 +125,8 @@ def load_mamba_ssm(root: str):
   return mamba_chunk_scan_combined
 
 
-def bench_triton(combined, inp, chunk: int, reps: int, inner: int) -> tuple[float, float]:
+def bench_triton(combined, inp, chunk: int, reps: int, inner: int,
+                 backward: bool = True) -> tuple[float, float]:
   import torch
   to_t = lambda a: torch.from_numpy(np.asarray(a.astype(jnp.float32))).cuda()
   bf = torch.bfloat16
@@ -138,7 +143,8 @@ def bench_triton(combined, inp, chunk: int, reps: int, inner: int) -> tuple[floa
     return torch.autograd.grad(out, leaves, dy)
 
   sync = lambda _: torch.cuda.synchronize()
-  result = time_ms(fwd, sync, reps, inner), time_ms(fwd_bwd, sync, reps, inner)
+  result = (time_ms(fwd, sync, reps, inner),
+            time_ms(fwd_bwd, sync, reps, inner) if backward else math.nan)
   del x, B, C, dy, dt, A, D, dt_bias, leaves
   torch.cuda.empty_cache()
   return result
@@ -152,6 +158,7 @@ def bench_stages(inp, chunk: int, reps: int, inner: int) -> dict[str, float]:
   from pallas_kernels.gpu.ssd_chunk_state import chunk_state
   from pallas_kernels.gpu.ssd_mgpu_chunk_scan import chunk_scan_fwd_mgpu
   from pallas_kernels.gpu.ssd_mgpu_chunk_state import chunk_state_mgpu
+  from pallas_kernels.gpu.ssd_mgpu_state_passing import state_passing_fwd_mgpu
   from pallas_kernels.gpu.ssd_state_passing import state_passing_fwd
   x, b, c = inp["x"], inp["B"], inp["C"]
   batch, length, heads, p = x.shape
@@ -167,14 +174,15 @@ def bench_stages(inp, chunk: int, reps: int, inner: int) -> dict[str, float]:
   init = jnp.zeros((batch, heads, p * n), jnp.float32)
   all_states = state_passing_fwd(states.reshape(batch, chunks, heads, p * n), lam, init,
                                  blocks=blocks).reshape(batch, chunks + 1, heads, p, n)
-  cast = jax.jit(lambda a: a.astype(x.dtype))
-  prev = cast(all_states)
+  flat_states = states.reshape(batch, chunks, heads, p * n)
+  prev = state_passing_fwd_mgpu(flat_states, lam, init, low_dtype=x.dtype)[1].reshape(
+      batch, chunks + 1, heads, p, n)
   runs = {
       "chunk_state triton": lambda: chunk_state(x, b, w, chunk_size=chunk, blocks=blocks),
       "chunk_state mosaic": lambda: chunk_state_mgpu(x, b, w, chunk_size=chunk),
-      "state_passing triton": lambda: state_passing_fwd(
-          states.reshape(batch, chunks, heads, p * n), lam, init, blocks=blocks),
-      "state cast to x dtype": lambda: cast(all_states),
+      "state_passing triton": lambda: state_passing_fwd(flat_states, lam, init, blocks=blocks),
+      "state_passing mosaic (+ x-dtype copy)": lambda: state_passing_fwd_mgpu(
+          flat_states, lam, init, low_dtype=x.dtype),
       "chunk_scan triton": lambda: chunk_scan_fwd(x, b, c, dt, cs, w_off, all_states, d,
                                                   chunk_size=chunk, blocks=blocks),
       "chunk_scan mosaic": lambda: chunk_scan_fwd_mgpu(x, b, c, dt, cs, w_off, prev, d,
@@ -190,6 +198,8 @@ def main():
                       help="comma-separated length:state pairs")
   parser.add_argument("--chunk", type=int, default=256)
   parser.add_argument("--impls", default="pallas,pallas_mgpu,chunked,triton,cudnn")
+  parser.add_argument("--no-backward", action="store_true",
+                      help="time the forward only (fwd+bwd columns are NaN)")
   parser.add_argument("--stages", action="store_true",
                       help="also time the Pallas forward kernels one by one")
   parser.add_argument("--reps", type=int, default=20)
@@ -201,6 +211,7 @@ def main():
   from mamba_jax.ops.ssd import ssd
   from pallas_kernels.gpu.ssd import ssd_pallas_gpu
   impls = args.impls.split(",")
+  bwd = not args.no_backward
   combined = load_mamba_ssm(args.mamba_ssm_root) if "triton" in impls else None
   device = jax.devices()[0].device_kind
   print(f"device: {device}; jax {jax.__version__}; tokens {args.tokens}; heads {HEADS} x "
@@ -218,14 +229,14 @@ def main():
         if impl in ("pallas", "pallas_mgpu"):
           backend = "triton" if impl == "pallas" else "mosaic"
           t = bench_jax_ssd(functools.partial(ssd_pallas_gpu, backend=backend), inp,
-                            args.chunk, args.reps, args.inner)
+                            args.chunk, args.reps, args.inner, bwd)
         elif impl == "chunked":
           t = bench_jax_ssd(lambda *a, **k: ssd(*a, **k, impl="chunked"), inp, args.chunk,
-                            args.reps, args.inner)
+                            args.reps, args.inner, bwd)
         elif impl == "triton":
-          t = bench_triton(combined, inp, args.chunk, args.reps, args.inner)
+          t = bench_triton(combined, inp, args.chunk, args.reps, args.inner, bwd)
         elif impl == "cudnn":
-          t = bench_cudnn(batch, length, args.reps, args.inner)
+          t = bench_cudnn(batch, length, args.reps, args.inner, bwd)
         else:
           raise ValueError(f"unknown impl {impl!r}")
       except Exception as e:  # a failing implementation is reported in the table, not hidden
@@ -281,11 +292,17 @@ def main():
     return
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for ax, key in zip(axes, ("fwd_ms", "fwd_bwd_ms")):
+    plotted = False
     for impl in impls:
       pts = sorted((r["length"], r[key]) for r in rows
-                   if r["impl"] == impl and (r["state"] == 128 or impl == "cudnn"))
+                   if r["impl"] == impl and (r["state"] == 128 or impl == "cudnn")
+                   and math.isfinite(r[key]))
       if pts:
         ax.plot(*zip(*pts), marker="o", label=impl)
+        plotted = True
+    if not plotted:   # e.g. --no-backward
+      ax.set_visible(False)
+      continue
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length (batch x length = %d)" % args.tokens)

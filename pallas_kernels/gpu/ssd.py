@@ -16,6 +16,10 @@ prologue, one small XLA fusion over (b, h, l) float32 vectors):
   state passing H[c] = lam[c] H[c-1] + S[c], sequential over chunks           (ssd_state_passing)
   chunk_scan    y = (L o C B^T) X + exp(cs) C H[c-1] + D x, gated by z       (ssd_chunk_scan)
 
+``backend="mosaic"`` (the default on Hopper for bfloat16 / float16 inputs) runs the forward's
+chunk state, state passing and chunk scan as Mosaic GPU (wgmma) kernels instead, from the same
+prologue (``ssd_mgpu``); the backward below is the same for both backends.
+
 The backward (a ``jax.custom_vjp``) saves only the inputs and the chunk-boundary states, and
 recomputes the rest: the gate backward re-runs the chunk scan (when z is given), dprev reuses the
 chunk-state kernel, the state passing runs in reverse, and ``ssd_bwd`` computes dx / dB / dC /
@@ -70,7 +74,7 @@ def _forward(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret,
   cs, dte, w_off, lam = _decays(dt, a, seq_idx, chunk_size)
   if backend == "mosaic":
     return ssd_mgpu.forward_mgpu(x, b, c, dt, cs, dte, w_off, lam, d, z, init, seq_idx,
-                                 chunk_size=chunk_size, blocks=blocks, interpret=interpret)
+                                 chunk_size=chunk_size, interpret=interpret)
   states = chunk_state(x, b, dte * dt, chunk_size=chunk_size, blocks=blocks,
                        interpret=interpret)
   if init is None:

@@ -6,13 +6,13 @@ XLA-side preprocessing (dt bias / softplus / limit, padding to the chunk, the de
 ``jax.custom_vjp``) are shared with the Triton backend. The stages (Mamba-2, Dao & Gu 2024,
 Sec. 6 / Listing 1):
 
-  chunk_state   S[c] = sum_s exp(cs_last - cs_s) dt_s x_s (outer) B_s      wgmma  (ssd_mgpu_chunk_state)
-  state passing H[c] = lam[c] H[c-1] + S[c]                                 Triton (ssd_state_passing)
-  chunk_scan    y = (L o C B^T) X + exp(cs) C H[c-1] + D x, gated by z      wgmma  (ssd_mgpu_chunk_scan)
+  chunk_state   S[c] = sum_s exp(cs_last - cs_s) dt_s x_s (outer) B_s   wgmma    (ssd_mgpu_chunk_state)
+  state passing H[c] = lam[c] H[c-1] + S[c]                              registers (ssd_mgpu_state_passing)
+  chunk_scan    y = (L o C B^T) X + exp(cs) C H[c-1] + D x, gated by z   wgmma    (ssd_mgpu_chunk_scan)
 
-The state passing is a short sequential loop over chunks that moves (b, c, h, p, n) float32
-states once; it stays the Triton-lowered kernel. The chunk scan reads the states entering each
-chunk in x's dtype (as the Triton kernel's matmul does).
+The state passing also writes the states in x's dtype, which the chunk scan's wgmma reads (the
+Triton chunk scan rounds them to that dtype too); the float32 ones are the backward's residuals
+and the final state.
 
 Supported: x in bfloat16 / float16, head_dim p in {64, 128}, d_state n in {64, 128, 256},
 chunk q in {64, 128, 256}, any groups, seq_idx, D per head or channel, z, initial and final
@@ -26,10 +26,10 @@ import logging
 
 import jax.numpy as jnp
 
-from pallas_kernels.gpu.ssd_blocks import SSDBlockSizes, device_key
+from pallas_kernels.gpu.ssd_blocks import device_key
 from pallas_kernels.gpu.ssd_mgpu_chunk_scan import chunk_scan_fwd_mgpu
 from pallas_kernels.gpu.ssd_mgpu_chunk_state import chunk_state_mgpu
-from pallas_kernels.gpu.ssd_state_passing import state_passing_fwd
+from pallas_kernels.gpu.ssd_mgpu_state_passing import state_passing_fwd_mgpu
 
 BACKENDS = ("mosaic", "triton")
 HEAD_DIMS = (64, 128)
@@ -77,7 +77,7 @@ def resolve_backend(backend: str | None, dtype, head_dim: int, state: int, chunk
 
 
 def forward_mgpu(x, b, c, dt, cs, dte, w_off, lam, d, z, init, seq_idx, *, chunk_size: int,
-                 blocks: SSDBlockSizes, interpret: bool):
+                 interpret: bool):
   """The SSD forward from preprocessed inputs (as ``ssd._forward``): (y, all_states).
 
   Args:
@@ -86,7 +86,7 @@ def forward_mgpu(x, b, c, dt, cs, dte, w_off, lam, d, z, init, seq_idx, *, chunk
     lam: (b, h, c) float32 chunk-end decays.
     d: (h, p) float32 or None; z: (b, l, h, p) or None; init: (b, h, p, n) float32 or None.
     seq_idx: (b, l) int32 or None.
-    chunk_size: q; blocks: ``block_pn`` tiles the state passing; interpret: CPU interpreters.
+    chunk_size: q; interpret: run in Mosaic GPU's interpreter (CPU).
 
   Returns:
     y (b, l, h, p) in x's dtype, and all_states (b, c + 1, h, p, n) float32 (index 0 the
@@ -98,11 +98,11 @@ def forward_mgpu(x, b, c, dt, cs, dte, w_off, lam, d, z, init, seq_idx, *, chunk
   states = chunk_state_mgpu(x, b, dte * dt, chunk_size=chunk_size, interpret=interpret)
   if init is None:
     init = jnp.zeros((batch, heads, head_dim, state), jnp.float32)
-  all_states = state_passing_fwd(
+  all_states, low = state_passing_fwd_mgpu(
       states.reshape(batch, chunks, heads, head_dim * state), lam,
-      init.reshape(batch, heads, head_dim * state), blocks=blocks, interpret=interpret,
-  ).reshape(batch, chunks + 1, heads, head_dim, state)
-  y = chunk_scan_fwd_mgpu(x, b, c, dt, cs, w_off, all_states.astype(x.dtype), d, z, seq_idx,
+      init.reshape(batch, heads, head_dim * state), low_dtype=x.dtype, interpret=interpret)
+  shape = (batch, chunks + 1, heads, head_dim, state)
+  y = chunk_scan_fwd_mgpu(x, b, c, dt, cs, w_off, low.reshape(shape), d, z, seq_idx,
                           chunk_size=chunk_size, interpret=interpret)
-  return y, all_states
+  return y, all_states.reshape(shape)
 

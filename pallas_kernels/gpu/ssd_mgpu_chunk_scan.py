@@ -36,8 +36,27 @@ from pallas_kernels.gpu.ssd_mgpu_common import (COL_VECTOR, MATMUL_DTYPES, ROW_V
                                                 wgmma_product)
 
 
+SMEM_BYTES = 227 * 1024 - 4096   # Hopper's 227 KiB per CTA, less barriers and slack
+
+
+def _smem_bytes(heads_per_cta: int, p: int, n: int, q: int, itemsize: int) -> int:
+  """Shared memory of one CTA: C rows, H[c-1], the B / x rings, the z / output rows, vectors."""
+  matrices = ROWS * n + p * n + 2 * ROWS * n + 2 * ROWS * p + ROWS * p
+  vectors = 2 * heads_per_cta * q + heads_per_cta * ROWS + q + heads_per_cta * p
+  return matrices * itemsize + 4 * vectors
+
+
+def heads_per_cta(heads: int, per_group: int, p: int, n: int, q: int, itemsize: int) -> int:
+  """Heads one CTA walks through (4, 2 or 1): they share a group (one C block) and fit SMEM."""
+  for hb in (4, 2, 1):
+    if per_group % hb == 0 and _smem_bytes(hb, p, n, q, itemsize) <= SMEM_BYTES:
+      return hb
+  raise ValueError(f"head_dim p={p}, d_state n={n}, chunk_size={q} need "
+                   f"{_smem_bytes(1, p, n, q, itemsize)} bytes of shared memory > {SMEM_BYTES}")
+
+
 def _kernel(*refs, has_d: bool, has_z: bool, has_seq: bool, chunk_size: int, chunks: int,
-            per_group: int, interpret: bool):
+            per_group: int, heads_per_cta: int, interpret: bool):
   refs = list(refs)
   x_ref, b_ref, c_ref, dt_ref, cs_ref, woff_ref, prev_ref = refs[:7]
   rest = refs[7:]
@@ -45,97 +64,131 @@ def _kernel(*refs, has_d: bool, has_z: bool, has_seq: bool, chunk_size: int, chu
   z_ref = rest.pop(0) if has_z else None
   seq_ref = rest.pop(0) if has_seq else None
   y_ref = rest.pop(0)
-  (c_s, prev_s, b_s, x_s, cs_s, dt_s, woff_s, seq_s, d_s, y_s,
-   w_s, in_bar, b_bar, x_bar) = rest
+  (c_s, prev_s, b_s, x_s, cs_s, dt_s, woff_s, seq_s, d_s, yz_s,
+   w_s, in_bar, prev_bar, z_bar, b_bar, x_bar) = rest
 
   q = chunk_size
   nm = q // ROWS
+  nh = heads_per_cta
   dtype = x_ref.dtype
   p = x_ref.shape[-1]
-  h = lax.axis_index("h")
+  h0 = lax.axis_index("hb") * nh
   m = nm - 1 - lax.axis_index("m")          # the longest row blocks first
   bc = lax.axis_index("bc")
   bi = lax.div(bc, jnp.int32(chunks))
   ci = lax.rem(bc, jnp.int32(chunks))
-  g = lax.div(h, jnp.int32(per_group))
+  g = lax.div(h0, jnp.int32(per_group))
   chunk0 = ci * q
   t0 = m * ROWS
+  rows = pl.ds(chunk0 + t0, ROWS)
+  heads = pl.ds(h0, nh)
+  nk = m + 1                                # causal column blocks per head
+  total = nh * nk                           # (head, column block) steps of this CTA
 
-  def load_block(k, slot):
+  def issue(i):
+    """Start the TMA loads of step i's B and x column blocks into ring slot i % 2."""
+    slot = lax.rem(i, jnp.int32(2))
+    k = lax.rem(i, nk)
     cols = pl.ds(chunk0 + k * ROWS, ROWS)
     plgpu.copy_gmem_to_smem(b_ref.at[bi, cols, g], b_s.at[slot], b_bar.at[slot])
-    plgpu.copy_gmem_to_smem(x_ref.at[bi, cols, h], x_s.at[slot], x_bar.at[slot])
+    plgpu.copy_gmem_to_smem(x_ref.at[bi, cols, h0 + lax.div(i, nk)], x_s.at[slot],
+                            x_bar.at[slot])
 
-  rows = pl.ds(chunk0 + t0, ROWS)
   loads = [
       (c_ref.at[bi, rows, g], c_s),
-      (prev_ref.at[bi, ci, h], prev_s),
-      (cs_ref.at[bi, h, pl.ds(chunk0, q)], cs_s),
-      (dt_ref.at[bi, h, pl.ds(chunk0, q)], dt_s),
-      (woff_ref.at[bi, h, rows], woff_s),
+      (cs_ref.at[bi, heads, pl.ds(chunk0, q)], cs_s),
+      (dt_ref.at[bi, heads, pl.ds(chunk0, q)], dt_s),
+      (woff_ref.at[bi, heads, rows], woff_s),
   ]
   if has_seq:
     loads.append((seq_ref.at[bi, pl.ds(chunk0, q)], seq_s))
   if has_d:
-    loads.append((d_ref.at[h], d_s))
-  if has_z:
-    loads.append((z_ref.at[bi, rows, h], y_s))   # z shares the output rows' buffer
+    loads.append((d_ref.at[heads], d_s))
   for i, (src, dst) in enumerate(loads):
     plgpu.copy_gmem_to_smem(src, dst, in_bar.at[i])
-  load_block(0, 0)
+  plgpu.copy_gmem_to_smem(prev_ref.at[bi, ci, h0], prev_s, prev_bar)
+  if has_z:
+    plgpu.copy_gmem_to_smem(z_ref.at[bi, rows, h0], yz_s, z_bar)
+  issue(jnp.int32(0))
 
-  @pl.when(m >= 1)
+  @pl.when(total > 1)
   def _():
-    load_block(1, 1)
+    issue(jnp.int32(1))
 
   for i in range(len(loads)):
     plgpu.barrier_wait(in_bar.at[i])
 
-  acc = wgmma_product(c_s, prev_s.transpose((1, 0)), (ROWS, p))
-  woff_t = plgpu.load(woff_s, layout=ROW_VECTOR)
-  acc = acc * lax.broadcast_in_dim(woff_t, (ROWS, p), [0])
-  cs_t = plgpu.load(cs_s.at[pl.ds(t0, ROWS)], layout=ROW_VECTOR)
   seq_t = plgpu.load(seq_s.at[pl.ds(t0, ROWS)], layout=ROW_VECTOR) if has_seq else None
   t_ids = t0 + plgpu.broadcasted_iota(jnp.int32, (ROWS, ROWS), 0, layout=TILE)
   s_iota = plgpu.broadcasted_iota(jnp.int32, (ROWS, ROWS), 1, layout=TILE)
   row = lambda v: lax.broadcast_in_dim(v, (ROWS, ROWS), [0])
   col = lambda v: lax.broadcast_in_dim(v, (ROWS, ROWS), [1])
 
-  def body(k, acc):
-    slot = lax.rem(k, jnp.int32(2))
-    plgpu.barrier_wait(b_bar.at[slot])
-    plgpu.barrier_wait(x_bar.at[slot])
+  def head_body(j, carry):
+    plgpu.barrier_wait(prev_bar)
+    acc = wgmma_product(c_s, prev_s.transpose((1, 0)), (ROWS, p))
 
-    cb = wgmma_product(c_s, b_s.at[slot].transpose((1, 0)), (ROWS, ROWS))
-    s0 = k * ROWS
-    cs_c = plgpu.load(cs_s.at[pl.ds(s0, ROWS)], layout=COL_VECTOR)
-    dt_c = plgpu.load(dt_s.at[pl.ds(s0, ROWS)], layout=COL_VECTOR)
-    keep = t_ids >= s0 + s_iota
-    if has_seq:
-      keep = keep & (row(seq_t) == col(plgpu.load(seq_s.at[pl.ds(s0, ROWS)],
-                                                    layout=COL_VECTOR)))
-    decay = jnp.exp(jnp.minimum(row(cs_t) - col(cs_c), 0.0))
-    w = jnp.where(keep, cb * decay * col(dt_c), 0.0).astype(dtype)
+    @pl.when(j + 1 < nh)
+    def _():   # the product has been read out: H[c-1] of the next head may land
+      plgpu.copy_gmem_to_smem(prev_ref.at[bi, ci, h0 + j + 1], prev_s, prev_bar)
 
-    acc = wgmma_accumulate(acc, w, x_s.at[slot], interpret, w_s)
+    woff_t = plgpu.load(woff_s.at[j], layout=ROW_VECTOR)
+    acc = acc * lax.broadcast_in_dim(woff_t, (ROWS, p), [0])
+    cs_t = plgpu.load(cs_s.at[j, pl.ds(t0, ROWS)], layout=ROW_VECTOR)
 
-    @pl.when(k + 2 <= m)
+    def block_body(k, acc):
+      i = j * nk + k
+      slot = lax.rem(i, jnp.int32(2))
+      plgpu.barrier_wait(b_bar.at[slot])
+      plgpu.barrier_wait(x_bar.at[slot])
+      cb = wgmma_product(c_s, b_s.at[slot].transpose((1, 0)), (ROWS, ROWS))
+      s0 = k * ROWS
+      cs_c = plgpu.load(cs_s.at[j, pl.ds(s0, ROWS)], layout=COL_VECTOR)
+      dt_c = plgpu.load(dt_s.at[j, pl.ds(s0, ROWS)], layout=COL_VECTOR)
+      keep = t_ids >= s0 + s_iota
+      if has_seq:
+        keep = keep & (row(seq_t) == col(plgpu.load(seq_s.at[pl.ds(s0, ROWS)],
+                                                      layout=COL_VECTOR)))
+      decay = jnp.exp(jnp.minimum(row(cs_t) - col(cs_c), 0.0))
+      w = jnp.where(keep, cb * decay * col(dt_c), 0.0).astype(dtype)
+      acc = wgmma_accumulate(acc, w, x_s.at[slot], interpret, w_s)
+
+      @pl.when((k < m) & (i + 2 < total))
+      def _():   # the diagonal block's slot is refilled after the epilogue reads x_t from it
+        issue(i + 2)
+
+      return acc
+
+    y = lax.fori_loop(jnp.int32(0), nk, block_body, acc)
+    last = j * nk + m
+    if has_d:
+      x_t = plgpu.load(x_s.at[lax.rem(last, jnp.int32(2))], layout=TILE).astype(jnp.float32)
+      d = plgpu.load(d_s.at[j], layout=COL_VECTOR)
+      y = y + lax.broadcast_in_dim(d, (ROWS, p), [1]) * x_t
+
+    @pl.when(last + 2 < total)
     def _():
-      load_block(k + 2, slot)
+      if has_d:
+        plgpu.commit_smem()   # every thread has read x_t before TMA refills its slot
+      issue(last + 2)
 
-    return acc
+    if has_z:
+      plgpu.barrier_wait(z_bar)
+      z = plgpu.load(yz_s, layout=TILE).astype(jnp.float32)   # each thread rewrites its own
+      y = y * z / (1.0 + jnp.exp(-z))
+    else:
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous head's rows are out
+    yz_s[...] = y.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(yz_s, y_ref.at[bi, rows, h0 + j])
+    if has_z:
+      @pl.when(j + 1 < nh)
+      def _():
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.copy_gmem_to_smem(z_ref.at[bi, rows, h0 + j + 1], yz_s, z_bar)
+    return carry
 
-  y = lax.fori_loop(jnp.int32(0), m + 1, body, acc)
-  if has_d:
-    x_t = plgpu.load(x_s.at[lax.rem(m, jnp.int32(2))], layout=TILE).astype(jnp.float32)
-    d = plgpu.load(d_s, layout=COL_VECTOR)
-    y = y + lax.broadcast_in_dim(d, (ROWS, p), [1]) * x_t
-  if has_z:
-    z = plgpu.load(y_s, layout=TILE).astype(jnp.float32)   # each thread rewrites its own
-    y = y * z / (1.0 + jnp.exp(-z))
-  y_s[...] = y.astype(dtype)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(y_s, y_ref.at[bi, rows, h])
+  lax.fori_loop(jnp.int32(0), jnp.int32(nh), head_body, jnp.int32(0))
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -188,32 +241,36 @@ def chunk_scan_fwd_mgpu(x, b, c, dt, cs, w_off, prev_states, d=None, z=None, seq
     args.append(z)
   if seq_idx is not None:
     args.append(seq_idx)
-  num_loads = 5 + sum(v is not None for v in (d, z, seq_idx))
+  nh = heads_per_cta(heads, heads // groups, head_dim, state, q, jnp.dtype(dtype).itemsize)
+  num_loads = 4 + (seq_idx is not None) + (d is not None)
   scratch = [
       smem((ROWS, state), dtype, interpret),                   # C rows
-      smem((head_dim, state), dtype, interpret),               # H[c - 1]
+      smem((head_dim, state), dtype, interpret),               # H[c - 1] of the current head
       smem((2, ROWS, state), dtype, interpret),                # B column blocks (ring)
       smem((2, ROWS, head_dim), dtype, interpret),             # x column blocks (ring)
-      plgpu.SMEM((q,), jnp.float32),                           # cs of the chunk
-      plgpu.SMEM((q,), jnp.float32),                           # dt of the chunk
-      plgpu.SMEM((ROWS,), jnp.float32),                        # w_off of the rows
+      plgpu.SMEM((nh, q), jnp.float32),                        # cs of the chunk, per head
+      plgpu.SMEM((nh, q), jnp.float32),                        # dt of the chunk, per head
+      plgpu.SMEM((nh, ROWS), jnp.float32),                     # w_off of the rows, per head
       None if seq_idx is None else plgpu.SMEM((q,), jnp.int32),
-      None if d is None else plgpu.SMEM((head_dim,), jnp.float32),
+      None if d is None else plgpu.SMEM((nh, head_dim), jnp.float32),
       smem((ROWS, head_dim), dtype, interpret),                # z rows, then the output rows
       smem((ROWS, ROWS), dtype, interpret) if interpret else None,  # w, interpreter only
       plgpu.Barrier(num_barriers=num_loads),
+      plgpu.Barrier(),
+      plgpu.Barrier() if z is not None else None,
       plgpu.Barrier(num_barriers=2),
       plgpu.Barrier(num_barriers=2),
   ]
   kernel = functools.partial(_kernel, has_d=d is not None, has_z=z is not None,
                              has_seq=seq_idx is not None, chunk_size=q, chunks=chunks,
-                             per_group=heads // groups, interpret=interpret)
+                             per_group=heads // groups, heads_per_cta=nh,
+                             interpret=interpret)
   return plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct(x.shape, dtype),
       scratch_types=scratch,
-      grid=(heads, q // ROWS, batch * chunks),
-      grid_names=("h", "m", "bc"),
+      grid=(q // ROWS, heads // nh, batch * chunks),
+      grid_names=("m", "hb", "bc"),
       kernel_name="ssd_chunk_scan_mgpu",
       **launch_options(interpret),
   )(*args)

@@ -5,15 +5,17 @@ Mamba-2 (Dao & Gu, 2024), Sec. 6 / Listing 1, step 2 ("intra-chunk states"):
   S[b, c, h] = sum_{s in chunk c} w[b, h, s] * x[b, s, h, :] (outer) B[b, s, g(h), :]
 
 with w_s = exp(cs_last - cs_s) * dt_s: the same contract as the Triton-lowered
-``ssd_chunk_state.chunk_state``. One CTA (one warpgroup) owns a (p, block_n) tile of one
-(b, c, h) state and walks the chunk in blocks of 64 positions (a ring of two TMA-loaded x / B
-blocks). Per block it scales the x rows by w in float32 registers, stores them in the input
-dtype to a swizzled SMEM buffer, and accumulates
+``ssd_chunk_state.chunk_state``. One CTA (one warpgroup) owns (p, block_n = min(n, 128))
+tiles of the states of up to 4 heads of one group in one (b, c): it loads the group's B columns
+of the chunk once, then walks heads x blocks of 64 positions with a ring of two TMA-loaded x
+blocks that runs ahead across heads. Per block it scales the x rows by w in float32 registers,
+splits w o x into two terms in the input dtype (hi = round(w o x), lo = round(w o x - hi):
+x and B are exact in that dtype, so the states come out nearly float32-exact, where rounding
+w o x once would leave bf16's 2^-9 relative error in them), stores them to swizzled SMEM, and
 
-  acc += wgmma((w o x_blk)^T, B_blk)         (p x 64) @ (64 x block_n), float32 accumulator,
+  acc += wgmma(hi^T, B_blk) + wgmma(lo^T, B_blk)   (p x 64) @ (64 x block_n), float32,
 
-the transposed operand read straight from SMEM. block_n = n, or 128 when p = 128 and n = 256
-(the accumulator stays at most 128 float32 registers per thread).
+the transposed operands read straight from SMEM; the head's tile leaves through SMEM by TMA.
 """
 
 from __future__ import annotations
@@ -29,61 +31,89 @@ import jax.numpy as jnp
 from pallas_kernels.gpu.ssd_mgpu_common import (MATMUL_DTYPES, ROW_VECTOR, ROWS, TILE,
                                                 launch_options, smem, wgmma_accumulate)
 
-ACC_ELEMENTS = 128 * 128   # float32 accumulator elements per warpgroup (128 registers/thread)
+BLOCK_N = 128      # state columns per CTA: a (p, 128) float32 accumulator, <= 128 registers
+SMEM_BYTES = 227 * 1024 - 4096
 
 
-def state_block_n(head_dim: int, state: int) -> int:
-  """Columns of the state each CTA computes."""
-  return min(state, ACC_ELEMENTS // head_dim)
+def _smem_bytes(heads_per_cta: int, p: int, block_n: int, q: int, itemsize: int) -> int:
+  """Shared memory of one CTA: B of the chunk, the x ring, w o x (hi, lo), w, the state tile."""
+  return ((q * block_n + 2 * ROWS * p + 2 * ROWS * p) * itemsize
+          + 4 * (heads_per_cta * q + p * block_n))
 
 
-def _kernel(x_ref, b_ref, w_ref, out_ref, x_s, b_s, xw_s, w_s, o_s, w_bar, b_bar, x_bar, *,
-            chunk_size: int, chunks: int, per_group: int, block_n: int,
+def heads_per_cta(per_group: int, p: int, block_n: int, q: int, itemsize: int) -> int:
+  """Heads one CTA walks through (4, 2 or 1), sharing its group's B block in SMEM."""
+  for hb in (4, 2, 1):
+    if per_group % hb == 0 and _smem_bytes(hb, p, block_n, q, itemsize) <= SMEM_BYTES:
+      return hb
+  raise ValueError(f"head_dim p={p}, chunk_size={q} need "
+                   f"{_smem_bytes(1, p, block_n, q, itemsize)} bytes of shared memory")
+
+
+def _kernel(x_ref, b_ref, w_ref, out_ref, b_s, x_s, hi_s, lo_s, w_s, o_s, b_bar, x_bar, w_bar,
+            *, chunk_size: int, chunks: int, per_group: int, heads_per_cta: int, block_n: int,
             interpret: bool):
   q = chunk_size
   steps = q // ROWS
+  nh = heads_per_cta
+  total = nh * steps
   dtype = x_ref.dtype
   p = x_ref.shape[-1]
-  h = lax.axis_index("h")
-  n0 = lax.axis_index("n") * block_n
+  h0 = lax.axis_index("hb") * nh
+  cols_n = pl.ds(lax.axis_index("n") * block_n, block_n)
   bc = lax.axis_index("bc")
   bi = lax.div(bc, jnp.int32(chunks))
   ci = lax.rem(bc, jnp.int32(chunks))
-  g = lax.div(h, jnp.int32(per_group))
+  g = lax.div(h0, jnp.int32(per_group))
   chunk0 = ci * q
-  cols_n = pl.ds(n0, block_n)
 
-  def load_block(k, slot):
-    rows = pl.ds(chunk0 + k * ROWS, ROWS)
-    plgpu.copy_gmem_to_smem(b_ref.at[bi, rows, g, cols_n], b_s.at[slot], b_bar.at[slot])
-    plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, h], x_s.at[slot], x_bar.at[slot])
+  def issue(i):
+    """Start the TMA load of step i's x block (head i // steps, block i % steps)."""
+    slot = lax.rem(i, jnp.int32(2))
+    rows = pl.ds(chunk0 + lax.rem(i, jnp.int32(steps)) * ROWS, ROWS)
+    plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, h0 + lax.div(i, jnp.int32(steps))],
+                            x_s.at[slot], x_bar.at[slot])
 
-  plgpu.copy_gmem_to_smem(w_ref.at[bi, h, pl.ds(chunk0, q)], w_s, w_bar)
-  for k in range(min(2, steps)):
-    load_block(k, k)
+  for k in range(steps):
+    plgpu.copy_gmem_to_smem(b_ref.at[bi, pl.ds(chunk0 + k * ROWS, ROWS), g, cols_n],
+                            b_s.at[k], b_bar.at[k])
+  plgpu.copy_gmem_to_smem(w_ref.at[bi, pl.ds(h0, nh), pl.ds(chunk0, q)], w_s, w_bar)
+  issue(jnp.int32(0))
+  if total > 1:
+    issue(jnp.int32(1))
   plgpu.barrier_wait(w_bar)
+  for k in range(steps):
+    plgpu.barrier_wait(b_bar.at[k])
 
-  def body(k, acc):
-    slot = lax.rem(k, jnp.int32(2))
-    plgpu.barrier_wait(x_bar.at[slot])
-    plgpu.barrier_wait(b_bar.at[slot])
-    xk = plgpu.load(x_s.at[slot], layout=TILE).astype(jnp.float32)
-    wk = plgpu.load(w_s.at[pl.ds(k * ROWS, ROWS)], layout=ROW_VECTOR)
-    xw_s[...] = (xk * lax.broadcast_in_dim(wk, (ROWS, p), [0])).astype(dtype)
+  def head_body(j, carry):
+    def step(k, acc):
+      i = j * steps + k
+      slot = lax.rem(i, jnp.int32(2))
+      plgpu.barrier_wait(x_bar.at[slot])
+      xk = plgpu.load(x_s.at[slot], layout=TILE).astype(jnp.float32)
+      wk = plgpu.load(w_s.at[j, pl.ds(k * ROWS, ROWS)], layout=ROW_VECTOR)
+      xw = xk * lax.broadcast_in_dim(wk, (ROWS, p), [0])
+      hi = xw.astype(dtype)
+      hi_s[...] = hi
+      lo_s[...] = (xw - hi.astype(jnp.float32)).astype(dtype)
+      plgpu.commit_smem()   # hi / lo visible to wgmma; every thread is done with the x slot
+
+      @pl.when(i + 2 < total)
+      def _():
+        issue(i + 2)
+
+      acc = wgmma_accumulate(acc, hi_s.transpose((1, 0)), b_s.at[k], interpret)
+      return wgmma_accumulate(acc, lo_s.transpose((1, 0)), b_s.at[k], interpret)
+
+    acc = plgpu.layout_cast(jnp.zeros((p, block_n), jnp.float32), TILE)
+    acc = lax.fori_loop(jnp.int32(0), jnp.int32(steps), step, acc)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous head's tile is out
+    o_s[...] = acc
     plgpu.commit_smem()
-    acc = wgmma_accumulate(acc, xw_s.transpose((1, 0)), b_s.at[slot], interpret)
+    plgpu.copy_smem_to_gmem(o_s, out_ref.at[bi, ci, h0 + j, :, cols_n])
+    return carry
 
-    @pl.when(k + 2 < steps)
-    def _():
-      load_block(k + 2, slot)
-
-    return acc
-
-  acc = plgpu.layout_cast(jnp.zeros((p, block_n), jnp.float32), TILE)
-  acc = lax.fori_loop(jnp.int32(0), jnp.int32(steps), body, acc)
-  o_s[...] = acc
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(o_s, out_ref.at[bi, ci, h, :, cols_n])
+  lax.fori_loop(jnp.int32(0), jnp.int32(nh), head_body, jnp.int32(0))
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -117,27 +147,29 @@ def chunk_state_mgpu(x: jax.Array, b: jax.Array, w: jax.Array, *, chunk_size: in
     raise ValueError(f"w has shape {w.shape} dtype {w.dtype}; expected "
                      f"({batch}, {heads}, {length}) float32")
   chunks = length // chunk_size
-  block_n = state_block_n(head_dim, state)
+  block_n = min(state, BLOCK_N)
   dtype = x.dtype
+  nh = heads_per_cta(heads // groups, head_dim, block_n, chunk_size, jnp.dtype(dtype).itemsize)
   scratch = [
+      smem((chunk_size // ROWS, ROWS, block_n), dtype, interpret),  # B of the chunk
       smem((2, ROWS, head_dim), dtype, interpret),       # x blocks (ring)
-      smem((2, ROWS, block_n), dtype, interpret),        # B blocks (ring)
-      smem((ROWS, head_dim), dtype, interpret),          # w o x of the current block
-      plgpu.SMEM((chunk_size,), jnp.float32),            # w of the chunk
+      smem((ROWS, head_dim), dtype, interpret),          # w o x of the block: hi part
+      smem((ROWS, head_dim), dtype, interpret),          # and lo part
+      plgpu.SMEM((nh, chunk_size), jnp.float32),         # w of the chunk, per head
       smem((head_dim, block_n), jnp.float32, interpret),  # the state tile, for the TMA store
+      plgpu.Barrier(num_barriers=chunk_size // ROWS),
+      plgpu.Barrier(num_barriers=2),
       plgpu.Barrier(),
-      plgpu.Barrier(num_barriers=2),
-      plgpu.Barrier(num_barriers=2),
   ]
   kernel = functools.partial(_kernel, chunk_size=chunk_size, chunks=chunks,
-                             per_group=heads // groups, block_n=block_n,
+                             per_group=heads // groups, heads_per_cta=nh, block_n=block_n,
                              interpret=interpret)
   return plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((batch, chunks, heads, head_dim, state), jnp.float32),
       scratch_types=scratch,
-      grid=(heads, state // block_n, batch * chunks),
-      grid_names=("h", "n", "bc"),
+      grid=(state // block_n, heads // nh, batch * chunks),
+      grid_names=("n", "hb", "bc"),
       kernel_name="ssd_chunk_state_mgpu",
       **launch_options(interpret),
   )(x, b, w)

@@ -26,6 +26,13 @@ from tests.numerics import assert_close
 # Norm-relative tolerances: wgmma operands rounded to the input dtype (bf16: 8-bit mantissa,
 # f16: 11-bit), float32 accumulation and decays; as the Triton kernels' bf16 bound.
 TOLERANCES = {jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
+# Except dA and d dt_bias in bf16: per-head sums over every position of the shared (Triton-
+# lowered) backward's bf16-rounded products. Measured on an H100 at SHAPE, seeds 7 and 8:
+# dA 1.8-3.4e-2, d dt_bias 0.9-2.6e-2 with this forward; with the Triton-lowered forward on the
+# same inputs dA 3.0-8.8e-2, d dt_bias 1.7-6.9e-2 (its residual chunk states are bf16-rounded,
+# this forward's nearly float32-exact: final states 3e-6 against 1.6e-3).
+SUM_GRAD_TOLERANCES = {jnp.bfloat16: 5e-2, jnp.float16: 5e-3}
+SUM_GRADS = ("A", "dt_bias")
 
 
 def _on_hopper() -> bool:
@@ -80,7 +87,8 @@ class SSDMosaicCases:
                                    vjp_ref((up(dy), up(dfinal))), primals):
       if prim is not None:
         assert gr.dtype == prim.dtype, f"d{gname}: dtype {gr.dtype} != {prim.dtype}"
-        assert_close(gr, ge, tol, f"{name} d{gname}")
+        bound = SUM_GRAD_TOLERANCES[dtype] if gname in SUM_GRADS else tol
+        assert_close(gr, ge, bound, f"{name} d{gname}")
 
   @pytest.mark.parametrize("case", ["full", "plain"])
   @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
@@ -119,15 +127,21 @@ class TestSSDMosaicGPU(SSDMosaicCases):
 
 
 class TestSSDMosaicInterpret(SSDMosaicCases):
-  """The same kernels in Mosaic GPU's interpreter on CPU: p = n = q = 64, two chunks + a tail,
-  two groups."""
+  """The same kernels in Mosaic GPU's interpreter on CPU: small shapes (p = n = 64), chunks and
+  a tail; the vjp (slow: it interprets the Triton-lowered backward too) with two groups."""
   INTERPRET = True
   SHAPE = (1, 150, 2, 64, 2, 64, 64)
 
   @pytest.mark.parametrize("case", ["full"])
   @pytest.mark.parametrize("dtype", [jnp.bfloat16], ids=["bf16"])
   def test_matches_oracle(self, dtype, case):
-    self._run(dtype, case, 3, self.SHAPE, grads=True)
+    """Forward and final states: two row blocks, two heads per CTA, a chunk and a tail."""
+    self._run(dtype, case, 3, (1, 200, 2, 64, 1, 64, 128), grads=False)
+
+  @pytest.mark.slow
+  def test_vjp(self):
+    """The vjp through the combined path (the Triton-lowered backward, interpreted)."""
+    self._run(jnp.bfloat16, "full", 3, self.SHAPE, grads=True)
 
   def test_default_backend_off_hopper(self):
     assert resolve_backend(None, jnp.bfloat16, 64, 128, 256, True) == "triton"
