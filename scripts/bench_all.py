@@ -10,10 +10,12 @@ timeout in one is recorded in the report and the others still run):
   long_context  scripts/bench_long_context.py longest trainable / forward length, 130M
   cpu           scripts/bench_training.py --cpu   tiny models, compile and step time on 2
                 cores (run when there is no GPU, or when named in --only)
-In full mode training is split by size (training_130m, training_370m, training_1.4b), long
+In full mode the kernels are split into kernels (SSD and attention against length) and
+kernels_n (SSD against N, and S6), training by size (training_130m, training_370m,
+training_1.4b), long
 context into long_context (train) and long_context_forward, and generation_large adds the
 1.4B / 1.3B models: each fits one call of < 10 minutes, e.g.
-  for s in kernels training_130m training_370m training_1.4b generation generation_large \
+  for s in kernels kernels_n training_130m training_370m training_1.4b generation generation_large \
            long_context long_context_forward: one call each with --only=$s
 and the JSONs are merged by ``scripts/bench_report.py --json a.json b.json ...``.
 
@@ -51,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_timing import environment, write_json  # noqa: E402
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("kernels", "training", "training_130m", "training_370m", "training_1.4b",
+SECTIONS = ("kernels", "kernels_n", "training", "training_130m", "training_370m", "training_1.4b",
             "generation", "generation_large", "long_context", "long_context_forward", "cpu")
 REDUCED_SHARES = {"kernels": 0.27, "training": 0.33, "generation": 0.22, "long_context": 0.18}
 RESULTS = "bench_results.json"
@@ -108,7 +110,8 @@ def section_commands(mode: str) -> dict[str, list[str]]:
         "cpu": script("bench_training.py") + ["--cpu", "--steps", "5"],
     }
   full = {
-      "kernels": script("bench_kernels.py"),
+      "kernels": script("bench_kernels.py") + ["--parts", "lengths"],
+      "kernels_n": script("bench_kernels.py") + ["--parts", "states,s6"],
       "generation": script("bench_generation.py"),
       "generation_large": script("bench_generation.py") + ["--large"],
       "long_context": script("bench_long_context.py") + ["--modes", "train"],

@@ -147,6 +147,8 @@ def main():
   parser.add_argument("--chunk", type=int, default=256)
   parser.add_argument("--reps", type=int, default=10)
   parser.add_argument("--inner", type=int, default=2)
+  parser.add_argument("--parts", default="lengths,s6,states",
+                      help="which sweeps: lengths (SSD + attention), s6, states (SSD vs N)")
   parser.add_argument("--budget_s", type=float, default=1e9,
                       help="skip cases that would start after this many seconds")
   parser.add_argument("--mamba_ssm_root", default=".device/mamba_ssm-2.3.2.post1")
@@ -232,7 +234,8 @@ def main():
       if t is not None:
         add(_row("attention", "cudnn", length, batch, t, cost, floor_ms(cost), state=None))
 
-  lengths = [int(v) for v in args.lengths.split(",")]
+  parts = args.parts.split(",")
+  lengths = [int(v) for v in args.lengths.split(",")] if "lengths" in parts else []
   for length in lengths:
     ssd_case(length, args.state, ssd_impls, with_attention=True)
   s6_fns = {impl: (lambda impl: lambda u, delta, A, B, C, D, z, delta_bias: selective_scan(
@@ -242,7 +245,7 @@ def main():
     s6_fns["pallas"] = lambda u, delta, A, B, C, D, z, delta_bias: selective_scan_pallas_gpu(
         u, delta, A, B, C, D, z, delta_bias, True)
   d_state = 16
-  for length in (int(v) for v in args.s6_lengths.split(",")):
+  for length in (int(v) for v in args.s6_lengths.split(",") if "s6" in parts):
     batch = args.s6_tokens // length
     if batch < 1:
       continue
@@ -258,7 +261,7 @@ def main():
                  d_inner=args.s6_d_inner, state=d_state))
     del inp
 
-  for state in (int(v) for v in args.states.split(",")):
+  for state in (int(v) for v in args.states.split(",") if "states" in parts):
     if state != args.state or args.states_length not in lengths:
       ssd_case(args.states_length, state, ssd_impls, with_attention=False)
 

@@ -81,10 +81,11 @@ def kernels_md(data: dict) -> list[str]:
                    _ratio(r["fwd_bwd_ms"], tri and tri["fwd_bwd_ms"]),
                    _ratio(r["fwd_bwd_ms"], att and att["fwd_bwd_ms"])
                    if r["op"] == "ssd" else None])
-  out += [f"### SSD (N = {state}) and causal attention against sequence length", ""]
-  out += table(["op", "impl", "L", "batch", "fwd ms", "fwd+bwd ms", "fwd % floor",
-                "fwd+bwd % floor", "fwd vs Triton", "fwd+bwd vs Triton",
-                "fwd+bwd vs cuDNN attention"], body)
+  if body:
+    out += [f"### SSD (N = {state}) and causal attention against sequence length", ""]
+    out += table(["op", "impl", "L", "batch", "fwd ms", "fwd+bwd ms", "fwd % floor",
+                  "fwd+bwd % floor", "fwd vs Triton", "fwd+bwd vs Triton",
+                  "fwd+bwd vs cuDNN attention"], body)
   cross = data.get("crossover") or bench_kernels.crossovers(
       rows, sorted({r["impl"] for r in rows if r["op"] == "ssd"}), state)
   if cross and any(r["op"] == "attention" for r in rows):
@@ -96,7 +97,7 @@ def kernels_md(data: dict) -> list[str]:
   sweep_len = data["args"].get("states_length")
   sweep = sorted((r for r in rows if r["op"] == "ssd" and r["length"] == sweep_len),
                  key=lambda r: (r["impl"], r["state"]))
-  if sweep:
+  if len({r["state"] for r in sweep}) > 1:
     out += ["", f"### SSD against state size N (L = {length_label(sweep_len)})", ""]
     out += table(["impl", "N", "fwd ms", "fwd+bwd ms", "fwd % floor", "fwd+bwd % floor"],
                  [[r["impl"], r["state"], r["fwd_ms"], r["fwd_bwd_ms"], r["fwd_floor_pct"],
@@ -283,9 +284,10 @@ def figures(results: dict, png_dir: str) -> dict[str, str]:
   made = {}
   secs = {n: s.get("data") for n, s in results.get("sections", {}).items() if s.get("data")}
   device = (results.get("env") or {}).get("gpu") or "CPU"
-  if secs.get("kernels", {}).get("rows"):
-    d = secs["kernels"]
-    rows, state = d["rows"], d["args"].get("state")
+  kernel_secs = [d for n, d in secs.items() if n == "kernels" or n.startswith("kernels_")]
+  if any(d.get("rows") for d in kernel_secs):
+    d = kernel_secs[0]
+    rows, state = [r for k in kernel_secs for r in k.get("rows", [])], d["args"].get("state")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key, title in zip(axes[:2], ("fwd_ms", "fwd_bwd_ms"), ("forward", "forward+backward")):
       for op, impl in sorted({(r["op"], r["impl"]) for r in rows if r["op"] != "s6"}):
