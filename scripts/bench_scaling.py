@@ -396,11 +396,23 @@ def probe(env: dict) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+_RUNNING: list[subprocess.Popen] = []
+
+
+def _stop_workers(signum, frame) -> None:
+  """SIGTERM / SIGINT of the parent (e.g. ``timeout``): its worker must not outlive it (it
+  would hold the GPUs)."""
+  for proc in _RUNNING:
+    proc.kill()
+  sys.exit(128 + signum)
+
+
 def run_job(spec: dict, env: dict, hard_end: float, log) -> list[dict]:
   """One worker subprocess; its RESULT records (killed at ``hard_end``)."""
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1)
+  _RUNNING.append(proc)
   records: list[dict] = []
   tail: list[str] = []
   import selectors
@@ -427,6 +439,7 @@ def run_job(spec: dict, env: dict, hard_end: float, log) -> list[dict]:
     else:
       tail = (tail + [line.rstrip()])[-40:]
   proc.wait()
+  _RUNNING.remove(proc)
   if killed:
     records.append(dict(model=spec["model"], mesh=spec["mesh"], event="killed",
                         reason="budget_s reached while running"))
@@ -589,6 +602,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     worker(json.loads(args.worker))
     return 0
 
+  import signal
+  signal.signal(signal.SIGTERM, _stop_workers)
+  signal.signal(signal.SIGINT, _stop_workers)
   start = time.time()
   hard_end = start + args.budget_s
   os.makedirs(args.out_dir, exist_ok=True)

@@ -30,7 +30,8 @@ against the one-device float64 result (the same parameters cast up), and
 2 · e_ref; a factor 2 of headroom; 1e-6 ≈ 17 float32 ulps is the floor under which
 reordered sums are indistinguishable from rounding). With ``--float64`` (the default) the
 sharded run is also done in float64 and must match the one-device float64 run to 1e-10:
-this checks that the parallel algorithms are exact, independently of float32 rounding.
+this checks that the parallel algorithms are exact, independently of float32 rounding
+(1e-6 for the Transformer++: its attention softmax is float32 even for float64 inputs).
 Restored checkpoints must be bit-identical.
 
 NCCL's NVLink multicast (NVLS) stays off: ``NCCL_NVLS_ENABLE=0``,
@@ -85,6 +86,9 @@ from mamba_jax.sharding.shard import (abstract_tree, batch_sharding, shard,  # n
 FLOOR = 1e-6
 HEADROOM = 4.0
 F64_TOL = 1e-10
+# The attention layers take their softmax in float32 even for float64 inputs
+# (nn/attention.py), so a float64 Transformer++ is exact only to float32 rounding there.
+F64_TOL_ATTENTION = 1e-6
 BATCH, LENGTH, STEPS = 4, 256, 3
 
 
@@ -258,7 +262,8 @@ def run(problem: Problem, parallel: str, mesh, f64: bool, devices) -> dict[str, 
 QUANTITIES = ("loss", "logits", "grads", "params")
 
 
-def compare(sharded: dict, ref32: dict, ref64: dict, sharded64: Optional[dict]) -> dict:
+def compare(sharded: dict, ref32: dict, ref64: dict, sharded64: Optional[dict],
+            tol64: float = F64_TOL) -> dict:
   row: dict[str, Any] = {}
   for q in QUANTITIES:
     e_ref = tree_rel(ref32[q], ref64[q])
@@ -267,7 +272,7 @@ def compare(sharded: dict, ref32: dict, ref64: dict, sharded64: Optional[dict]) 
     row[q] = dict(err=err, tol=tol, ref32_vs_64=e_ref, ok=bool(err <= tol))
     if sharded64 is not None:
       err64 = tree_rel(sharded64[q], ref64[q])
-      row[q].update(err64=err64, ok=bool(err <= tol and err64 <= F64_TOL))
+      row[q].update(err64=err64, tol64=tol64, ok=bool(err <= tol and err64 <= tol64))
   return row
 
 
@@ -394,7 +399,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             "CUDA_VISIBLE_DEVICES")},
         matmul_precision="highest", batch=BATCH, length=LENGTH, steps=STEPS,
         tolerance=dict(rule=f"max({HEADROOM} * err(one-device float32 vs float64), {FLOOR})",
-                       float64=F64_TOL, checkpoint="bit-identical"),
+                       float64=F64_TOL, float64_attention=F64_TOL_ATTENTION,
+                     checkpoint="bit-identical"),
         strategies=rows, checkpoints=ckpts, not_run=skipped, complete=done, all_ok=ok,
         seconds=round(time.time() - start, 1), table=table)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -418,7 +424,9 @@ def main(argv: Optional[list[str]] = None) -> int:
       mesh = make_mesh(MeshConfig.from_string(s.mesh), devices[:s.devices])
       sharded = run(problem, s.parallel, mesh, False, devices)
       sharded64 = run(problem, s.parallel, mesh, True, devices) if args.float64 else None
-      row.update(compare(sharded, refs[(s.model, False)], refs[(s.model, True)], sharded64))
+      tol64 = F64_TOL_ATTENTION if problem.config.attn_layer_idx else F64_TOL
+      row.update(compare(sharded, refs[(s.model, False)], refs[(s.model, True)], sharded64,
+                         tol64))
       row["ok"] = all(row[q]["ok"] for q in QUANTITIES)
     except Exception as e:  # one strategy's failure is reported, the others still run
       row.update(error=f"{type(e).__name__}: {e}", ok=False)

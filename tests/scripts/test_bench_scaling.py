@@ -80,16 +80,20 @@ def test_summary_efficiency_and_longest():
       dict(ok("1x1x2", 16, None, 2, 1, 3.5), timed=False),  # a search step: no rate
       dict(event="oom", model="mamba2", mesh="1x1x2", seq=32),
       dict(event="oom", model="mamba2", mesh="1x1x1", seq=16),
+      dict(event="not_applicable", model="transformerpp", mesh="1x1x2", reason="attention"),
   ]
-  summary = bench_scaling.summarize(records, ["1x1x1", "2x1x1", "1x1x2"], ["mamba2"])
+  summary = bench_scaling.summarize(records, ["1x1x1", "2x1x1", "1x1x2"],
+                                    ["mamba2", "transformerpp"], cap=8)
   eff = {r["mesh"]: r["efficiency"] for r in summary["rows"]}
   assert eff == {"1x1x1": 1.0, "2x1x1": 0.9, "1x1x2": 0.75}
   per_device = {r["mesh"]: r["tokens_per_s_per_device"] for r in summary["rows"]}
   assert per_device["2x1x1"] == 90.0
-  longest = {r["mesh"]: (r["longest"], r["stopped_by"], r["stopped_at"], r["peak_gib"])
-             for r in summary["longest"]}
-  assert longest == {"1x1x1": (8, "oom", 16, 3.0), "2x1x1": (8, "cap", None, 3.0),
-                     "1x1x2": (16, "oom", 32, 3.5)}
+  longest = {(r["model"], r["mesh"]): (r["longest"], r["stopped_by"], r["stopped_at"],
+                                       r["peak_gib"]) for r in summary["longest"]}
+  assert longest == {("mamba2", "1x1x1"): (8, "oom", 16, 3.0),
+                     ("mamba2", "2x1x1"): (8, "cap", None, 3.0),  # reached cap = 8
+                     ("mamba2", "1x1x2"): (16, "oom", 32, 3.5),
+                     ("transformerpp", "1x1x2"): (None, "n/a: attention", None, None)}
   table = bench_scaling.markdown(summary, "test")
   assert "| mamba2 | 1x1x2 | 8 | 150 | 75 | 0.75 |" in table
 

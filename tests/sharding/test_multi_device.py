@@ -11,6 +11,11 @@ from tests.sharding.checks import run_checks
 
 F64 = 1e-11  # gradients of near-zero parameters have the largest relative errors
 F32 = 1e-5
+# Models with attention layers: nn/attention.py takes the softmax in float32 even for
+# float64 inputs, so partitioned sums inside it round at float32 (observed on the hybrid
+# under data=2, fsdp=2, tensor=2: loss and logits 1e-11, gradients 1.8e-8). 1e-6 is about
+# 17 float32 ulps.
+F64_WITH_ATTENTION = 1e-6
 
 
 def _assert_all(result, tol):
@@ -56,7 +61,8 @@ def test_collectives_per_mixer():
     ("hybrid", "gspmd", ["data=2,fsdp=2,tensor=2"]),
 ])
 def test_strategy_matrix(layer, parallel, specs):
-  _assert_all(run_checks("model", layer, parallel, *specs), F64)
+  _assert_all(run_checks("model", layer, parallel, *specs),
+              F64_WITH_ATTENTION if layer == "hybrid" else F64)
 
 
 @pytest.mark.slow
