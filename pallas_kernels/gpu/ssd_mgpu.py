@@ -6,9 +6,11 @@ XLA-side preprocessing (dt bias / softplus / limit, padding to the chunk, the de
 ``jax.custom_vjp``) are shared with the Triton backend. The stages (Mamba-2, Dao & Gu 2024,
 Sec. 6 / Listing 1):
 
-  chunk_state   S[c] = sum_s exp(cs_last - cs_s) dt_s x_s (outer) B_s   wgmma    (ssd_mgpu_chunk_state)
-  state passing H[c] = lam[c] H[c-1] + S[c]                              registers (ssd_mgpu_state_passing)
-  chunk_scan    y = (L o C B^T) X + exp(cs) C H[c-1] + D x, gated by z   wgmma    (ssd_mgpu_chunk_scan)
+  chunk_state    S[c] = sum_s exp(cs_last - cs_s) dt_s x_s (outer) B_s    (ssd_mgpu_chunk_state)
+  state passing  H[c] = lam[c] H[c-1] + S[c]                               (ssd_mgpu_state_passing)
+  chunk_scan     y = (L o C B^T) X + exp(cs) C H[c-1] + D x, gated by z    (ssd_mgpu_chunk_scan)
+
+the chunk state and chunk scan on wgmma, the state passing a float32 register recurrence.
 
 The state passing also writes the states in x's dtype, which the chunk scan's wgmma reads (the
 Triton chunk scan rounds them to that dtype too); the float32 ones are the backward's residuals
@@ -18,6 +20,13 @@ Supported: x in bfloat16 / float16, head_dim p in {64, 128}, d_state n in {64, 1
 chunk q in {64, 128, 256}, any groups, seq_idx, D per head or channel, z, initial and final
 states. float32 inputs are not: wgmma would multiply them in TF32 (10-bit mantissa), which
 breaks the float32 tolerance of ~1e-5, so they take the Triton kernels (IEEE float32 products).
+
+Measured on an H100 (bf16, 32 heads x 64, groups 1, N = 128, chunk 256, 65,536 tokens, one
+scripts/bench_ssd.py call): forward 1.41-1.52 ms at L = 1K..64K against 1.47-1.60 ms for the
+Triton-lowered kernels and 1.52-1.64 ms for mamba_ssm's Triton (1.0-1.16x); its kernels: chunk
+state 0.38-0.41 ms, state passing (+ bf16 copy) 0.32-0.37 ms, chunk scan 0.78-0.81 ms (Triton-
+lowered chunk scan 1.01 ms). The chunk scan streams B and x blocks per head from L2; sharing
+them across heads and row blocks (two consumer warpgroups) is the next step.
 """
 
 from __future__ import annotations

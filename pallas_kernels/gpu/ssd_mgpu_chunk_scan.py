@@ -8,10 +8,12 @@ Mamba-2 (Dao & Gu, 2024), Sec. 6 / Listing 1, steps 1 and 4. Within chunk c, for
   out_t = y_t * silu(z_t)                                         (when z is given),
 
 the same contract as the Triton-lowered ``ssd_chunk_scan.chunk_scan_fwd``. One CTA (one
-warpgroup) computes a row block of 64 positions t of one (b, c, h):
+warpgroup) computes a row block of 64 positions t of one (b, c) for up to 4 heads of one group
+(``heads_per_cta``: they share the C rows), head after head; per head:
 
   acc  = wgmma(C_rows, H[c-1]^T) * w_off_t                       (64 x n) @ (n x p)
-  for each causal column block s of 64 positions (ring of two TMA-loaded B / x blocks):
+  for each causal column block s of 64 positions (a ring of two TMA-loaded B / x blocks that
+  runs ahead across heads; the next head's H[c-1] and z land while this head computes):
     cb   = wgmma(C_rows, B_s^T)                                   (64 x n) @ (n x 64), float32
     w    = cb * exp(min(cs_t - cs_s, 0)) * dt_s, 0 where s > t or seq_t != seq_s  (float32)
     acc += wgmma(w in the input dtype, x_s)                       (64 x 64) @ (64 x p)

@@ -6,7 +6,8 @@ the Triton-lowered ``ssd_state_passing.state_passing_fwd``: with the chunk-end d
 
   H[-1] = initial state,   H[c] = lam[c] * H[c - 1] + S[c],
 
-and, for the chunk scan, the same states a second time in the input dtype, so the scan's wgmma reads them without a separate cast over the (b, c, h, p, n) states.
+and, for the chunk scan, the same states a second time in the input dtype, so the scan's wgmma
+reads them without a separate cast over the (b, c, h, p, n) states.
 
 A short sequential loop over the chunks, parallel over batch, heads and tiles of ``TILE_ROWS``
 x 128 of the flattened (p n) state. Each CTA keeps its tile of H in float32 registers and
