@@ -82,8 +82,8 @@ def table_rows(table: str, tiny: bool) -> list[dict]:
     return [r for r in rows if "complex" not in r["name"]] if tiny else rows
   if table == "selective":
     rows = [_row("none", _m1(selective=()), 10.93), _row("B", _m1(selective=("B",)), 10.15),
-            _row("C", _m1(selective=("C",)), 9.98), _row("Δ", _m1(selective=("delta",)), 9.81),
-            _row("Δ, B, C", _m1(), 8.71)]
+            _row("C", _m1(selective=("C",)), 9.98), _row("Δ (delta)", _m1(selective=("delta",)), 9.81),
+            _row("Δ, B, C (all)", _m1(), 8.71)]
     return [rows[0], rows[3], rows[4]] if tiny else rows
   if table == "a_init":
     rows = [_row("complex −1/2 + iπn", _m1(A_init="s4d_lin"), 9.16),

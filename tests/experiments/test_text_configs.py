@@ -39,6 +39,8 @@ def test_rows_build_valid_model_configs(name, variant):
   config = _module(name).get_config(variant)
   assert config.experiment and config.reproduces and config.rows
   assert config.eval_tasks[""]["split"] == "validation" and config.task.split == "train"
+  slugs = [loop.slug(row["name"]) for row in config.rows]  # each row's directory
+  assert len(set(slugs)) == len(slugs)
   for row in config.rows:
     cfg = loop.row_config(config, row)
     model_config = models.model_config(cfg.model)
