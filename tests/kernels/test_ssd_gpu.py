@@ -21,11 +21,14 @@ from tests.numerics import assert_close, relative_error
 # sum over every position). bfloat16: operands of every matmul are rounded to bf16 (as in
 # mamba_ssm), measured <= 1.2e-2 (dt_bias, a sum over positions of bf16-rounded products).
 TOLERANCES = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
-# dA and ddt_bias are per-head sums over every (batch, position, channel) of products whose
-# terms cancel, so their float32 error grows with the summation order: on the H100 dA reached
-# 1.4e-5 (the interpreter, summing in another order, 3e-6). They get this looser float32 bound.
+# dA and ddt_bias are per-head sums over every (batch, position, channel) of terms that cancel,
+# so the per-element error of ddt is amplified in them. float32: on the H100 dA reached 1.4e-5
+# (the interpreter, summing in another order, 3e-6). bfloat16: the kernels feed the tensor cores
+# bf16-rounded intermediates (as mamba_ssm's Triton kernels do), so ddt carries ~2e-3 and the
+# sums 1e-2 to 9e-2 (H100 and interpreter alike); the chunked XLA form, which computes in
+# float32, gets ~1e-7. ``ssd_pallas(kernel_backward=False)`` gives the chunked form's gradients.
 REDUCTION_GRADS = ("A", "dt_bias")
-REDUCTION_TOLERANCES = {jnp.float32: 5e-5, jnp.bfloat16: 2e-2}
+REDUCTION_TOLERANCES = {jnp.float32: 5e-5, jnp.bfloat16: 1e-1}
 GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 
 
