@@ -7,26 +7,29 @@
 #       experiments/configs/sc09.py:gpu --cache .device/data_cache_audio
 # and carried along with the training packages (.device/training_site: grain, ml_collections).
 #
-#   bash scripts/gpu_data_experiments.sh dna|audio [SECONDS_PER_CONFIG]
+#   bash scripts/gpu_data_experiments.sh CONFIG...   (dna_pretrain great_apes audio_piano sc09)
 #
-# Writes, under $OUT (default /tmp/gpu_data_out): <config>.log (the whole run), and
-# <config>/results.{json,md,png} + <config>/<row>/metrics.jsonl (checkpoints stay in /tmp).
+# Each config runs under `timeout $LIMIT_S` (default 230 s). Writes, under $OUT (default
+# /tmp/gpu_data_out): <config>.log (the whole run), and <config>/results.{json,md,png} +
+# <config>/<row>/{metrics.jsonl,final_eval.json} (checkpoints stay in /tmp).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-group="${1:?usage: $0 dna|audio [SECONDS_PER_CONFIG]}"
-limit="${2:-280}"
-case "$group" in
-  dna) configs=(dna_pretrain great_apes) ;;
-  audio) configs=(audio_piano sc09) ;;
-  *) echo "group must be dna or audio, got $group" >&2; exit 2 ;;
-esac
+if [ "$#" = 0 ]; then
+  echo "usage: $0 CONFIG... (dna_pretrain great_apes audio_piano sc09)" >&2
+  exit 2
+fi
+limit="${LIMIT_S:-230}"
 OUT="${OUT:-/tmp/gpu_data_out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/.device/training_site:$PWD" PYTHONUNBUFFERED=1
-export MAMBA_JAX_CACHE="$PWD/.device/data_cache_$group"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee "$OUT/env.log"
 status=0
-for c in "${configs[@]}"; do
+for c in "$@"; do
+  case "$c" in
+    dna_pretrain|great_apes) export MAMBA_JAX_CACHE="$PWD/.device/data_cache_dna" ;;
+    audio_piano|sc09) export MAMBA_JAX_CACHE="$PWD/.device/data_cache_audio" ;;
+    *) echo "unknown config $c" >&2; status=2; continue ;;
+  esac
   work="/tmp/gpu_data_runs/$c"
   rm -rf "$work"
   start=$SECONDS
