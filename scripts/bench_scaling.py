@@ -13,8 +13,8 @@ Reported per (model, mesh, length): tokens/s (median step), tokens/s per device,
 efficiency = tokens/s / (devices × the 1x1x1 tokens/s at that length), compile time, peak
 memory per device (``memory_stats()["peak_bytes_in_use"]``, the largest over the mesh),
 and per (model, mesh) the longest sequence that trains: after the timed lengths, a capped
-doubling search (one step per length, up to ``--max_seq``), stopped by the first
-out-of-memory.
+doubling search (one step per length, from twice the longest timed length or
+``--search_from``, up to ``--max_seq``), stopped by the first out-of-memory.
 
 How the step is built (the same for every mesh): the layers' parameters are stacked and
 the blocks run under ``lax.scan`` with ``jax.checkpoint`` per block (one block compiled,
@@ -584,6 +584,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                       help="cap of the longest-length doubling search (0: no search)")
   parser.add_argument("--search_meshes", default="",
                       help="meshes of the longest-length search (default: all)")
+  parser.add_argument("--search_from", type=int, default=0,
+                      help="first length of the search (default: twice the longest timed "
+                           "length that trained), to spend a short budget near the limit")
   parser.add_argument("--search_share", type=float, default=0.35,
                       help="fraction of --budget_s kept for the longest-length search")
   parser.add_argument("--steps", type=int, default=3, help="timed steps after a warm-up")
@@ -695,7 +698,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                  ("oom", "error", "crash") for r in records)
     if not done or failed:
       return [], []
-    return [], [max(done) * 2 ** k for k in range(1, 64) if max(done) * 2 ** k <= search_cap]
+    first = max(2 * max(done), args.search_from)
+    return [], [first * 2 ** k for k in range(64) if first * 2 ** k <= search_cap]
 
   run_pass(search_jobs, hard_end, probes, "search")
 

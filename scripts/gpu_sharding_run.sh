@@ -32,7 +32,8 @@ rm -f "$OUT/scaling.md"
 
 CHECK2=(scripts/check_sharding_gpu.py --budget_s 120 --out "$OUT/sharding_2gpu.json")
 BENCH2=(scripts/bench_scaling.py --models mamba2 --size 370m --seqs 8192,32768
-        --search_meshes 1x1x1,1x1x2 --search_share 0.4 --out_dir "$OUT" --tag scaling_2gpu
+        --search_meshes 1x1x1,1x1x2 --search_from 131072 --search_share 0.4
+        --out_dir "$OUT" --tag scaling_2gpu
         --markdown "$OUT/scaling.md")
 
 if [ "$NGPU" -ge 4 ]; then
@@ -56,7 +57,8 @@ if [ "$NGPU" -ge 4 ]; then
     CUDA_VISIBLE_DEVICES=0,1,2,3 timeout -k 10 $(( B4 + 20 )) "$PY" scripts/bench_scaling.py \
         --models mamba2,transformerpp --size 1.4b --seqs 8192,32768 \
         --meshes 1x1x1,1x1x4,1x4x1,4x1x1,2x2x1,1x2x2 \
-        --search_meshes 1x1x1,1x1x4 --search_share 0.3 --budget_s "$B4" \
+        --search_meshes 1x1x1,1x1x4 --search_from 131072 --search_share 0.3 \
+        --budget_s "$B4" \
         --out_dir "$OUT" --tag scaling_4gpu --markdown "$OUT/scaling.md" 2>&1 | tee -a "$LOG"
     say "bench_scaling 4 GPUs exit ${PIPESTATUS[0]}"
   else
