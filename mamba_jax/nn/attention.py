@@ -60,6 +60,7 @@ from mamba_jax.nn.mamba2 import CausalConv1d
 from mamba_jax.nn.rotary import apply_rotary
 from mamba_jax.ops.checks import (check_choice, check_divisible, check_floating, check_integer,
                                   check_rank, check_shape, is_concrete)
+from mamba_jax.ops.padding import check_token_mask, left_align, take_along_length
 
 POSITIONS = ("rope", "absolute", "none")
 IMPLEMENTATIONS = (None, "xla", "cudnn")
@@ -193,8 +194,9 @@ class Attention(nnx.Module):
         implementation=implementation)
 
   def __call__(self, x: jax.Array, *, initial_state: Optional[KVCache] = None,
-               seq_idx: Optional[jax.Array] = None, return_state: bool = False,
-               max_length: Optional[int] = None) -> jax.Array | tuple[jax.Array, KVCache]:
+               seq_idx: Optional[jax.Array] = None, mask: Optional[jax.Array] = None,
+               return_state: bool = False, max_length: Optional[int] = None
+               ) -> jax.Array | tuple[jax.Array, KVCache]:
     """Attention over a sequence, optionally continuing from / filling a KV cache.
 
     Args:
@@ -204,6 +206,13 @@ class Attention(nnx.Module):
       seq_idx: optional (b, l) nondecreasing integer ids of packed sequences: a token
         attends only within its own sequence, and positions restart at each sequence.
         Not combined with initial_state.
+      mask: optional (b, l) token mask, 1 token, 0 pad: pads are never attended to, and
+        positions count a row's tokens only, so at its tokens a row gets the output of its
+        tokens alone; the output is 0 at pads. Without initial_state any layout works (a
+        returned cache holds each row's tokens at its end, ``start`` at its first token);
+        with initial_state the pads of a row must come before its tokens and before any
+        token of the cache's current sequence (left padding; the row's ``start`` moves to
+        its first token). Not combined with seq_idx or d_conv > 0.
       return_state: also return the cache after the last token. Without initial_state it
         is a new cache of ``max_length`` slots (required, ≥ l) holding the l keys/values;
         its ``start`` is where the last packed sequence begins.
@@ -235,12 +244,26 @@ class Attention(nnx.Module):
         raise ValueError("seq_idx must be nondecreasing along the length axis")
     if self.positions == "absolute" and length > self.max_position:
       raise ValueError(f"length={length} exceeds max_position={self.max_position}")
+    if mask is not None:
+      self._check_mask(mask, batch, length, initial_state, seq_idx)
 
     with jax.named_scope("attention"):
+      if mask is not None:
+        tokens = mask.astype(jnp.int32)
+        num_pads = length - jnp.sum(tokens, axis=1)
       if initial_state is not None:
+        if mask is not None:
+          # Left padding: the row's sequence starts at its first token of this piece.
+          initial_state = initial_state.replace(start=jnp.where(
+              num_pads > 0, initial_state.index + num_pads, initial_state.start))
         pos = ((initial_state.index - initial_state.start)[:, None]
                + jnp.arange(length, dtype=jnp.int32))
+        if mask is not None:
+          pos = jnp.maximum(pos, 0)
         seq_start = initial_state.start
+      elif mask is not None:
+        pos = jnp.maximum(jnp.cumsum(tokens, axis=1) - 1, 0)
+        seq_start = num_pads
       elif seq_idx is not None:
         pos, starts = segment_positions(seq_idx)
         seq_start = starts[:, -1]
@@ -269,10 +292,18 @@ class Attention(nnx.Module):
         q, k = apply_rotary(q, pos, **rope), apply_rotary(k, pos, **rope)
 
       if initial_state is None:
-        mask = (None if seq_idx is None else
-                (seq_idx[:, :, None] == seq_idx[:, None, :])[:, None])  # (b, 1, l, l)
-        o = self._attend(q, k, v, mask, self.implementation)
+        allowed = None
+        if seq_idx is not None:
+          allowed = (seq_idx[:, :, None] == seq_idx[:, None, :])[:, None]  # (b, 1, l, l)
+        elif mask is not None:
+          # Keys at tokens only; a pad query sees itself (its output is discarded).
+          eye = jnp.eye(length, dtype=bool)[None]
+          allowed = ((mask.astype(bool)[:, None, :] | eye))[:, None]  # (b, 1, l, l)
+        o = self._attend(q, k, v, allowed, self.implementation)
         if return_state:
+          if mask is not None:  # each row's tokens at the end of its slots
+            order = left_align(mask)[0]
+            k, v = take_along_length(k, order), take_along_length(v, order)
           cache = self.init_state(batch, max_length, k.dtype)
           cache = KVCache(k=cache.k.at[:, :length].set(k), v=cache.v.at[:, :length].set(v),
                           index=jnp.asarray(length, jnp.int32), start=seq_start,
@@ -281,12 +312,34 @@ class Attention(nnx.Module):
         cache, o = self._attend_cached(q, k, v, initial_state, length)
         cache = cache.replace(conv_state=conv_state)
 
+      if mask is not None:
+        o = jnp.where(mask.astype(bool)[:, :, None, None], o, jnp.zeros((), o.dtype))
       o = o.reshape(batch, length, h * p)
       if self.mlp_dim:
         up, gate = jnp.split(x_mlp, 2, axis=-1)
         o = jnp.concatenate([o, up * jax.nn.silu(gate)], axis=-1)
       out = self.out_proj(o)
     return (out, cache) if return_state else out
+
+  def _check_mask(self, mask: jax.Array, batch: int, length: int,
+                  initial_state: Optional[KVCache], seq_idx: Optional[jax.Array]) -> None:
+    check_token_mask("mask", mask, batch, length)
+    if seq_idx is not None:
+      raise ValueError("mask cannot be combined with seq_idx: pass one of them")
+    if self.d_conv:
+      raise ValueError(f"mask is not supported with d_conv={self.d_conv} (the conv window "
+                       "would see pads)")
+    if initial_state is None or not is_concrete(mask):
+      return
+    tokens = np.asarray(mask).astype(np.int64)
+    if np.any(np.diff(tokens, axis=1) < 0):
+      raise ValueError("with initial_state, mask must be left-padded (pads before the "
+                       "tokens in every row)")
+    if is_concrete(initial_state.index) and is_concrete(initial_state.start):
+      has_tokens = int(initial_state.index) > np.asarray(initial_state.start)
+      if np.any(has_tokens & (tokens.sum(axis=1) < length)):
+        raise ValueError("mask has pads in a row whose cache already holds tokens: pads must "
+                         "come before a row's first token")
 
   def _attend_cached(self, q, k, v, cache: KVCache, length: int):
     """Writes k, v at slots index .. index + l − 1 and attends over the cache.

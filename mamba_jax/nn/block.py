@@ -115,15 +115,21 @@ class Block(nnx.Module):
 
   def __call__(self, hidden: jax.Array, residual: Optional[jax.Array] = None, *,
                initial_state: Any = None, seq_idx: Optional[jax.Array] = None,
-               return_state: bool = False, max_length: Optional[int] = None):
+               mask: Optional[jax.Array] = None, return_state: bool = False,
+               max_length: Optional[int] = None):
     """hidden (b, l, d), residual (b, l, d) or None -> (hidden, residual) [, mixer state].
 
-    ``initial_state`` / ``seq_idx`` / ``return_state`` go to the mixer; ``max_length`` is the
-    KV-cache length of an attention mixer's prefill (ignored by SSM mixers).
+    ``initial_state`` / ``seq_idx`` / ``mask`` / ``return_state`` go to the mixer;
+    ``max_length`` is the KV-cache length of an attention mixer's prefill (ignored by SSM
+    mixers). ``mask`` (b, l), 1 token / 0 pad: the mixer's state never sees pads (see the
+    mixers); the norms and the MLP act per position, so the block's outputs at a row's
+    tokens are those of its tokens alone.
     """
     with jax.named_scope("block"):
       normed, residual = self._add_norm(hidden, residual, self.norm)
       kwargs = dict(initial_state=initial_state, seq_idx=seq_idx, return_state=return_state)
+      if mask is not None:
+        kwargs["mask"] = mask
       if self.is_attention and return_state and initial_state is None:
         kwargs["max_length"] = max_length
       out = self.mixer(normed, **kwargs)

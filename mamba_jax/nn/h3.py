@@ -87,14 +87,16 @@ class H3Mixer(SSMMixerBase):
                                rngs=rngs)
 
   def _forward(self, u: jax.Array, initial_state: Optional[Mamba1State],
-               return_state: bool) -> tuple[jax.Array, Optional[Mamba1State]]:
+               return_state: bool, num_pads: Optional[jax.Array] = None
+               ) -> tuple[jax.Array, Optional[Mamba1State]]:
     q, k, v = jnp.split(self.in_proj(u), 3, axis=-1)
     shift = self.conv1d(
         k, return_final_states=return_state,
-        initial_states=None if initial_state is None else initial_state.conv_state)
+        initial_states=None if initial_state is None else initial_state.conv_state,
+        num_pads=num_pads)
     k, conv_state = shift if return_state else (shift, None)
     out = self._scan(k * v, None, None if initial_state is None else initial_state.ssm_state,
-                     return_state)
+                     return_state, num_pads)
     y, ssm_state = out if return_state else (out, None)
     state = Mamba1State(conv_state, ssm_state) if return_state else None
     return self.out_proj(q * y.astype(q.dtype)), state

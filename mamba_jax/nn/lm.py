@@ -51,6 +51,7 @@ from mamba_jax.nn.mamba1 import Mamba1Mixer
 from mamba_jax.nn.mamba2 import Mamba2Mixer
 from mamba_jax.nn.mlp import GatedMLP
 from mamba_jax.ops.checks import check_integer, check_rank, check_shape
+from mamba_jax.ops.padding import check_token_mask
 
 MIXERS = {"Mamba1": Mamba1Mixer, "Mamba2": Mamba2Mixer, "H3": H3Mixer,
           "SSMNoGate": SSMNoGate, ATTENTION: Attention}
@@ -176,12 +177,20 @@ class MambaLM(nnx.Module):
     """Empty decoding state: one per layer (SSM states; KV caches of max_length slots)."""
     return tuple(layer.init_state(batch, max_length, dtype) for layer in self.backbone.layers)
 
-  def __call__(self, input_ids: jax.Array, *, seq_idx: Optional[jax.Array] = None,
-               return_state: bool = False, max_length: Optional[int] = None):
+  def __call__(self, input_ids: jax.Array, *, attention_mask: Optional[jax.Array] = None,
+               seq_idx: Optional[jax.Array] = None, return_state: bool = False,
+               max_length: Optional[int] = None):
     """Logits of every position: input_ids (b, l) int -> (b, l, v_pad) float32.
 
     Args:
       input_ids: token ids (b, l).
+      attention_mask: optional (b, l) token mask, 1 token, 0 pad, in any layout (left or
+        right padding, pads anywhere). Pads never touch a layer's state: at a row's tokens
+        the logits are those of its tokens alone, and the state returned with
+        ``return_state`` is the one after its last token (attention caches hold each row's
+        tokens at the end of its slots, pads before; ``mamba_jax.ops.padding``). Logits at
+        pads are meaningless. Every mixer kind takes it except attention with d_conv > 0;
+        not combined with seq_idx.
       seq_idx: optional (b, l) ids of packed sequences (Mamba-2 and attention layers;
         Mamba-1 / H3 layers raise).
       return_state: also return the per-layer state after the last token (prefill).
@@ -192,12 +201,14 @@ class MambaLM(nnx.Module):
       logits, or (logits, state) with ``return_state``.
     """
     self._check_ids("input_ids", input_ids, 2, "(batch, length)")
+    if attention_mask is not None:
+      check_token_mask("attention_mask", attention_mask, *input_ids.shape)
     with jax.named_scope("mamba_lm"):
       hidden, residual = self.backbone.embedding(input_ids), None
       states = []
       for layer in self.backbone.layers:
-        out = layer(hidden, residual, seq_idx=seq_idx, return_state=return_state,
-                    max_length=max_length)
+        out = layer(hidden, residual, seq_idx=seq_idx, mask=attention_mask,
+                    return_state=return_state, max_length=max_length)
         hidden, residual = out[:2]
         if return_state:
           states.append(out[2])

@@ -74,7 +74,9 @@ from mamba_jax.nn.init import (A_INITS, DT_INITS, NO_WEIGHT_DECAY, A_log_init, d
                                dt_proj_kernel_init, torch_default_init)
 from mamba_jax.nn.mamba2 import CausalConv1d
 from mamba_jax.ops.checks import check_choice, check_floating, check_rank, check_shape
-from mamba_jax.ops.selective_scan import selective_scan
+from mamba_jax.ops.padding import (check_token_mask, left_align, take_along_length,
+                                   token_positions)
+from mamba_jax.ops.selective_scan import prepare_delta, selective_scan
 from mamba_jax.ops.selective_state_update import selective_state_update
 
 SSM_KINDS = ("s6", "s4d")
@@ -131,7 +133,8 @@ class SSMMixerBase(nnx.Module):
 
   Subclasses call :meth:`_init_ssm` in their constructor (the parameters then sit directly
   on the mixer: ``x_proj``, ``dt_proj``, ``A_log``, ``D``, ... as in mamba_ssm) and
-  implement ``_forward`` (full sequence) and ``_forward_step`` (one token).
+  implement ``_forward`` (full sequence; with ``num_pads`` for a left-aligned masked input,
+  passed to the conv and :meth:`_scan`) and ``_forward_step`` (one token).
   """
 
   def _init_ssm(self, *, d_model: int, d_inner: int, d_state: int, dt_rank: int | str,
@@ -250,11 +253,20 @@ class SSMMixerBase(nnx.Module):
     return delta, delta_bias, B, C
 
   def _scan(self, x: jax.Array, z: Optional[jax.Array],
-            initial_state: Optional[jax.Array], return_state: bool):
-    """S6 over the sequence x (b, l, e): y = SSM(x) + D ⊙ x, gated by silu(z) when given."""
+            initial_state: Optional[jax.Array], return_state: bool,
+            num_pads: Optional[jax.Array] = None):
+    """S6 over the sequence x (b, l, e): y = SSM(x) + D ⊙ x, gated by silu(z) when given.
+
+    ``num_pads`` (b,): x is left-aligned (pads first); Δ = 0 at the pads, so that
+    h_t = exp(0·A) h_{t−1} + 0·B_t x_t = h_{t−1} there (see ``mamba_jax.ops.padding``).
+    """
     delta, delta_bias, B, C = self.ssm_inputs(x)
+    if num_pads is not None:
+      delta = prepare_delta(delta, delta_bias, True, jnp.promote_types(x.dtype, jnp.float32))
+      delta = jnp.where(token_positions(num_pads, x.shape[1])[..., None], delta, 0)
+      delta_bias = None
     return selective_scan(x, delta, self.A(x.dtype), B, C, D=self.D[...], z=z,
-                          delta_bias=delta_bias, delta_softplus=True,
+                          delta_bias=delta_bias, delta_softplus=num_pads is None,
                           initial_state=initial_state, return_final_state=return_state)
 
   def _scan_step(self, x: jax.Array, z: Optional[jax.Array], ssm_state: jax.Array):
@@ -287,8 +299,8 @@ class SSMMixerBase(nnx.Module):
                 "(batch, d_inner, d_state)")
 
   def __call__(self, u: jax.Array, *, initial_state: Optional[Mamba1State] = None,
-               seq_idx: Optional[jax.Array] = None, return_state: bool = False
-               ) -> jax.Array | tuple[jax.Array, Mamba1State]:
+               seq_idx: Optional[jax.Array] = None, mask: Optional[jax.Array] = None,
+               return_state: bool = False) -> jax.Array | tuple[jax.Array, Mamba1State]:
     """The full-sequence forward (training, prefill).
 
     Args:
@@ -296,6 +308,11 @@ class SSMMixerBase(nnx.Module):
       initial_state: optional state to continue from.
       seq_idx: not supported: the selective scan has no sequence resets (neither has
         mamba_ssm's Mamba); passing it raises rather than leaking state across sequences.
+      mask: optional (b, l) token mask, 1 token, 0 pad, any layout (left, right, inside):
+        pads never touch the state. At its tokens a row gets exactly the output of its
+        tokens alone (continuing from ``initial_state``), the returned state is the one
+        after its last token, and the output is 0 at pads (``mamba_jax.ops.padding``:
+        Δ = 0 at pads, the conv sees each token's real predecessors).
       return_state: also return the state after the last token (prefill).
 
     Returns:
@@ -312,7 +329,15 @@ class SSMMixerBase(nnx.Module):
     if initial_state is not None:
       self._check_state(initial_state, batch)
     with jax.named_scope(type(self).__name__):
-      y, state = self._forward(u, initial_state, return_state)
+      if mask is None:
+        y, state = self._forward(u, initial_state, return_state)
+      else:
+        check_token_mask("mask", mask, batch, length)
+        order, inverse, num_pads = left_align(mask)
+        y, state = self._forward(take_along_length(u, order), initial_state, return_state,
+                                 num_pads)
+        y = jnp.where(token_positions(num_pads, length)[..., None], y, 0)
+        y = take_along_length(y, inverse)
     if not return_state:
       return y
     return y, Mamba1State(
@@ -385,14 +410,16 @@ class Mamba1Mixer(SSMMixerBase):
     return x, z
 
   def _forward(self, u: jax.Array, initial_state: Optional[Mamba1State],
-               return_state: bool) -> tuple[jax.Array, Optional[Mamba1State]]:
+               return_state: bool, num_pads: Optional[jax.Array] = None
+               ) -> tuple[jax.Array, Optional[Mamba1State]]:
     x, z = self._split(self.in_proj(u))
     conv = self.conv1d(
         x, activation="silu", return_final_states=return_state,
-        initial_states=None if initial_state is None else initial_state.conv_state)
+        initial_states=None if initial_state is None else initial_state.conv_state,
+        num_pads=num_pads)
     x, conv_state = conv if return_state else (conv, None)
     out = self._scan(x, z, None if initial_state is None else initial_state.ssm_state,
-                     return_state)
+                     return_state, num_pads)
     y, ssm_state = out if return_state else (out, None)
     state = Mamba1State(conv_state, ssm_state) if return_state else None
     return self.out_proj(y), state

@@ -43,7 +43,9 @@ from mamba_jax.nn.init import (NO_WEIGHT_DECAY, dt_bias_init, torch_default_init
 from mamba_jax.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from mamba_jax.ops.checks import check_divisible, check_floating, check_rank, check_shape
 from mamba_jax.ops.norms import gated_rms_norm
-from mamba_jax.ops.ssd import ssd
+from mamba_jax.ops.padding import (check_token_mask, causal_conv1d_after_pads, left_align,
+                                   take_along_length, token_positions)
+from mamba_jax.ops.ssd import NO_DT_LIMIT, preprocess_dt, ssd
 from mamba_jax.ops.ssd_state_update import ssd_state_update
 
 
@@ -89,8 +91,19 @@ class CausalConv1d(nnx.Module):
 
   def __call__(self, x: jax.Array, *, activation: Optional[str] = None,
                initial_states: Optional[jax.Array] = None,
-               seq_idx: Optional[jax.Array] = None, return_final_states: bool = False):
-    """x (b, l, c) -> (b, l, c) [and final states (b, c, w − 1)]; see ``ops.causal_conv1d``."""
+               seq_idx: Optional[jax.Array] = None, return_final_states: bool = False,
+               num_pads: Optional[jax.Array] = None):
+    """x (b, l, c) -> (b, l, c) [and final states (b, c, w − 1)]; see ``ops.causal_conv1d``.
+
+    ``num_pads`` (b,): x is left-aligned, num_pads pads then tokens per row, and the pads
+    must stay out of the tokens' windows (``ops.padding.causal_conv1d_after_pads``).
+    """
+    if num_pads is not None:
+      if seq_idx is not None:
+        raise ValueError("num_pads (a token mask) cannot be combined with seq_idx")
+      return causal_conv1d_after_pads(x, self.kernel[...], self._bias(), num_pads,
+                                      activation=activation, initial_states=initial_states,
+                                      return_final_states=return_final_states)
     return causal_conv1d(x, self.kernel[...], self._bias(), activation=activation,
                          initial_states=initial_states, seq_idx=seq_idx,
                          return_final_states=return_final_states)
@@ -230,8 +243,8 @@ class Mamba2Mixer(nnx.Module):
                 "(batch, nheads, headdim, d_state)")
 
   def __call__(self, u: jax.Array, *, initial_state: Optional[Mamba2State] = None,
-               seq_idx: Optional[jax.Array] = None, return_state: bool = False
-               ) -> jax.Array | tuple[jax.Array, Mamba2State]:
+               seq_idx: Optional[jax.Array] = None, mask: Optional[jax.Array] = None,
+               return_state: bool = False) -> jax.Array | tuple[jax.Array, Mamba2State]:
     """The full-sequence forward (training, prefill).
 
     Args:
@@ -240,6 +253,12 @@ class Mamba2Mixer(nnx.Module):
       seq_idx: optional (b, l) nondecreasing integer ids of packed sequences: the conv and
         the SSD restart at every change of id (``initial_state`` feeds only a first
         sequence whose id is 0, as in the ops).
+      mask: optional (b, l) token mask, 1 token, 0 pad, any layout (left, right, inside):
+        pads never touch the state. At its tokens a row gets exactly the output of its
+        tokens alone (continuing from ``initial_state``), the returned state is the one
+        after its last token, and the output is 0 at pads (``mamba_jax.ops.padding``:
+        Δ = 0 at pads, the conv sees each token's real predecessors). Not combined with
+        seq_idx.
       return_state: also return the state after the last token (for prefill), taken from
         ``causal_conv1d(return_final_states=True)`` and ``ssd(return_final_states=True)``.
 
@@ -252,23 +271,40 @@ class Mamba2Mixer(nnx.Module):
     check_shape("u", u, (batch, length, self.d_model), "(batch, length, d_model)")
     if initial_state is not None:
       self._check_state(initial_state, batch)
+    num_pads = None
+    if mask is not None:
+      check_token_mask("mask", mask, batch, length)
+      if seq_idx is not None:
+        raise ValueError("mask cannot be combined with seq_idx: pass one of them")
+      order, inverse, num_pads = left_align(mask)
+      u = take_along_length(u, order)
     h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
     with jax.named_scope("mamba2_mixer"):
       z0, x0, z, xBC, dt = self._split(self.in_proj(u))
       conv = self.conv1d(
           xBC, activation="silu", seq_idx=seq_idx, return_final_states=return_state,
-          initial_states=None if initial_state is None else initial_state.conv_state)
+          initial_states=None if initial_state is None else initial_state.conv_state,
+          num_pads=num_pads)
       xBC, conv_state = conv if return_state else (conv, None)
       x, B, C = jnp.split(xBC, (self.d_ssm, self.d_ssm + g * n), axis=-1)
+      dt_args = dict(dt_bias=self.dt_bias[...], dt_softplus=True, dt_limit=self.dt_limit)
+      if num_pads is not None:
+        # Δ = 0 at pads: exp(0·A) = 1 and 0·x ⊗ B = 0 leave the state as it is.
+        real = jnp.promote_types(dt.dtype, jnp.float32)
+        dt = preprocess_dt(dt, self.dt_bias[...], True, self.dt_limit, real)
+        dt = jnp.where(token_positions(num_pads, length)[..., None], dt, 0)
+        dt_args = dict(dt_bias=None, dt_softplus=False, dt_limit=NO_DT_LIMIT)
       out = ssd(
           x.reshape(batch, length, h, p), dt, self._A(), B.reshape(batch, length, g, n),
           C.reshape(batch, length, g, n), chunk_size=self.chunk_size, D=self._D(),
           z=None if self.rmsnorm else z.reshape(batch, length, h, p),
-          dt_bias=self.dt_bias[...], dt_softplus=True, dt_limit=self.dt_limit,
           initial_states=None if initial_state is None else initial_state.ssm_state,
-          seq_idx=seq_idx, return_final_states=return_state)
+          seq_idx=seq_idx, return_final_states=return_state, **dt_args)
       y, ssm_state = out if return_state else (out, None)
       y = self._output(y.reshape(batch, length, self.d_ssm), z, z0, x0)
+      if num_pads is not None:
+        y = jnp.where(token_positions(num_pads, length)[..., None], y, 0)
+        y = take_along_length(y, inverse)
     if not return_state:
       return y
     return y, Mamba2State(conv_state=conv_state,

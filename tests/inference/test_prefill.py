@@ -1,6 +1,7 @@
 """Prefill against the full forward: prefill + steps == forward logits, chunked == one-shot,
 and padded rows == the same prompt alone (left padding; right padding is left-aligned by
-generate, tested in test_generate.py). Float64 tiny models, so the comparisons are tight."""
+generate, tested in test_generate.py; the masked model forward itself, every layout, in
+tests/nn/test_padding_mask.py). Float64 tiny models, so the comparisons are tight."""
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +100,8 @@ def test_prefill_rejects_bad_arguments():
   with pytest.raises(ValueError, match="cache"):
     prefill(model, ids, max_length=5, attention_mask=jnp.ones((2, 5), jnp.int32),
             cache=init_cache(model, 2, 5))
-  h3 = MambaLM(MambaConfig.tiny("H3"), rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="H3Mixer"):
-    prefill(h3, ids, max_length=5, attention_mask=jnp.asarray([[0, 1, 1, 1, 1]] * 2))
+  # An attention layer with a conv over qkv would see pads in its window: rejected.
+  conv_attn = MambaLM(MambaConfig(d_model=32, n_layer=1, vocab_size=61, attn_layer_idx=(0,),
+                                  attn_cfg=dict(num_heads=4, d_conv=4)), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="d_conv=4"):
+    prefill(conv_attn, ids, max_length=5, attention_mask=jnp.asarray([[0, 1, 1, 1, 1]] * 2))
