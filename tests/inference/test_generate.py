@@ -3,6 +3,7 @@ the growing sequence; padded batches (left and right) == each prompt alone; EOS 
 sampling determinism; one compilation per shape; a tiny HF Mamba checkpoint."""
 
 import functools
+import inspect
 from pathlib import Path
 
 import jax
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import mamba_jax
 from mamba_jax.config import MambaConfig
 from mamba_jax.convert import load_pretrained
 from mamba_jax.convert.hf_layout import read_safetensors
@@ -132,17 +134,44 @@ def test_decode_loop_compiles_once_per_shape():
 
 @pytest.mark.parametrize("name", [
     "mamba1_tied_residual_fp32",
+    "mamba2_ngroups1",
+    pytest.param("mamba1_untied_residual_model_dtype", marks=pytest.mark.slow),
     pytest.param("mamba2_ngroups2", marks=pytest.mark.slow)])  # dt_limit, 2 groups
-def test_hf_checkpoint_greedy_matches_its_logits_and_full_forwards(name):
+def test_hf_checkpoint_greedy_equals_hf_generate(name):
+  """Greedy generate on a load_pretrained checkpoint == HF transformers' greedy generate.
+
+  ``greedy_ids``: HF's ``model.generate(do_sample=False, max_new_tokens=5)`` (its cached
+  decoding path) written by tests/fixtures/make_hf_fixtures.py (``make fixtures``).
+  """
   expected = read_safetensors(FIXTURES / name / "expected.safetensors")
   model = load_pretrained(FIXTURES / name, dtype=jnp.float32)
   ids = jnp.asarray(expected["input_ids"], jnp.int32)
-  out = np.asarray(generate(model, ids, 5))
-  # The first new token is the argmax of HF's own last logits (margins checked: no near tie).
+  hf = expected["greedy_ids"]
+  new = hf.shape[1] - ids.shape[1]
+  out = np.asarray(generate(model, ids, new))
+  np.testing.assert_array_equal(out, hf)
+  # The first new token is also the argmax of HF's own last logits (no near tie there).
   last = np.sort(expected["logits"][:, -1], axis=-1)
   assert np.all(last[:, -1] - last[:, -2] > 1e-4)
   np.testing.assert_array_equal(out[:, ids.shape[1]], expected["logits"][:, -1].argmax(-1))
-  np.testing.assert_array_equal(out, greedy_by_full_forward(model, ids, 5))
+
+
+def test_public_generate_has_the_documented_signature():
+  """mamba_jax.generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_k=0,
+  top_p=1.0, min_p=0.0, repetition_penalty=1.0, eos_id=None, attention_mask=None, key=None),
+  in this order; further keyword-only options may only follow, with defaults."""
+  params = list(inspect.signature(mamba_jax.generate).parameters.values())
+  positional = [(p.name, p.kind) for p in params[:3]]
+  assert positional == [(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                        for n in ("model", "input_ids", "max_new_tokens")]
+  assert all(p.default is inspect.Parameter.empty for p in params[:3])
+  documented = [("temperature", 0.0), ("top_k", 0), ("top_p", 1.0), ("min_p", 0.0),
+                ("repetition_penalty", 1.0), ("eos_id", None), ("attention_mask", None),
+                ("key", None)]
+  got = [(p.name, p.default) for p in params[3:3 + len(documented)]]
+  assert got == documented
+  for p in params[3:]:
+    assert p.kind == inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
 
 
 @pytest.mark.parametrize("kwargs,match", [
