@@ -14,9 +14,9 @@ from mamba_jax.data.synthetic import make_task
 from mamba_jax.training import loop, models
 
 CONFIGS = {
-    "selective_copying": ("", "tiny", "test"),
+    "selective_copying": ("", "tiny", "test", "gpu_short"),
     "induction_heads": ("", "tiny"),
-    "mqar": ("", "tiny"),
+    "mqar": ("", "tiny", "gpu_short"),
 }
 CASES = [(name, v) for name, variants in CONFIGS.items() for v in variants]
 
