@@ -3,9 +3,11 @@
 Nothing is downloaded: every source is a file installed by a Debian or PyPI package
 (``scripts/setup_data.sh`` installs them all). :func:`require_file` and
 :func:`require_package_dir` fail with the exact command that installs a missing source.
-Parsed or generated data (token arrays, rendered audio) are cached as compressed ``.npz`` files under
-:func:`cache_dir`, named by a hash of everything they depend on, so a change of generator
-version or parameters gives a new file and never a stale one.
+Parsed or generated data (token arrays, rendered audio) are cached as compressed ``.npz``
+files under :func:`cache_dir`, named by a hash of their parameters and stamped with the versions
+of the tools that made them: a change of parameters gives a new file, a change of tool version
+a rebuild, never a stale file. The key names no source file's contents, so a cache directory
+can be copied to a machine without the sources (``scripts/build_data_cache.py``).
 """
 
 from __future__ import annotations
