@@ -64,6 +64,14 @@ def test_cached_arrays_build_once(tmp_path, monkeypatch):
   for _ in range(2):
     np.testing.assert_array_equal(sources.cached_arrays("t", key, build)["x"], [0, 1, 2])
   assert len(calls) == 1 and sources.cache_key(a=2) != key
+  # Stamped with the tools' versions: rebuilt when a tool present here has another version,
+  # read as it is when the tool is absent here (no entry for it).
+  sources.cached_arrays("v", key, build, {"tool": "1.0"})
+  sources.cached_arrays("v", key, build, {})
+  sources.cached_arrays("v", key, build, {"tool": "1.0", "other": "3"})
+  assert len(calls) == 2
+  sources.cached_arrays("v", key, build, {"tool": "2.0"})
+  assert len(calls) == 3
 
 
 @needs_espeak
