@@ -68,8 +68,11 @@ SSM_CFG_KEYS: Mapping[str, tuple[str, ...]] = {
 }
 ATTN_CFG_KEYS = ("num_heads", "num_heads_kv", "head_dim", "qkv_proj_bias", "out_proj_bias",
                  "rotary_emb_dim", "rotary_emb_base", "rotary_emb_interleaved", "positions",
-                 "max_position", "causal", "softmax_scale", "d_conv", "mlp_dim",
-                 "implementation")
+                 "xpos_scale_base", "xpos_gamma", "max_position", "causal", "softmax_scale",
+                 "d_conv", "mlp_dim", "implementation")
+
+# Attention position kinds (mamba_jax.nn.attention.POSITIONS; tests/nn/test_config.py checks).
+ATTN_POSITIONS = ("rope", "xpos", "absolute", "none")
 
 _FIELDS_JSON = ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg",
                 "attn_layer_idx", "attn_cfg", "rms_norm", "residual_in_fp32",
@@ -165,6 +168,10 @@ class MambaConfig:
     if unknown:
       raise ValueError(f"MambaConfig.attn_cfg has unknown keys {unknown}; expected some of "
                        f"{list(ATTN_CFG_KEYS)}")
+    positions = self.attn_cfg.get("positions", "rope")
+    if positions not in ATTN_POSITIONS:
+      raise ValueError(f"MambaConfig.attn_cfg['positions']={positions!r} is not one of "
+                       f"{ATTN_POSITIONS}")
     if self.attn_layer_idx and "num_heads" not in self.attn_cfg:
       raise ValueError("MambaConfig.attn_cfg must give num_heads when attn_layer_idx is "
                        f"not empty (attn_layer_idx={self.attn_layer_idx})")

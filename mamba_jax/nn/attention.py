@@ -7,6 +7,14 @@ position schemes:
   "rope":     rotary embedding (RoFormer eq. 34, ``mamba_jax.nn.rotary``) of the first
               ``rotary_emb_dim`` channels of every query and key head (all of head_dim when
               rotary_emb_dim = 0);
+  "xpos":     RoPE times xPos's decay (Sun et al., 2022; ``mamba_jax.nn.rotary.apply_xpos``):
+              q_n·k_m gets ζ_i^((n − m)/xpos_scale_base) per rotary pair i, ζ_i =
+              (2i/r + γ)/(1 + γ), γ = xpos_gamma (0.4, scale base 512 in the paper); causal
+              only. The factors are taken relative to the last query position of each call
+              (so a decoding step at any position has query factor 1 and key factors ≤ 1),
+              and a call longer than ``xpos_span`` (where the query factor
+              ζ_0^(−span/scale_base) would near float32's range, ≈ 24K tokens by default)
+              attends in query blocks of that span, each with its own reference;
   "absolute": a learned table ``pos_emb`` (max_position, d), N(0, 0.02), added to this
               layer's input before ``in_proj`` (the residual stream is left untouched) —
               the "MHA-Abs" baseline of the Mamba paper's induction-heads task (Table 2);
@@ -35,7 +43,8 @@ cached path (decoding, ``initial_state``) masks an arbitrary prefix of the cache
 uses XLA. The XLA path takes the softmax in float32 (never wider, even for float64 inputs).
 
 KV cache (:class:`KVCache`): k, v (b, L, h_kv, p) in the compute dtype, keys stored after
-the rotation; ``index`` () int32, the number of slots written (the next write position,
+the rotation (with "xpos", before its scale, which depends on the attending query);
+``index`` () int32, the number of slots written (the next write position,
 shared by the batch); ``start`` (b,) int32, the slot where each row's current sequence
 begins (non-zero after a packed prefill); ``conv_state`` (b, p·(h + 2·h_kv), w − 1) with
 d_conv > 0. Writing beyond L cannot be detected under jit (the write is clamped by
@@ -57,12 +66,15 @@ from flax import nnx, struct
 
 from mamba_jax.nn.init import NO_WEIGHT_DECAY, embedding_init, torch_default_init
 from mamba_jax.nn.mamba2 import CausalConv1d
-from mamba_jax.nn.rotary import apply_rotary
+from mamba_jax.nn.rotary import apply_rotary, apply_xpos_scale, xpos_scale, xpos_zeta
 from mamba_jax.ops.checks import (check_choice, check_divisible, check_floating, check_integer,
                                   check_rank, check_shape, is_concrete)
 from mamba_jax.ops.padding import check_token_mask, left_align, take_along_length
 
-POSITIONS = ("rope", "absolute", "none")
+POSITIONS = ("rope", "xpos", "absolute", "none")
+ROTARY_POSITIONS = ("rope", "xpos")
+# xPos query factors ζ_0^(−span/scale_base) stay below e^XPOS_MAX_LOG_SCALE (float32: e^88).
+XPOS_MAX_LOG_SCALE = 60.0
 IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
@@ -93,7 +105,7 @@ class Attention(nnx.Module):
   """Self-attention softmax(Q·Kᵀ·scale + mask)·V with fused qkv projection (Vaswani §3.2.2).
 
     [q, k, v] = x · in_proj                  (after adding pos_emb for "absolute")
-    q, k = rope(q), rope(k)                  ("rope")
+    q, k = rope(q), rope(k)                  ("rope"; "xpos" also scales them, see above)
     o_i = softmax_j(q_i · k_j · scale + mask_ij) · v_j,  scale = softmax_scale or p^-1/2
     out = o · out_proj
 
@@ -107,7 +119,8 @@ class Attention(nnx.Module):
                head_dim: Optional[int] = None, qkv_proj_bias: bool = True,
                out_proj_bias: bool = True, rotary_emb_dim: int = 0,
                rotary_emb_base: float = 10000.0, rotary_emb_interleaved: bool = False,
-               positions: str = "rope", max_position: int = 8192, causal: bool = True,
+               positions: str = "rope", xpos_scale_base: float = 512.0,
+               xpos_gamma: float = 0.4, max_position: int = 8192, causal: bool = True,
                softmax_scale: Optional[float] = None, d_conv: int = 0, mlp_dim: int = 0,
                implementation: Optional[str] = None, layer_idx: Optional[int] = None,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
@@ -120,10 +133,11 @@ class Attention(nnx.Module):
       check_divisible("d_model", d_model, "num_heads", num_heads)
     self.d_model = d_model
     self.head_dim = d_model // num_heads if head_dim is None else head_dim
-    if positions != "rope" and rotary_emb_dim:
-      raise ValueError(f"rotary_emb_dim={rotary_emb_dim} needs positions='rope', got "
-                       f"positions={positions!r}")
-    self.rotary_dim = (rotary_emb_dim or self.head_dim) if positions == "rope" else 0
+    if positions not in ROTARY_POSITIONS and rotary_emb_dim:
+      raise ValueError(f"rotary_emb_dim={rotary_emb_dim} needs positions='rope' or 'xpos', "
+                       f"got positions={positions!r}")
+    self.rotary_dim = ((rotary_emb_dim or self.head_dim) if positions in ROTARY_POSITIONS
+                       else 0)
     if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
       raise ValueError(f"rotary_emb_dim={self.rotary_dim} must be even and <= "
                        f"head_dim={self.head_dim}")
@@ -132,6 +146,18 @@ class Attention(nnx.Module):
     if d_conv < 0 or mlp_dim < 0:
       raise ValueError(f"d_conv and mlp_dim must be >= 0, got {d_conv=}, {mlp_dim=}")
     self.rotary_base, self.rotary_interleaved = rotary_emb_base, rotary_emb_interleaved
+    if positions == "xpos":
+      if not causal:
+        raise ValueError("positions='xpos' needs causal=True: its factor ζ^((n − m)/scale_base) "
+                         "grows without bound for keys after the query")
+      if not xpos_scale_base > 0 or not xpos_gamma > 0:
+        raise ValueError(f"xpos_scale_base and xpos_gamma must be > 0 (the paper: 512, 0.4), "
+                         f"got {xpos_scale_base=}, {xpos_gamma=}")
+    self.xpos_scale_base, self.xpos_gamma = xpos_scale_base, xpos_gamma
+    # Longest query span of one attention call before splitting it into query blocks.
+    log_zeta0 = -float(np.log(xpos_zeta(2, xpos_gamma)[0])) if positions == "xpos" else 0.0
+    self.xpos_span = (max(1, int(XPOS_MAX_LOG_SCALE * xpos_scale_base / log_zeta0))
+                      if log_zeta0 > 0 else None)
     self.positions, self.max_position, self.causal = positions, max_position, causal
     self.softmax_scale = (1.0 / math.sqrt(self.head_dim) if softmax_scale is None
                           else softmax_scale)
@@ -299,7 +325,17 @@ class Attention(nnx.Module):
           # Keys at tokens only; a pad query sees itself (its output is discarded).
           eye = jnp.eye(length, dtype=bool)[None]
           allowed = ((mask.astype(bool)[:, None, :] | eye))[:, None]  # (b, 1, l, l)
-        o = self._attend(q, k, v, allowed, self.implementation)
+        if self.positions == "xpos":
+          # Scale positions: differences equal position differences within a sequence
+          # (token indices across packed sequences), nondecreasing along the row.
+          s_pos = (jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+                   if seq_idx is not None else pos)
+          causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
+          o = self._xpos_attend(q, k, v, s_pos, s_pos,
+                                causal if allowed is None else allowed & causal,
+                                allowed, fast=True)
+        else:
+          o = self._attend(q, k, v, allowed, self.implementation)
         if return_state:
           if mask is not None:  # each row's tokens at the end of its slots
             order = left_align(mask)[0]
@@ -309,7 +345,7 @@ class Attention(nnx.Module):
                           index=jnp.asarray(length, jnp.int32), start=seq_start,
                           conv_state=conv_state)
       else:
-        cache, o = self._attend_cached(q, k, v, initial_state, length)
+        cache, o = self._attend_cached(q, k, v, initial_state, length, pos)
         cache = cache.replace(conv_state=conv_state)
 
       if mask is not None:
@@ -341,7 +377,33 @@ class Attention(nnx.Module):
         raise ValueError("mask has pads in a row whose cache already holds tokens: pads must "
                          "come before a row's first token")
 
-  def _attend_cached(self, q, k, v, cache: KVCache, length: int):
+  def _xpos_attend(self, q, k, v, s_q, s_k, mask, allowed, fast):
+    """xPos attention: q (b, l, h, p), k/v (b, L, h_kv, p) rotated, unscaled; s_q (b, l),
+    s_k (b, L) scale positions; mask (b, 1, l, L) bool, causality included.
+
+    Each block of at most ``xpos_span`` queries takes the scales relative to its last query
+    position c (per row): q·ζ^(−(c − n)/s), k·ζ^((c − m)/s). A single block of a call without
+    cache (``fast``) keeps ``_attend``'s causal path (``allowed``: mask without causality).
+    """
+    xpos = dict(rotary_dim=self.rotary_dim, interleaved=self.rotary_interleaved,
+                scale_base=self.xpos_scale_base, gamma=self.xpos_gamma,
+                dtype=jnp.promote_types(q.dtype, jnp.float32))
+    length = q.shape[1]
+    outs = []
+    for a in range(0, length, self.xpos_span):
+      e = min(a + self.xpos_span, length)
+      c = s_q[:, e - 1]
+      qb = apply_xpos_scale(q[:, a:e], xpos_scale(s_q[:, a:e], c, downscale=False, **xpos))
+      kb = apply_xpos_scale(k, xpos_scale(s_k, c, downscale=True, **xpos))
+      if fast and e - a == length:
+        outs.append(self._attend(qb, kb, v, allowed, self.implementation))
+      else:
+        outs.append(jax.nn.dot_product_attention(
+            qb, kb.astype(q.dtype), v.astype(q.dtype), mask=mask[:, :, a:e],
+            scale=self.softmax_scale, implementation="xla"))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+  def _attend_cached(self, q, k, v, cache: KVCache, length: int, pos=None):
     """Writes k, v at slots index .. index + l − 1 and attends over the cache.
 
     Query t (slot index + t) sees slots j with start ≤ j ≤ index + t: (b, 1, l, L) mask.
@@ -354,9 +416,13 @@ class Attention(nnx.Module):
     query_slot = cache.index + jnp.arange(length, dtype=jnp.int32)
     mask = ((slots[None, None, :] <= query_slot[None, :, None])
             & (slots[None, None, :] >= cache.start[:, None, None]))[:, None]
-    o = jax.nn.dot_product_attention(
-        q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask, scale=self.softmax_scale,
-        implementation="xla")
+    if self.positions == "xpos":  # keys at slot j sit at position j − start
+      s_k = slots[None, :] - cache.start[:, None]
+      o = self._xpos_attend(q, k_all, v_all, pos, s_k, mask, None, fast=False)
+    else:
+      o = jax.nn.dot_product_attention(
+          q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask,
+          scale=self.softmax_scale, implementation="xla")
     return KVCache(k=k_all, v=v_all, index=cache.index + length, start=cache.start,
                    conv_state=cache.conv_state), o
 

@@ -155,6 +155,16 @@ def test_cfg_keys_match_the_constructors():
   assert MIXERS["attention"] is Attention
 
 
+def test_attn_positions_validated():
+  from mamba_jax.config import ATTN_POSITIONS
+  from mamba_jax.nn.attention import POSITIONS
+  assert ATTN_POSITIONS == POSITIONS
+  base = dict(d_model=16, n_layer=1, vocab_size=8, attn_layer_idx=(0,))
+  assert MambaConfig(**base, attn_cfg={"num_heads": 2, "positions": "xpos"}).attn_cfg
+  with pytest.raises(ValueError, match="positions.*'alibi'.*xpos"):
+    MambaConfig(**base, attn_cfg={"num_heads": 2, "positions": "alibi"})
+
+
 @pytest.mark.parametrize("name", ["mamba-130m", "mamba2-130m", "transformerpp-125m"])
 def test_whole_model_count_equals_layerwise_count(name):
   assert count_lm(PRESETS[name]) == count_by_layer(PRESETS[name])
