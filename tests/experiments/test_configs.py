@@ -83,3 +83,18 @@ def test_row_overrides_merge_model_fields():
   assert cfg.model["ssm_cfg"]["d_state"] == 16 and cfg.model["attn_layer_idx"] == (0, 1)
   with pytest.raises(ValueError, match="unknown keys"):
     loop.row_config(config, {"name": "x", "modle": {}})
+
+
+def test_induction_heads_xpos_row_trains_two_steps(tmp_path):
+  config = _module("induction_heads").get_config("tiny")
+  row = next(r for r in config.rows if r["name"] == "MHA-xPos")
+  assert row["model"]["attn_cfg"]["positions"] == "xpos"
+  config.only_rows = "MHA-xPos"
+  config.eval_tasks = {"64": {"length": 64}}
+  config.results.columns = ["accuracy@64"]
+  config.update(dict(batch_size=4, num_train_steps=2, eval_batch_size=4, eval_batches=1,
+                     log_every_steps=1, checkpoint_every_steps=2, async_checkpoint=False,
+                     tensorboard=False))
+  rows = loop.train_and_evaluate(config, str(tmp_path))
+  assert [r["model"] for r in rows] == ["MHA-xPos"]
+  assert 0.0 <= rows[0]["accuracy@64"] <= 1.0
