@@ -2,7 +2,9 @@
 
 Each config file calls :func:`base_config` and fills in the task, the model and the rows.
 Field meanings: ``mamba_jax.training.loop`` (run), ``mamba_jax.training.optimizer``
-(``optimizer``), ``mamba_jax.training.results`` (``results``).
+(``optimizer``), ``mamba_jax.training.results`` (``results``), ``mamba_jax.sharding.mesh``
+(``mesh``: the device mesh, one size per axis, -1 = the remaining devices; e.g.
+``--config.mesh.tensor=2`` or ``--config.mesh.fsdp=2 --config.mesh.sequence=2``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.skip_nonfinite = False
   config.profile_steps = ()
   config.data_threads = 1
+  # Device mesh (docs/sharding.md): the product of the sizes is the number of devices, one
+  # size may be -1 (the rest). The default is data parallelism over every device.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
   config.results = ml_collections.ConfigDict(dict(columns=["accuracy"], plot="none",
                                                   group_by=""))
   return config

@@ -4,6 +4,11 @@
   data    the data iterator's state (``grain`` ``DatasetIterator.get_state()``), JSON
   config  the run's config, JSON (for reading a checkpoint without its command line)
 
+Sharded arrays are saved as they are (each process writes the shards it holds; replicated
+shards once). A restore places every array with the sharding of its ``jax.ShapeDtypeStruct``
+in the target tree, so a checkpoint saved on one device mesh restores onto another (other
+sizes, other axes split): orbax reads each device's slice of the saved global array.
+
 With several processes, orbax writes the arrays from every process and the JSON items from
 the primary one; the data state is the same on all processes (each has read as many of its
 batches), so every process restores it.
@@ -67,7 +72,10 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """(state, data iterator state) of ``step``; ``abstract_state`` gives structure and dtypes.
 
-    ``abstract_state`` is a pytree like the saved state (arrays or ``jax.ShapeDtypeStruct``s).
+    ``abstract_state`` is a pytree like the saved state (arrays or ``jax.ShapeDtypeStruct``s);
+    the restored arrays take its leaves' shardings (e.g. ``jax.ShapeDtypeStruct(shape, dtype,
+    sharding=NamedSharding(mesh, spec))`` for the current mesh, which need not be the mesh the
+    checkpoint was saved from).
     """
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),

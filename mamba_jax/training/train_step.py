@@ -12,6 +12,12 @@ bfloat16) is set in its config, its logits come back float32, and the loss is ta
 
 A step whose loss, gradient norm or update norm is not finite leaves params and optimizer state unchanged
 and adds one to ``nonfinite_count``; the loop decides whether to stop or go on.
+
+On a device mesh (``mamba_jax.sharding``) the steps take ``state_shardings`` (a tree of
+NamedShardings like the state: parameters and optimizer moments by the logical rules) and
+``batch_shardings`` (per batch key) as jit in/out shardings, and with ``parallel=True`` the
+SSM mixers run their tensor / sequence-parallel forwards (``parallel_mixers.parallelize``,
+inside the traced function, so gradients are those of the plain parameter state).
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ from typing import Any, Callable
 from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import optax
+
+from mamba_jax.sharding.parallel_mixers import parallelize
 
 Batch = dict[str, jax.Array]
 TrainState = dict[str, Any]
@@ -51,17 +60,54 @@ def init_train_state(params: nnx.State, tx: optax.GradientTransformation) -> Tra
           "nonfinite_count": jnp.zeros((), jnp.int32)}
 
 
+def _merge(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, mesh: Mesh | None,
+           parallel: bool) -> nnx.Module:
+  """The model of ``params`` (inside a traced function); with ``parallel`` its SSM mixers
+  replaced by their tensor / sequence-parallel forwards over ``mesh``."""
+  model = nnx.merge(graphdef, params, rest)
+  if parallel:
+    if mesh is None:
+      raise ValueError("parallel=True needs the mesh: pass mesh=")
+    # A SequenceClassifier holds its MambaLM as .lm; parallelize walks a MambaLM's layers.
+    parallelize(model.lm if hasattr(model, "lm") else model, mesh)
+  return model
+
+
+def _jit(fn: Callable, donate: bool, mesh: Mesh | None, in_shardings: Any,
+         out_shardings: Any) -> Callable:
+  """``jax.jit`` with in/out shardings when given a mesh (scalar outputs replicated)."""
+  donate_argnums = (0,) if donate else ()
+  if mesh is None:
+    if in_shardings[0] is not None:
+      raise ValueError("state_shardings were given without mesh=: pass both or neither")
+    return jax.jit(fn, donate_argnums=donate_argnums)
+  if any(s is None for s in in_shardings):
+    raise ValueError("with mesh=, pass state_shardings (or param_shardings) and "
+                     "batch_shardings too")
+  return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                 donate_argnums=donate_argnums)
+
+
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
-                    vocab_size: int) -> Callable[[TrainState, Batch],
-                                                 tuple[TrainState, dict[str, jax.Array]]]:
+                    vocab_size: int, *, mesh: Mesh | None = None,
+                    state_shardings: Any = None, batch_shardings: Any = None,
+                    parallel: bool = False) -> Callable[[TrainState, Batch],
+                                                        tuple[TrainState, dict[str, jax.Array]]]:
   """A jitted ``(state, batch) -> (state, metrics)``; the input state's buffers are donated.
 
   metrics: loss (mean over scored positions), accuracy, grad_norm (before clipping), finite
   (bool: this step was applied).
+
+  Args:
+    mesh: None (one device, or whatever the inputs' shardings say), or the device mesh;
+      then ``state_shardings`` (a tree of NamedShardings shaped like the state) and
+      ``batch_shardings`` ({key: NamedSharding} of the (b, l) batch arrays) are required and
+      become the jit in/out shardings (the state keeps its layout; metrics are replicated).
+    parallel: run the SSM mixers' tensor / sequence-parallel forwards over ``mesh``.
   """
 
   def loss_fn(params, batch):
-    model = nnx.merge(graphdef, params, rest)
+    model = _merge(graphdef, params, rest, mesh, parallel)
     logits = model(batch["inputs"])
     sums = masked_loss_and_accuracy(logits, batch["targets"], batch["mask"], vocab_size)
     count = jnp.maximum(sums["count"], 1.0)
@@ -86,17 +132,26 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
     return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm,
                        "finite": finite}
 
-  return jax.jit(step, donate_argnums=0)
+  replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+  return _jit(step, True, mesh, (state_shardings, batch_shardings),
+              (state_shardings, replicated))
 
 
-def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State,
-                   vocab_size: int) -> Callable[[nnx.State, Batch], dict[str, jax.Array]]:
-  """A jitted ``(params, batch) -> {"loss_sum", "correct", "count"}`` (sums, for exact means)."""
+def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, vocab_size: int, *,
+                   mesh: Mesh | None = None, param_shardings: Any = None,
+                   batch_shardings: Any = None, parallel: bool = False
+                   ) -> Callable[[nnx.State, Batch], dict[str, jax.Array]]:
+  """A jitted ``(params, batch) -> {"loss_sum", "correct", "count"}`` (sums, for exact means).
+
+  ``mesh``, ``param_shardings`` (the state shardings' "params"), ``batch_shardings`` and
+  ``parallel`` as in :func:`make_train_step`; the sums come back replicated.
+  """
 
   def step(params: nnx.State, batch: Batch):
     with jax.named_scope("eval_step"):
-      model = nnx.merge(graphdef, params, rest)
+      model = _merge(graphdef, params, rest, mesh, parallel)
       logits = model(batch["inputs"])
       return masked_loss_and_accuracy(logits, batch["targets"], batch["mask"], vocab_size)
 
-  return jax.jit(step)
+  replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+  return _jit(step, False, mesh, (param_shardings, batch_shardings), replicated)
