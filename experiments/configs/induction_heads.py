@@ -9,8 +9,9 @@ Rows: MHA-Abs (learned absolute positions), MHA-RoPE, MHA-xPos (RoPE with xPos's
 Sun et al., 2022: γ 0.4, scale base 512), H3, Mamba; 2-layer models, d_model 64 (the
 paper's setting). The paper's result: Mamba solves the task at every length up to 2^20
 (100 %, 4000× the training length); the attention models are perfect near the training
-length and fail beyond about twice it; H3 degrades with length. Only Mamba's row carries a paper number below (1.0 at
-every length); the others are read off a figure, so results.md leaves them blank.
+length and fail beyond about twice it; H3 degrades with length. Only Mamba's row carries a
+paper number below (1.0 at every length); the others are read off a figure, so results.md
+leaves them blank.
 MHA-Abs cannot run beyond its position table (256), and the attention rows are evaluated up
 to 2^14 (their score matrix grows as l²), "—" beyond.
 
@@ -29,8 +30,10 @@ Variants:
             then 75 / 56 / 38 % at 2^12 / 2^13 / 2^14; MHA-RoPE 100 % up to 2^8, 88 % at 2^9,
             26 % at 2^10 (experiments/README.md).
   tiny      train length 64 with vocabulary 8, d_model 32, rows MHA-RoPE, MHA-xPos and
-            Mamba, 1200 steps, tests at 2^5 … 2^12. Measured (2 CPU cores, 254 s): both 100 % at 64;
-            at 256 / 512 Mamba 100 / 96.9 %, MHA-RoPE 78.1 / 21.9 %.
+            Mamba, 1200 steps, tests at 2^5 … 2^12. Measured (2 CPU cores, 254 s) for
+            MHA-RoPE and Mamba: both 100 % at 64; at 256 / 512 Mamba 100 / 96.9 %, MHA-RoPE
+            78.1 / 21.9 %. MHA-xPos, run alone (83 s), had not converged (training accuracy
+            86 %): 79.7 % at 64, 32.8 / 14.1 % at 256 / 512.
 """
 
 from __future__ import annotations
