@@ -11,9 +11,15 @@ decided by the module that holds it:
   anything else    name, shape             the same
 
 e.g. ``backbone.layers.3.mixer.in_proj.kernel`` (d, 2e) ⇄ ``backbone.layers.3.mixer.in_proj.
-weight`` (2e, d). With tied embeddings the model has no ``lm_head``; mamba_ssm's state dict
-still holds ``lm_head.weight``, the embedding's own tensor, which is written as such and, on
-reading, checked equal to the embedding.
+weight`` (2e, d). Mamba-2's in_proj (kernel columns, bias) and conv (kernel and bias
+channels) are moreover stored group by group here (``mamba_jax.nn.mamba2``'s grouped
+layout, which tensor parallelism splits over devices); the fixed permutation
+``mamba2.mamba_ssm_order`` is applied on reading and undone on writing, so files hold
+mamba_ssm's [z0, x0, z, x, B, C, dt] / [x, B, C] order and round-trip bit-exactly.
+
+With tied embeddings the model has no ``lm_head``; mamba_ssm's state dict still holds
+``lm_head.weight``, the embedding's own tensor, which is written as such and, on reading,
+checked equal to the embedding.
 
 The mamba_ssm directory format is ``config.json`` (``MambaConfig.to_dict()``, written with
 Python's json like mamba_ssm's ``save_pretrained``, so an infinite ``dt_limit`` bound is
@@ -29,7 +35,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +45,7 @@ from flax import nnx
 from mamba_jax.config import MambaConfig
 from mamba_jax.convert.torch_pickle import load_torch_state_dict, write_torch_zip
 from mamba_jax.nn.lm import MambaLM
-from mamba_jax.nn.mamba2 import CausalConv1d
+from mamba_jax.nn.mamba2 import CausalConv1d, Mamba2Mixer
 
 CONFIG_NAME = "config.json"
 TORCH_WEIGHTS_NAME = "pytorch_model.bin"
@@ -56,6 +62,9 @@ class ParamName:
   path: tuple[Any, ...]
   torch_name: str
   layout: str  # "linear" (transpose), "conv" (insert the middle axis) or "plain"
+  # Mamba-2's grouped in_proj / conv: ours = theirs.take(index, axis) in flax layout.
+  index: Optional[np.ndarray] = dataclasses.field(default=None, compare=False)
+  axis: int = 0
 
 
 def decode_special_floats(value: Any) -> Any:
@@ -103,9 +112,42 @@ def param_names(model: nnx.Module) -> list[ParamName]:
     elif leaf == "kernel" or not isinstance(parent, nnx.Module):
       raise ValueError(f"no PyTorch layout is known for {'.'.join(map(str, path))} (held by "
                        f"{type(parent).__name__}); add it to mamba_jax.convert.mamba_ssm_layout")
+    index, axis = _mamba2_order(modules.get(tuple(path[:-2])), path)
     names.append(ParamName(tuple(path), f"{prefix}.{torch_leaf}" if prefix else torch_leaf,
-                           layout))
+                           layout, index, axis))
   return names
+
+
+def _mamba2_order(owner: Any, path: tuple[Any, ...]) -> tuple[Optional[np.ndarray], int]:
+  """(index, axis) of a Mamba-2 in_proj / conv1d parameter (``ours = theirs.take(index,
+  axis)``, flax layout), else (None, 0)."""
+  if not isinstance(owner, Mamba2Mixer) or len(path) < 2:
+    return None, 0
+  module, leaf = str(path[-2]), str(path[-1])
+  in_proj_index, conv_index = owner.mamba_ssm_order()
+  if module == "in_proj":
+    return in_proj_index, 1 if leaf == "kernel" else 0
+  if module == "conv1d":
+    return conv_index, 0
+  return None, 0
+
+
+def to_mamba_ssm_order(array: np.ndarray, name: ParamName) -> np.ndarray:
+  """Our (flax-layout) array -> mamba_ssm's column / channel order (a no-op for most)."""
+  if name.index is None:
+    return array
+  return np.take(array, np.argsort(name.index), axis=name.axis)
+
+
+def from_mamba_ssm_order(array: np.ndarray, name: ParamName) -> np.ndarray:
+  """A flax-layout array in mamba_ssm's order -> ours (the inverse of
+  :func:`to_mamba_ssm_order`). An array whose permuted axis has another size is returned
+  as it is, for the caller's shape check to report."""
+  if name.index is None:
+    return array
+  if array.ndim <= name.axis or array.shape[name.axis] != name.index.size:
+    return array  # the caller's shape check reports it
+  return np.take(array, name.index, axis=name.axis)
 
 
 def to_torch_layout(array: np.ndarray, layout: str) -> np.ndarray:
@@ -134,8 +176,8 @@ def model_state_dict(model: MambaLM) -> dict[str, np.ndarray]:
   state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   out = {}
   for name in param_names(model):
-    out[name.torch_name] = to_torch_layout(np.asarray(jax.device_get(state[name.path][...])),
-                                           name.layout)
+    array = np.asarray(jax.device_get(state[name.path][...]))
+    out[name.torch_name] = to_torch_layout(to_mamba_ssm_order(array, name), name.layout)
   if model.config.tie_embeddings:
     out[LM_HEAD] = out[EMBEDDING]
   return out
@@ -185,7 +227,8 @@ def model_from_state_dict(config: MambaConfig, state_dict: Mapping[str, np.ndarr
   leaves = []
   for name in names:
     target = abstract_leaves[name.path]
-    array = from_torch_layout(np.asarray(state_dict[name.torch_name]), name.layout)
+    array = from_mamba_ssm_order(
+        from_torch_layout(np.asarray(state_dict[name.torch_name]), name.layout), name)
     if tuple(array.shape) != tuple(target.shape):
       raise ValueError(f"{source}: {name.torch_name} has shape "
                        f"{tuple(state_dict[name.torch_name].shape)}, which does not fit "

@@ -8,7 +8,13 @@ Three directory formats, told apart by their files (all offline; nothing is down
   "mamba_ssm"  config.json of mamba_ssm's MambaConfig + pytorch_model.bin
                                                         :mod:`mamba_jax.convert.mamba_ssm_layout`
   "orbax"      config.json (``MambaConfig.to_dict()``) + params/, the ``nnx.Param`` state
-               saved by orbax-checkpoint's StandardCheckpointer
+               saved by orbax-checkpoint's StandardCheckpointer, + layout.json
+               ({"layout_version": 2}): the parameters as the modules hold them
+
+Orbax layout versions. Version 2 stores Mamba-2's in_proj columns and conv channels group
+by group (``mamba_jax.nn.mamba2``'s grouped layout); directories written before it (no
+layout.json, version 1) hold them in mamba_ssm's order with the same shapes, and are
+permuted on loading (with a warning), never read as they are. A newer version raises.
 
 Saving and loading again gives bitwise the same parameters in every format. The model is
 built with ``dtype`` as its compute and parameter dtype, and each checkpoint tensor is cast
@@ -24,6 +30,8 @@ Example::
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +44,15 @@ from mamba_jax.convert.hf_layout import (SAFETENSORS_INDEX_NAME, SAFETENSORS_NAM
                                          config_from_hf, load_hf, save_hf)
 from mamba_jax.convert.mamba_ssm_layout import (CONFIG_NAME, TORCH_WEIGHTS_NAME, abstract_model,
                                                 config_from_mamba_ssm, load_mamba_ssm,
-                                                mamba_ssm_config_json, read_json,
-                                                save_mamba_ssm)
+                                                mamba_ssm_config_json, param_names,
+                                                read_json, save_mamba_ssm)
 from mamba_jax.nn.lm import MambaLM
 
 FORMATS = ("hf", "mamba_ssm", "orbax")
 ORBAX_PARAMS_NAME = "params"
+ORBAX_LAYOUT_NAME = "layout.json"
+# 1: (no layout.json) Mamba-2 in_proj / conv in mamba_ssm's order; 2: grouped by group.
+ORBAX_LAYOUT_VERSION = 2
 # The weight files of each format, to refuse mixing two formats in one directory.
 _WEIGHT_FILES = {"hf": (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME),
                  "mamba_ssm": (TORCH_WEIGHTS_NAME,), "orbax": (ORBAX_PARAMS_NAME,)}
@@ -77,12 +88,40 @@ def detect_format(local_dir: str | Path) -> str:
                           "(orbax)")
 
 
+def orbax_layout_version(directory: str | Path) -> int:
+  """The parameter layout version of an orbax-format directory (1 without layout.json)."""
+  path = Path(directory) / ORBAX_LAYOUT_NAME
+  if not path.is_file():
+    return 1
+  version = read_json(path).get("layout_version")
+  if not isinstance(version, int) or version < 1:
+    raise ValueError(f"{path}: layout_version must be a positive integer, got {version!r}")
+  return version
+
+
 def _load_orbax(directory: Path, dtype: Any) -> MambaLM:
   config = MambaConfig.from_dict(read_json(directory / CONFIG_NAME))
-  graphdef, target = nnx.split(abstract_model(config, dtype), nnx.Param)
+  version = orbax_layout_version(directory)
+  if version > ORBAX_LAYOUT_VERSION:
+    raise ValueError(f"{directory} has parameter layout_version {version}, newer than this "
+                     f"mamba_jax's {ORBAX_LAYOUT_VERSION}; load it with a newer mamba_jax")
+  abstract = abstract_model(config, dtype)
+  graphdef, target = nnx.split(abstract, nnx.Param)
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore((directory / ORBAX_PARAMS_NAME).absolute(), target)
-  return nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, params)
+  if version == 1:
+    permuted = [name for name in param_names(abstract) if name.index is not None]
+    if permuted:
+      logging.warning("%s: orbax layout version 1 (written before Mamba-2's grouped in_proj "
+                      "/ conv layout); permuting %d parameters to layout version %d. "
+                      "save_pretrained writes the new layout.", directory, len(permuted),
+                      ORBAX_LAYOUT_VERSION)
+    state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for name in permuted:
+      variable = state[name.path]
+      variable[...] = jnp.take(variable[...], jnp.asarray(name.index), axis=name.axis)
+  return model
 
 
 def _save_orbax(model: MambaLM, directory: Path) -> None:
@@ -93,6 +132,8 @@ def _save_orbax(model: MambaLM, directory: Path) -> None:
     checkpointer.wait_until_finished()
   (directory / CONFIG_NAME).write_text(
       mamba_ssm_config_json(model.config, mamba_ssm_attention=False))
+  (directory / ORBAX_LAYOUT_NAME).write_text(
+      json.dumps({"layout_version": ORBAX_LAYOUT_VERSION}) + "\n")
 
 
 def load_pretrained(local_dir: str | Path, *, dtype: Any = jnp.float32) -> MambaLM:

@@ -11,20 +11,32 @@ Mirrors ``mamba_ssm.modules.mamba2.Mamba2`` option for option and parameter for 
   out = y · out_proj
 
 Parameters (kernels in flax's (in, out) layout; mamba_ssm's PyTorch weights are (out, in)):
-  in_proj.kernel  (d, 2·e + 2·g·n + h)  columns ordered [z0 | x0 | z | x | B | C | dt] with
-                  z0, x0 of width e − e_ssm (absent when d_ssm = d_inner), z, x of width e_ssm
-  in_proj.bias    (2·e + 2·g·n + h,)    only with bias=True
-  conv1d.kernel   (c, w)                c = e_ssm + 2·g·n; PyTorch's Conv1d weight (c, 1, w)
-                                        with the middle axis squeezed; kernel[:, w-1] takes
-                                        the current token
+  in_proj.kernel  (d, 2·e + 2·g·n + h)  columns [z0 | x0 | group 0 | ... | group g−1], each
+                  group j = [z_j | x_j | B_j | C_j | dt_j] (width k = 2·(h/g)·p + 2·n + h/g):
+                  z_j, x_j, dt_j those of the h/g heads of group j (heads j·h/g, ...), B_j,
+                  C_j its n columns; z0, x0 of width e − e_ssm (absent when d_ssm = d_inner)
+  in_proj.bias    (2·e + 2·g·n + h,)    only with bias=True, columns as the kernel's
+  conv1d.kernel   (c, w)                c = e_ssm + 2·g·n channels [x_j | B_j | C_j] group
+                                        after group; PyTorch's Conv1d weight (c, 1, w) with the
+                                        middle axis squeezed; kernel[:, w-1] takes the current
+                                        token
   conv1d.bias     (c,)                  only with conv_bias=True
   dt_bias (h,), A_log (h,), D (h,) or (e_ssm,) with D_has_hdim
   norm.weight     (e_ssm,)              only with rmsnorm=True
   out_proj.kernel (e, d), out_proj.bias (d,) only with bias=True
 
+Grouped layout. mamba_ssm orders in_proj's columns [z0, x0, z, x, B, C, dt] and the conv's
+channels [x, B, C]; here they are stored group by group (the same values, permuted: see
+:func:`mamba_ssm_order`, which ``mamba_jax.convert`` applies on reading and writing
+mamba_ssm / HF checkpoints). A contiguous split of the column (channel) axis into t equal
+parts, t dividing g, then gives each part whole groups: the z, x, B, C, dt columns of its
+own heads (Mamba-2 §8's column-parallel in_proj), so tensor parallelism stores 1/t of
+in_proj and of the conv per device with no communication inside the mixer. With ngroups = 1
+the grouped order is mamba_ssm's own.
+
 Decoding state (:class:`Mamba2State`): ``conv_state`` (b, c, w − 1), the last w − 1 inputs
-of the conv, oldest first, in the compute dtype; ``ssm_state`` (b, h, p, n) in float32
-(float64 for a float64 compute dtype).
+of the conv (channels in the conv's grouped order), oldest first, in the compute dtype;
+``ssm_state`` (b, h, p, n) in float32 (float64 for a float64 compute dtype).
 
 Letter legend: b batch, l length, d d_model, e d_inner = expand·d, e_ssm d_ssm, h heads,
 p head_dim, n d_state, g ngroups, c conv channels, w conv width.
@@ -36,6 +48,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from mamba_jax.nn.init import (NO_WEIGHT_DECAY, dt_bias_init, torch_default_init,
@@ -58,6 +71,39 @@ class Mamba2State:
   """
   conv_state: jax.Array
   ssm_state: jax.Array
+
+
+def mamba_ssm_order(*, d_mlp: int, d_ssm: int, ngroups: int, d_state: int,
+                    nheads: int) -> tuple[np.ndarray, np.ndarray]:
+  """Where each in_proj column and conv channel of the grouped layout sits in mamba_ssm's.
+
+  mamba_ssm: in_proj columns [z0 (m) | x0 (m) | z (s) | x (s) | B (g·n) | C (g·n) | dt (h)],
+  conv channels [x (s) | B (g·n) | C (g·n)]. Ours (module docstring): [z0 | x0 | group 0 |
+  ... | group g−1] with group j = [z_j | x_j | B_j | C_j | dt_j], and conv channels
+  [x_j | B_j | C_j] for j = 0 .. g−1, where z_j, x_j are the (h/g)·p columns of heads
+  j·h/g .. (j+1)·h/g − 1 (head i reads group i // (h/g), Mamba-2 §7.2), dt_j their h/g.
+
+  Returns:
+    (in_proj_index (2·m + 2·s + 2·g·n + h,), conv_index (s + 2·g·n,)) int64, permutations
+    with ``ours = theirs[..., index]`` along the column / channel axis; the inverse is
+    ``theirs = ours[..., np.argsort(index)]``.
+  """
+  check_divisible("nheads", nheads, "ngroups", ngroups)
+  check_divisible("d_ssm", d_ssm, "nheads", nheads)
+  m, s, g, n, h = d_mlp, d_ssm, ngroups, d_state, nheads
+  width = s // g  # the x (or z) columns of one group's heads
+  hg = h // g
+  z_at, x_at, b_at = 2 * m, 2 * m + s, 2 * m + 2 * s
+  c_at, dt_at = b_at + g * n, b_at + 2 * g * n
+  columns, channels = [np.arange(2 * m)], []
+  for j in range(g):
+    x_j = x_at + j * width + np.arange(width)
+    b_j, c_j = b_at + j * n + np.arange(n), c_at + j * n + np.arange(n)
+    columns += [z_at + j * width + np.arange(width), x_j, b_j, c_j,
+                dt_at + j * hg + np.arange(hg)]
+    channels += [x_j - x_at, b_j - x_at, c_j - x_at]
+  return (np.concatenate(columns).astype(np.int64),
+          np.concatenate(channels).astype(np.int64))
 
 
 def _uniform_init(bound: float):
@@ -210,11 +256,33 @@ class Mamba2Mixer(nnx.Module):
     d = self.D[...]
     return d.reshape(self.nheads, self.headdim) if self.D_has_hdim else d
 
+  def mamba_ssm_order(self) -> tuple[np.ndarray, np.ndarray]:
+    """This mixer's (in_proj_index, conv_index): see the module function
+    :func:`mamba_ssm_order` (``ours = theirs[..., index]``)."""
+    return mamba_ssm_order(d_mlp=self.d_mlp, d_ssm=self.d_ssm, ngroups=self.ngroups,
+                           d_state=self.d_state, nheads=self.nheads)
+
   def _split(self, zxbcdt: jax.Array):
-    """[..., d_in_proj] -> z0, x0 (..., e − e_ssm), z (..., e_ssm), xBC (..., c), dt (..., h)."""
-    m, s = self.d_mlp, self.d_ssm
-    bounds = (m, 2 * m, 2 * m + s, 2 * m + s + self.conv_dim)
-    return jnp.split(zxbcdt, bounds, axis=-1)
+    """in_proj's output in the grouped layout [..., d_in_proj] -> z0, x0 (..., e − e_ssm),
+    z (..., e_ssm) in head order, xBC (..., c) in the conv's grouped channel order, dt
+    (..., h) in head order."""
+    m, g, n = self.d_mlp, self.ngroups, self.d_state
+    width, lead = self.d_ssm // g, zxbcdt.shape[:-1]
+    z0, x0 = zxbcdt[..., :m], zxbcdt[..., m:2 * m]
+    groups = zxbcdt[..., 2 * m:].reshape(*lead, g, -1)  # (..., g, 2·width + 2·n + h/g)
+    z = groups[..., :width].reshape(*lead, self.d_ssm)
+    xBC = groups[..., width:2 * width + 2 * n].reshape(*lead, self.conv_dim)
+    dt = groups[..., 2 * width + 2 * n:].reshape(*lead, self.nheads)
+    return z0, x0, z, xBC, dt
+
+  def _split_conv(self, xBC: jax.Array):
+    """The conv's output in grouped channel order (..., c) -> x (..., h, p), B (..., g, n),
+    C (..., g, n)."""
+    g, n, lead = self.ngroups, self.d_state, xBC.shape[:-1]
+    width = self.d_ssm // g
+    groups = xBC.reshape(*lead, g, width + 2 * n)
+    x = groups[..., :width].reshape(*lead, self.nheads, self.headdim)
+    return x, groups[..., width:width + n], groups[..., width + n:]
 
   def _output(self, y: jax.Array, z: jax.Array, z0: jax.Array, x0: jax.Array) -> jax.Array:
     """Gated norm, the d_mlp side branch and out_proj; y, z (..., e_ssm) -> (..., d)."""
@@ -278,7 +346,7 @@ class Mamba2Mixer(nnx.Module):
         raise ValueError("mask cannot be combined with seq_idx: pass one of them")
       order, inverse, num_pads = left_align(mask)
       u = take_along_length(u, order)
-    h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+    h, p = self.nheads, self.headdim
     with jax.named_scope("mamba2_mixer"):
       z0, x0, z, xBC, dt = self._split(self.in_proj(u))
       conv = self.conv1d(
@@ -286,7 +354,7 @@ class Mamba2Mixer(nnx.Module):
           initial_states=None if initial_state is None else initial_state.conv_state,
           num_pads=num_pads)
       xBC, conv_state = conv if return_state else (conv, None)
-      x, B, C = jnp.split(xBC, (self.d_ssm, self.d_ssm + g * n), axis=-1)
+      x, B, C = self._split_conv(xBC)
       dt_args = dict(dt_bias=self.dt_bias[...], dt_softplus=True, dt_limit=self.dt_limit)
       if num_pads is not None:
         # Δ = 0 at pads: exp(0·A) = 1 and 0·x ⊗ B = 0 leave the state as it is.
@@ -295,8 +363,7 @@ class Mamba2Mixer(nnx.Module):
         dt = jnp.where(token_positions(num_pads, length)[..., None], dt, 0)
         dt_args = dict(dt_bias=None, dt_softplus=False, dt_limit=NO_DT_LIMIT)
       out = ssd(
-          x.reshape(batch, length, h, p), dt, self._A(), B.reshape(batch, length, g, n),
-          C.reshape(batch, length, g, n), chunk_size=self.chunk_size, D=self._D(),
+          x, dt, self._A(), B, C, chunk_size=self.chunk_size, D=self._D(),
           z=None if self.rmsnorm else z.reshape(batch, length, h, p),
           initial_states=None if initial_state is None else initial_state.ssm_state,
           seq_idx=seq_idx, return_final_states=return_state, **dt_args)
@@ -325,14 +392,13 @@ class Mamba2Mixer(nnx.Module):
     batch = u_t.shape[0]
     check_shape("u_t", u_t, (batch, self.d_model), "(batch, d_model)")
     self._check_state(state, batch)
-    h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+    h, p = self.nheads, self.headdim
     with jax.named_scope("mamba2_mixer_step"):
       z0, x0, z, xBC, dt = self._split(self.in_proj(u_t))
       xBC, conv_state = self.conv1d.step(xBC, state.conv_state, activation="silu")
-      x, B, C = jnp.split(xBC, (self.d_ssm, self.d_ssm + g * n), axis=-1)
+      x, B, C = self._split_conv(xBC)
       y, ssm_state = ssd_state_update(
-          state.ssm_state, x.reshape(batch, h, p), dt, self._A(), B.reshape(batch, g, n),
-          C.reshape(batch, g, n), D=self._D(),
+          state.ssm_state, x, dt, self._A(), B, C, D=self._D(),
           z=None if self.rmsnorm else z.reshape(batch, h, p), dt_bias=self.dt_bias[...],
           dt_softplus=True, dt_limit=self.dt_limit)
       y = self._output(y.reshape(batch, self.d_ssm), z, z0, x0)

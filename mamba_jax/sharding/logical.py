@@ -8,14 +8,21 @@ from the config (``layers/3/mixer:Mamba2/in_proj/kernel``), so a Mamba-1 conv an
 conv can be told apart. A parameter the table does not cover, or whose rank differs from
 its entry, raises ``ValueError``; a rank-0 leaf (step counters) is replicated.
 
-Fused projections. Mamba-2's in_proj columns are the concatenation [z0, x0, z, x, B, C, dt],
-Mamba-1's [x, z], H3's [q, k, v], the MLP's fc1 [y, gate], attention's [q, k, v, mlp], and
-Mamba-2's conv channels [x, B, C]. A contiguous split of such an axis over devices would
-give device 0 all of z and device 1 all of x: the wrong pieces. Their output axis is named
-``in_proj_fused`` / ``conv_fused`` / ``mlp_fused``, which no rule splits over ``tensor``;
-the tensor-parallel mixers (:mod:`mamba_jax.sharding.parallel_mixers`) split the fused
-kernel into its parts inside the computation and put each part's head / group axis on
-``tensor`` (a local slice: the kernel is whole on every tensor device).
+Fused projections. Mamba-1's in_proj columns are the concatenation [x, z], H3's [q, k, v],
+the MLP's fc1 [y, gate], attention's [q, k, v, mlp]. A contiguous split of such an axis
+over devices would give device 0 all of x and device 1 all of z: the wrong pieces. Their
+output axis is named ``in_proj_fused`` / ``conv_fused`` / ``mlp_fused``, which no rule
+splits over ``tensor``; the tensor-parallel Mamba-1 forward
+(:mod:`mamba_jax.sharding.parallel_mixers`) slices its parts inside the computation (the
+kernel is whole on every tensor device).
+
+Mamba-2's in_proj columns and conv channels are stored group by group (``nn.mamba2``'s
+grouped layout: [z0 | x0 | group 0 | group 1 | ...], group j = [z_j | x_j | B_j | C_j |
+dt_j], conv [x_j | B_j | C_j] per group), so a contiguous split over ``tensor`` (ngroups %
+tensor == 0, with d_ssm = d_inner, both checked by ``mesh.validate_mesh``) gives each
+device whole groups: the z, x, B, C, dt columns of its own heads (Mamba-2 §8). Their axes
+are ``in_proj_grouped`` / ``conv_grouped``, split over ``tensor`` like the heads: each
+tensor device stores 1/tensor of them.
 
 Activations use their own names (``act_*``), so that e.g. the batch of an activation and
 the d_model axis of a weight map to different mesh axes. :func:`constrain` applies them
@@ -41,11 +48,13 @@ from mamba_jax.config import MambaConfig
 # Weight axes.
 VOCAB, EMBED, EMBED_VECTOR, POSITION = "vocab", "embed", "embed_vector", "position"
 IN_PROJ_FUSED, CONV_FUSED, CONV_WIDTH = "in_proj_fused", "conv_fused", "conv_width"
+IN_PROJ_GROUPED, CONV_GROUPED = "in_proj_grouped", "conv_grouped"
 HEADS, GROUPS, INNER, STATE = "heads", "groups", "inner", "state"
 X_PROJ_OUT, DT_RANK = "x_proj_out", "dt_rank"
 MLP, MLP_FUSED, ATTN_OUT_IN = "mlp", "mlp_fused", "attn_out_in"
 WEIGHT_AXES = (VOCAB, EMBED, EMBED_VECTOR, POSITION, IN_PROJ_FUSED, CONV_FUSED, CONV_WIDTH,
-               HEADS, GROUPS, INNER, STATE, X_PROJ_OUT, DT_RANK, MLP, MLP_FUSED, ATTN_OUT_IN)
+               IN_PROJ_GROUPED, CONV_GROUPED, HEADS, GROUPS, INNER, STATE, X_PROJ_OUT,
+               DT_RANK, MLP, MLP_FUSED, ATTN_OUT_IN)
 
 # Activation axes.
 ACT_BATCH, ACT_LENGTH, ACT_EMBED = "act_batch", "act_length", "act_embed"
@@ -65,11 +74,12 @@ PARAM_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Embeddings and the LM head.
     (r"backbone/embedding/embedding$", (VOCAB, EMBED)),
     (r"lm_head/kernel$", (EMBED, VOCAB)),
-    # Mamba-2 (Mamba-2 §8: heads and groups over tensor, out_proj row-parallel).
-    (_M2 + r"in_proj/kernel$", (EMBED, IN_PROJ_FUSED)),
-    (_M2 + r"in_proj/bias$", (IN_PROJ_FUSED,)),
-    (_M2 + r"conv1d/kernel$", (CONV_FUSED, CONV_WIDTH)),
-    (_M2 + r"conv1d/bias$", (CONV_FUSED,)),
+    # Mamba-2 (Mamba-2 §8: heads and groups over tensor, in_proj column-parallel through
+    # its grouped layout, out_proj row-parallel).
+    (_M2 + r"in_proj/kernel$", (EMBED, IN_PROJ_GROUPED)),
+    (_M2 + r"in_proj/bias$", (IN_PROJ_GROUPED,)),
+    (_M2 + r"conv1d/kernel$", (CONV_GROUPED, CONV_WIDTH)),
+    (_M2 + r"conv1d/bias$", (CONV_GROUPED,)),
     (_M2 + r"(A_log|dt_bias|D)$", (HEADS,)),
     (_M2 + r"norm/weight$", (INNER,)),
     (_M2 + r"out_proj/kernel$", (INNER, EMBED)),

@@ -3,11 +3,13 @@
 The mixers (``mamba_jax.nn``) call the ops directly and take no distributed arguments. This
 file runs the same computation from a mixer's own parameters and helpers, with
 
-* the fused in_proj split into its parts (Mamba-2 [z0, x0, z, x, B, C, dt]; Mamba-1
-  [x, z]) inside the computation, each part's head / group / channel axis constrained to
-  ``tensor`` (Mamba-2 §8: the z, x, B, C, dt of a head on one device). The fused kernel is
-  whole on every tensor device (logical.py), so each device slices its own columns: no
-  communication; the conv kernel's [x, B, C] rows likewise;
+* Mamba-2's in_proj column-parallel (§8: the z, x, B, C, dt of a head on one device):
+  its columns and the conv's channels are stored group by group (``nn.mamba2``'s grouped
+  layout) and sharded over ``tensor`` (logical.py), so each device's matmul gives its own
+  groups' parts, with no communication and 1/tensor of the weights per device;
+* Mamba-1's fused in_proj [x, z] split into its parts inside the computation, each part's
+  channel axis constrained to ``tensor``: its kernel is whole on every tensor device, so
+  each device slices its own columns (:func:`_columns`);
 * the conv, the SSD / selective scan as ``shard_map`` ops of
   :mod:`mamba_jax.sharding.sequence_parallel` over (batch, ``sequence``, ``tensor``);
 * the gated norm group-local (ngroups % tensor == 0) and out_proj row-parallel: one
@@ -87,46 +89,35 @@ def mamba2_forward(mixer: Mamba2Mixer, u: jax.Array, mesh: Mesh, *,
                    seq_idx: Optional[jax.Array] = None, ssd_fn: Any = None) -> jax.Array:
   """``Mamba2Mixer.__call__(u, seq_idx=seq_idx)`` over ``mesh``: u (b, l, d) -> (b, l, d).
 
-  Call inside ``logical.use_rules(mesh, rules)`` (``ParallelMixer`` does).
+  Mamba-2 §8. in_proj's columns and the conv's channels are stored group by group
+  (``nn.mamba2``'s grouped layout) and sharded over ``tensor`` by the logical table, so
+  ``u · in_proj`` on each device gives exactly the z, x, B, C, dt of its own groups' heads
+  (a plain local matmul, no weight moves), the conv runs on its own channels, and the only
+  collective of the forward is out_proj's all-reduce (row-parallel). Call inside
+  ``logical.use_rules(mesh, rules)`` (``ParallelMixer`` does).
   """
   b, l, _ = u.shape
-  h, p, g, n = mixer.nheads, mixer.headdim, mixer.ngroups, mixer.d_state
-  m, s = mixer.d_mlp, mixer.d_ssm
+  h, p, g = mixer.nheads, mixer.headdim, mixer.ngroups
+  s = mixer.d_ssm
   head_axis = _head_axis(mesh)
-  if head_axis is not None and m:
+  if head_axis is not None and mixer.d_mlp:
     raise ValueError(f"tensor parallelism needs d_ssm == d_inner, got d_ssm = {s}, "
                      f"d_inner = {mixer.d_inner}")
-  kernel = mixer.in_proj.kernel[...]
-  bias = None if mixer.in_proj.bias is None else mixer.in_proj.bias[...]
-  bounds = (0, m, 2 * m, 2 * m + s, 2 * m + 2 * s, 2 * m + 2 * s + g * n,
-            2 * m + 2 * s + 2 * g * n, 2 * m + 2 * s + 2 * g * n + h)
-  part = lambda i, split=(), axis=None: _project(u, kernel, bias, bounds[i], bounds[i + 1],
-                                                 mixer.dtype, mesh, split, axis)
-  heads = lambda i: lg.constrain(part(i, (h, p), head_axis), (*_BL, lg.ACT_HEADS, None))
-  groups = lambda i: lg.constrain(part(i, (g, n), head_axis), (*_BL, lg.ACT_GROUPS, None))
-  z0, x0 = part(0), part(1)
-  z, x, B, C = heads(2), heads(3), groups(4), groups(5)
-  dt = lg.constrain(part(6, (h,), head_axis), (*_BL, lg.ACT_HEADS))
+  zxbcdt = mixer.in_proj(u)  # (b, l, 2m + g·k): columns of whole groups on each device
+  if not mixer.d_mlp:
+    zxbcdt = lg.constrain(zxbcdt.reshape(b, l, g, -1),
+                          (*_BL, lg.ACT_GROUPS, None)).reshape(b, l, -1)
+  z0, x0, z, xBC, dt = mixer._split(zxbcdt)
+  z = lg.constrain(z.reshape(b, l, h, p), (*_BL, lg.ACT_HEADS, None))
+  dt = lg.constrain(dt, (*_BL, lg.ACT_HEADS))
 
-  conv_w = mixer.conv1d.kernel[...]
   conv_b = None if mixer.conv1d.bias is None else mixer.conv1d.bias[...]
-
-  def rows(w: jax.Array, lo: int, hi: int) -> jax.Array:
-    """Rows [lo, hi) of the fused conv kernel (c, w) or bias (c,), sliced locally."""
-    cols = _columns(w.reshape(w.shape[0], -1).T, lo, hi, (hi - lo,), mesh, head_axis, None)
-    return cols.T.reshape(hi - lo, *w.shape[1:])
-
-  def conv(v: jax.Array, lo: int, hi: int) -> jax.Array:
-    """The depthwise conv of channels [lo, hi) of [x, B, C] (channels are independent)."""
-    out = causal_conv1d_sequence_parallel(
-        v.reshape(b, l, hi - lo), rows(conv_w, lo, hi),
-        None if conv_b is None else rows(conv_b, lo, hi), activation="silu",
-        seq_idx=seq_idx, mesh=mesh, channel_axis=head_axis)
-    return out.reshape(v.shape)
-
-  x = conv(x, 0, s)
-  B = conv(B, s, s + g * n)
-  C = conv(C, s + g * n, s + 2 * g * n)
+  xBC = causal_conv1d_sequence_parallel(  # channels [x_j | B_j | C_j] of whole groups
+      xBC, mixer.conv1d.kernel[...], conv_b, activation="silu", seq_idx=seq_idx, mesh=mesh,
+      channel_axis=head_axis)
+  x, B, C = mixer._split_conv(xBC)
+  x = lg.constrain(x, (*_BL, lg.ACT_HEADS, None))
+  B, C = (lg.constrain(v, (*_BL, lg.ACT_GROUPS, None)) for v in (B, C))
   y = ssd_sequence_parallel(
       x, dt, mixer._A(), B, C, chunk_size=mixer.chunk_size, D=mixer._D(),
       z=None if mixer.rmsnorm else z, dt_bias=mixer.dt_bias[...], dt_softplus=True,

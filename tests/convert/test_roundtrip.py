@@ -18,7 +18,8 @@ from flax import nnx
 from mamba_jax.config import MambaConfig
 from mamba_jax.convert import load_pretrained, save_pretrained
 from mamba_jax.convert.hf_layout import read_safetensors, write_safetensors
-from mamba_jax.convert.mamba_ssm_layout import config_from_mamba_ssm, model_state_dict
+from mamba_jax.convert.mamba_ssm_layout import (config_from_mamba_ssm, model_state_dict,
+                                                param_names, to_mamba_ssm_order)
 from mamba_jax.convert.torch_pickle import read_torch_zip, write_torch_zip
 from mamba_jax.nn.lm import MambaLM
 
@@ -88,6 +89,32 @@ def test_orbax_round_trip_and_dtype(tmp_path):
   assert_same_params(model, load_pretrained(tmp_path / "orbax"))
   bf16 = load_pretrained(tmp_path / "orbax", dtype=jnp.bfloat16)
   assert_same_params(bf16, load_pretrained(FIXTURES / "mamba2_ngroups2", dtype=jnp.bfloat16))
+
+
+def test_orbax_layout_versions(tmp_path, caplog):
+  """Orbax directories record layout_version 2 (Mamba-2's grouped in_proj / conv); one
+  written before it (no layout.json: mamba_ssm's order, same shapes) is permuted on
+  loading, with a warning, and a newer version raises."""
+  model = load_pretrained(FIXTURES / "mamba2_ngroups2")
+  save_pretrained(model, tmp_path / "v2", format="orbax")
+  assert json.loads((tmp_path / "v2" / "layout.json").read_text()) == {"layout_version": 2}
+  old = load_pretrained(FIXTURES / "mamba2_ngroups2")
+  state = dict(nnx.to_flat_state(nnx.state(old, nnx.Param)))
+  permuted = [name for name in param_names(old) if name.index is not None]
+  assert len(permuted) == 2 * 4  # per layer: in_proj and conv1d kernels and biases
+  for name in permuted:
+    variable = state[name.path]
+    variable[...] = jnp.asarray(to_mamba_ssm_order(np.asarray(variable[...]), name))
+  save_pretrained(old, tmp_path / "v1", format="orbax")
+  (tmp_path / "v1" / "layout.json").unlink()
+  with caplog.at_level("WARNING"):
+    assert_same_params(model, load_pretrained(tmp_path / "v1"))
+  assert "orbax layout version 1" in caplog.text
+  in_proj = lambda m: np.asarray(m.backbone.layers[0].mixer.in_proj.kernel[...])
+  assert not np.array_equal(in_proj(old), in_proj(model))  # the permutation moved columns
+  (tmp_path / "v2" / "layout.json").write_text('{"layout_version": 3}')
+  with pytest.raises(ValueError, match="layout_version 3, newer than"):
+    load_pretrained(tmp_path / "v2")
 
 
 def test_bfloat16_hf_round_trip(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mamba_jax.nn.mamba2 import Mamba2Mixer, Mamba2State
+from mamba_jax.nn.mamba2 import Mamba2Mixer, Mamba2State, mamba_ssm_order
 from mamba_jax.ops.causal_conv1d import causal_conv1d
 from mamba_jax.ops.ssd import ssd
 from tests.numerics import assert_close
@@ -46,9 +46,26 @@ def _silu(v):
   return v / (1.0 + jnp.exp(-v))
 
 
+def _mamba_ssm_params(params, cfg):
+  """The module's parameters with in_proj / conv put back in mamba_ssm's order
+  ([z0, x0, z, x, B, C, dt] columns, [x, B, C] channels) by the inverse permutation."""
+  e = 2 * D_MODEL
+  e_ssm = cfg.get("d_ssm") or e
+  in_idx, conv_idx = mamba_ssm_order(d_mlp=e - e_ssm, d_ssm=e_ssm,
+                                     ngroups=cfg.get("ngroups", 1), d_state=cfg["d_state"],
+                                     nheads=e_ssm // cfg["headdim"])
+  unperm = lambda a, idx: jnp.take(a, jnp.asarray(np.argsort(idx)), axis=-1)
+  out = dict(params)
+  out["in_proj"] = {k: unperm(v, in_idx) for k, v in params["in_proj"].items()}
+  out["conv1d"] = {k: jnp.take(v, jnp.asarray(np.argsort(conv_idx)), axis=0)
+                   for k, v in params["conv1d"].items()}
+  return out
+
+
 def _reference(params, u, cfg, seq_idx=None):
-  """The mixer re-derived in float64 from the module's parameters."""
+  """The mixer re-derived in float64 from the module's parameters, in mamba_ssm's order."""
   f64 = lambda a: jnp.asarray(a, jnp.float64)
+  params = _mamba_ssm_params(params, cfg)
   u = f64(u)
   b, l, _ = u.shape
   n, p, g = cfg["d_state"], cfg["headdim"], cfg.get("ngroups", 1)
@@ -246,3 +263,32 @@ def test_bad_arguments_raise():
   bad = Mamba2State(conv_state=jnp.zeros((1, 3, 3)), ssm_state=jnp.zeros((1, 4, 4, 4)))
   with pytest.raises(ValueError, match="conv_state"):
     model.step(jnp.zeros((1, D_MODEL)), bad)
+
+
+def test_grouped_layout_puts_each_groups_parts_together():
+  """mamba_ssm_order: group j's columns are [z_j | x_j | B_j | C_j | dt_j] (z, x, dt those of
+  heads j·h/g ..), the conv's channels [x_j | B_j | C_j]; _split / _split_conv read them
+  back in head / group order. Here h = 4 heads of p = 2 in g = 2 groups, n = 3, d_mlp = 4."""
+  m, s, g, n, h, p = 4, 8, 2, 3, 4, 2
+  in_idx, conv_idx = mamba_ssm_order(d_mlp=m, d_ssm=s, ngroups=g, d_state=n, nheads=h)
+  width = 2 * m + 2 * s + 2 * g * n + h
+  assert sorted(in_idx) == list(range(width)) and sorted(conv_idx) == list(range(s + 2 * g * n))
+  z, x, B, C, dt = 2 * m, 2 * m + s, 2 * m + 2 * s, 2 * m + 2 * s + g * n, width - h
+  group1 = [*range(z + 4, z + 8), *range(x + 4, x + 8), *range(B + 3, B + 6),
+            *range(C + 3, C + 6), dt + 2, dt + 3]
+  assert list(in_idx[:2 * m]) == list(range(2 * m))
+  assert list(in_idx[2 * m + len(group1):]) == group1
+  assert list(conv_idx[len(conv_idx) // 2:]) == [4, 5, 6, 7, 11, 12, 13, 17, 18, 19]
+  mixer = Mamba2Mixer(6, d_state=n, expand=2, headdim=p, d_ssm=s, ngroups=g,
+                      rngs=nnx.Rngs(0))
+  theirs = jnp.arange(width, dtype=jnp.float32)
+  z0, x0, z_, xBC, dt_ = mixer._split(theirs[in_idx])
+  np.testing.assert_array_equal(z0, theirs[:m])
+  np.testing.assert_array_equal(x0, theirs[m:2 * m])
+  np.testing.assert_array_equal(z_, theirs[z:z + s])
+  np.testing.assert_array_equal(dt_, theirs[dt:])
+  np.testing.assert_array_equal(xBC, theirs[x:dt][conv_idx])
+  x_, B_, C_ = mixer._split_conv(xBC)
+  np.testing.assert_array_equal(x_, theirs[x:x + s].reshape(h, p))
+  np.testing.assert_array_equal(B_, theirs[B:B + g * n].reshape(g, n))
+  np.testing.assert_array_equal(C_, theirs[C:C + g * n].reshape(g, n))

@@ -227,6 +227,71 @@ def check_allreduce(layer: str) -> dict[str, int]:
   return counts
 
 
+def _mixer_bytes_per_device(params: Any, device: Any) -> int:
+  """Bytes of the arrays of ``params`` stored on ``device`` (its addressable shards)."""
+  import jax
+  return sum(shard.data.nbytes for leaf in jax.tree.leaves(params)
+             for shard in leaf.addressable_shards if shard.device == device)
+
+
+def check_tp_shards() -> dict[str, Any]:
+  """Under tensor = 2, each device holds only its half of a Mamba-2 mixer's in_proj and conv
+  (the grouped layout: whole groups per device) and the right columns of it; the mixer's
+  bytes per device with the grouped layout sharded vs in_proj / conv replicated (the
+  table before the grouped layout: their axes mapped to no mesh axis)."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from mamba_jax.sharding import logical as lg
+  from mamba_jax.sharding.rules import rules_for_mesh
+  from mamba_jax.sharding.shard import shard
+
+  config, model = _tiny("Mamba2")  # ngroups 4, 4 heads of 16, d_state 8, float64
+  mesh = _mesh("tensor=2")
+  mixer = model.backbone.layers[0].mixer
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  placed = shard(params, config, mesh)["backbone"]["layers"][0]["mixer"]
+  host = params["backbone"]["layers"][0]["mixer"]
+  h, p, g, n, s = mixer.nheads, mixer.headdim, mixer.ngroups, mixer.d_state, mixer.d_ssm
+  in_idx, conv_idx = mixer.mamba_ssm_order()
+  out: dict[str, Any] = {"in_proj_spec": str(placed["in_proj"]["kernel"].sharding.spec),
+                         "conv_spec": str(placed["conv1d"]["kernel"].sharding.spec)}
+  cols, chans = in_idx.size, conv_idx.size
+  wrong = []
+  for shard_ in placed["in_proj"]["kernel"].addressable_shards:
+    i = mesh.devices.ravel().tolist().index(shard_.device)
+    lo, hi = i * cols // 2, (i + 1) * cols // 2
+    if shard_.data.shape != (config.d_model, cols // 2):
+      wrong.append(f"in_proj shard {i} shape {shard_.data.shape}")
+    if not np.array_equal(np.asarray(shard_.data), np.asarray(host["in_proj"]["kernel"])[:, lo:hi]):
+      wrong.append(f"in_proj shard {i} values")
+    # Device i's groups 2i, 2i+1 hold heads 2i, 2i+1 (one head per group here): their z,
+    # x, dt columns and the groups' B, C columns in mamba_ssm's order, nothing else.
+    heads, groups = range(i * h // 2, (i + 1) * h // 2), range(i * g // 2, (i + 1) * g // 2)
+    b_at, c_at, dt_at = 2 * s, 2 * s + g * n, 2 * s + 2 * g * n
+    expected = {c for k in heads for c in (*range(k * p, (k + 1) * p),
+                                            *range(s + k * p, s + (k + 1) * p), dt_at + k)}
+    expected |= {c for j in groups for c in (*range(b_at + j * n, b_at + (j + 1) * n),
+                                             *range(c_at + j * n, c_at + (j + 1) * n))}
+    if set(in_idx[lo:hi].tolist()) != expected:
+      wrong.append(f"in_proj shard {i} holds mamba_ssm columns {sorted(in_idx[lo:hi])}")
+  for name, whole in (("kernel", (chans // 2, mixer.d_conv)), ("bias", (chans // 2,))):
+    for shard_ in placed["conv1d"][name].addressable_shards:
+      if shard_.data.shape != whole:
+        wrong.append(f"conv1d {name} shard shape {shard_.data.shape}")
+  out["wrong"] = wrong
+  out["shards_per_array"] = len(placed["in_proj"]["kernel"].addressable_shards)
+  replicated = dict(rules_for_mesh(mesh))
+  for name in (lg.IN_PROJ_GROUPED, lg.CONV_GROUPED):
+    replicated.pop(name)
+  before = shard(params, config, mesh, replicated)["backbone"]["layers"][0]["mixer"]
+  device = mesh.devices.ravel()[0]
+  out["bytes_before"] = _mixer_bytes_per_device(before, device)
+  out["bytes_after"] = _mixer_bytes_per_device(placed, device)
+  out["bytes_total"] = sum(leaf.nbytes for leaf in jax.tree.leaves(host))
+  return out
+
+
 def check_training(spec: str, restore_spec: str, directory: str) -> dict[str, Any]:
   """Three AdamW steps of the training package's train step, the state sharded over
   ``spec`` (the model's own forward, partitioned by XLA) vs one device; then the sharded
@@ -326,7 +391,7 @@ def main() -> None:
   check, args = sys.argv[1], sys.argv[2:]
   result = {"ops": check_ops, "model": check_model, "float32": check_float32,
             "allreduce": check_allreduce, "training": check_training,
-            "multiprocess": check_multiprocess}[check](*args)
+            "multiprocess": check_multiprocess, "tp_shards": check_tp_shards}[check](*args)
   print(json.dumps(result))
 
 

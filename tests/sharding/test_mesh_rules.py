@@ -77,7 +77,12 @@ def test_every_parameter_has_logical_axes(layer):
       specs, is_leaf=lambda x: isinstance(x, P))[0]}
   assert flat["backbone/embedding/embedding"] == P("tensor", "fsdp")
   for path, spec in flat.items():
-    if path.endswith("in_proj/kernel") or path.endswith("fc1/kernel"):
+    if ":Mamba2/" in lg.annotate(path, config):  # grouped layout: column-parallel
+      if path.endswith("in_proj/kernel"):
+        assert spec == P("fsdp", "tensor"), (path, spec)
+      if path.endswith("conv1d/kernel"):
+        assert spec == P("tensor", None), (path, spec)
+    elif path.endswith("in_proj/kernel") or path.endswith("fc1/kernel"):
       assert spec == P("fsdp", None), (path, spec)  # fused: never split over tensor
     if path.endswith("out_proj/kernel") or path.endswith("fc2/kernel"):
       assert spec == P("tensor", "fsdp"), (path, spec)  # row-parallel

@@ -52,6 +52,19 @@ def test_collectives_per_mixer():
   assert run_checks("allreduce", "Mamba1")["all-reduce"] == 2
 
 
+def test_tensor_parallel_stores_each_devices_share_of_in_proj_and_conv():
+  """Mamba-2 §8 column-parallel in_proj: under tensor = 2 each device stores the in_proj
+  columns and conv channels of its own groups only (tiny Mamba-2, 4 groups of one head)."""
+  result = run_checks("tp_shards")
+  assert result["wrong"] == [], result["wrong"]
+  assert result["in_proj_spec"] == "P(None, 'tensor')"
+  assert result["conv_spec"] == "P('tensor', None)"
+  assert result["shards_per_array"] == 2
+  # in_proj 32·196 + conv 128·5 of the mixer's 9036 float64 values (72288 bytes) halve.
+  assert result["bytes_total"] == 72288
+  assert result["bytes_before"] - result["bytes_after"] == (32 * 196 + 128 * 5) * 8 // 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layer,parallel,specs", [
     ("Mamba2", "mixers", ["data=2", "fsdp=4", "tensor=2", "tensor=4", "sequence=2",
