@@ -3,8 +3,9 @@
 A :class:`Cache` holds one entry per layer, the mixer's own state type:
 
   Mamba-1 / SSMNoGate / H3   Mamba1State  conv_state (b, e, w − 1), ssm_state (b, e, n)
-  Mamba-2                    Mamba2State  conv_state (b, c, w − 1) over [x | B | C],
-                                          ssm_state (b, h, p, n)
+  Mamba-2                    Mamba2State  conv_state (b, c, w − 1) over the conv channels
+                                          in the mixer's grouped order ([x_g | B_g | C_g]
+                                          group after group), ssm_state (b, h, p, n)
   attention                  KVCache      k, v (b, L, h_kv, p) preallocated to L =
                                           max_length slots, index () and start (b,)
 
