@@ -242,7 +242,8 @@ def model_from_state_dict(config: MambaConfig, state_dict: Mapping[str, np.ndarr
 # rotary_emb_dim > 0, and causal=False unless given. Our Attention picks the encoding with
 # ``positions`` (RoPE over the whole head when rotary_emb_dim is 0) and defaults to causal.
 # The two functions below translate between them; the keys only we have are dropped on export.
-_ATTN_KEYS_ONLY_OURS = ("positions", "max_position", "implementation")
+_ATTN_KEYS_ONLY_OURS = ("positions", "max_position", "implementation", "xpos_scale_base",
+                        "xpos_gamma")
 
 
 def attn_cfg_from_mamba_ssm(attn_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -260,6 +261,9 @@ def attn_cfg_to_mamba_ssm(attn_cfg: Mapping[str, Any], d_model: int) -> dict[str
   if positions == "absolute":
     raise ValueError("mamba_ssm's MHA has no absolute position embeddings "
                      "(attn_cfg positions='absolute'); save this model with format='orbax'")
+  if positions == "xpos":
+    raise ValueError("mamba_ssm's MHA has no xPos positions (attn_cfg positions='xpos'); save "
+                     "this model with format='orbax'")
   if positions == "rope":
     if not out.get("rotary_emb_dim"):
       out["rotary_emb_dim"] = out.get("head_dim") or d_model // out["num_heads"]

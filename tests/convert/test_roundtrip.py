@@ -166,6 +166,10 @@ def test_attention_config_follows_mamba_ssm_defaults(tmp_path):
       attn_cfg={**MambaConfig.tiny("hybrid").attn_cfg, "positions": "absolute"})
   with pytest.raises(ValueError, match="absolute"):
     save_pretrained(MambaLM(absolute, rngs=nnx.Rngs(0)), tmp_path / "abs", format="mamba_ssm")
+  xpos = MambaConfig.tiny("hybrid").replace(
+      attn_cfg={**MambaConfig.tiny("hybrid").attn_cfg, "positions": "xpos"})
+  with pytest.raises(ValueError, match="xPos"):
+    save_pretrained(MambaLM(xpos, rngs=nnx.Rngs(0)), tmp_path / "xpos", format="mamba_ssm")
 
 
 def test_cli_converts_between_formats(tmp_path):
