@@ -35,6 +35,25 @@ def config_to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
 
+# The parameter layout of the saved state. 2: Mamba-2's in_proj columns and conv channels are
+# stored group by group (mamba_jax/nn/mamba2.py); before it (no marker), in mamba_ssm's order,
+# which differs only when ngroups > 1.
+PARAM_LAYOUT_VERSION = 2
+_LAYOUT_KEY = "_param_layout_version"
+
+
+def _has_grouped_mamba2(tree: Any) -> bool:
+  """Whether a saved config (plain JSON) names a Mamba-2 layer with ngroups > 1."""
+  if isinstance(tree, dict):
+    groups = tree.get("ngroups")
+    if isinstance(groups, int) and groups > 1:
+      return True
+    return any(_has_grouped_mamba2(v) for v in tree.values())
+  if isinstance(tree, list):
+    return any(_has_grouped_mamba2(v) for v in tree)
+  return False
+
+
 class Checkpointer:
   """Saves and restores (state, data iterator state, config) under ``directory``."""
 
@@ -64,7 +83,8 @@ class Checkpointer:
     saved = self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config_to_json_dict(config))), force=force)
+        config=ocp.args.JsonSave({**config_to_json_dict(config),
+                                  _LAYOUT_KEY: PARAM_LAYOUT_VERSION})), force=force)
     if saved:
       logging.info("checkpoint: saving step %d to %s", step, self.directory)
     return saved
@@ -77,6 +97,17 @@ class Checkpointer:
     sharding=NamedSharding(mesh, spec))`` for the current mesh, which need not be the mesh the
     checkpoint was saved from).
     """
+    saved_config = self._manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+    version = saved_config.get(_LAYOUT_KEY, 1)
+    if version > PARAM_LAYOUT_VERSION or (version < 2 and _has_grouped_mamba2(saved_config)):
+      raise ValueError(
+          f"checkpoint step {step} in {self.directory} has parameter layout version {version}, "
+          f"this code reads {PARAM_LAYOUT_VERSION}: Mamba-2 layers with ngroups > 1 store their "
+          "in_proj columns and conv channels group by group since layout 2, so restoring would "
+          "silently permute them. Restore it with the mamba_jax version that wrote it and "
+          "re-save it with mamba_jax.convert.save_pretrained(format='mamba_ssm'), which this "
+          "version loads, or start a new workdir.")
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=ocp.args.JsonRestore()))
@@ -85,8 +116,10 @@ class Checkpointer:
 
   def restore_config(self, step: int) -> dict[str, Any]:
     """The config saved with ``step``, as a plain dict."""
-    return self._manager.restore(step, args=ocp.args.Composite(
+    saved = self._manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
+    saved.pop(_LAYOUT_KEY, None)
+    return saved
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from mamba_jax.training import optimizer
 from mamba_jax.training.checkpointing import Checkpointer
@@ -54,3 +55,26 @@ def test_relative_directory_is_resolved_against_the_working_directory(tmp_path, 
   assert ckpt.directory == tmp_path / "runs/row/checkpoints"
   assert Checkpointer("runs/row/checkpoints").latest_step() == 1
   ckpt.close()
+
+
+def test_checkpoint_from_before_the_grouped_mamba2_layout_is_refused(tmp_path, monkeypatch):
+  """A state saved without the layout marker (layout 1) restores unless a Mamba-2 layer has
+  ngroups > 1, whose in_proj/conv columns changed order with layout 2: that one raises."""
+  from mamba_jax.training import checkpointing
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _state(0.0))
+  for groups, refused in ((1, False), (2, True)):
+    config = ml_collections.ConfigDict({"model": {"ssm_cfg": {"layer": "Mamba2",
+                                                              "ngroups": groups}}})
+    directory = tmp_path / f"g{groups}"
+    monkeypatch.setattr(checkpointing, "PARAM_LAYOUT_VERSION", 1)  # as the old code wrote it
+    old = Checkpointer(directory)
+    old.save(1, _state(1.0), {"next_index": 1}, config, force=True)
+    old.close()
+    monkeypatch.setattr(checkpointing, "PARAM_LAYOUT_VERSION", 2)
+    new = Checkpointer(directory)
+    if refused:
+      with pytest.raises(ValueError, match="ngroups > 1"):
+        new.restore(1, abstract)
+    else:
+      new.restore(1, abstract)
+    new.close()
