@@ -111,9 +111,13 @@ def test_auto_rule(monkeypatch, where, hopper, change, expected):
   assert ssd_module._auto_form(args["x"], args["B"], args["C"], None, 16) == expected
 
 
-def test_heads_per_group_not_a_power_of_two_takes_the_chunked_vjp():
+def test_heads_per_group_not_a_power_of_two_takes_the_chunked_vjp(monkeypatch):
   """3 heads in one group: the backward kernels can't tile them, so the reference VJP runs."""
   from mamba_jax.ops import ssd as ssd_module
+  pairings = []
+  pair = ssd_pallas._kernel_forward_reference_backward
+  monkeypatch.setattr(ssd_pallas, "_kernel_forward_reference_backward",
+                      lambda *a, **k: pairings.append(a) or pair(*a, **k))
   rng = np.random.default_rng(7)
   args = _inputs(rng, l=20, h=3)
   assert not ssd_pallas.kernel_backward_supports(args["x"], args["B"])
@@ -131,5 +135,6 @@ def test_heads_per_group_not_a_power_of_two_takes_the_chunked_vjp():
     grads = jax.grad(loss, argnums=(0, 1))(args["x"], args["B"])
   grads_ref = jax.grad(loss_ref, argnums=(0, 1))(args["x"].astype(jnp.float64),
                                                  args["B"].astype(jnp.float64))
+  assert pairings, "the kernel-forward / reference-VJP pairing was not used"
   for name, a, b in zip(("x", "B"), grads, grads_ref):
     assert_close(a, b, 1e-5, f"d{name}")
