@@ -24,21 +24,13 @@ import numpy as np
 
 from mamba_jax.data import audio_synth
 from mamba_jax.data.mulaw import MU, NUM_CODES, mulaw_decode, mulaw_encode
+from mamba_jax.data.sources import check_split
+from mamba_jax.data.synthetic import check_int
 
 __all__ = ["MU", "NUM_CODES", "BOS", "mulaw_decode", "mulaw_encode", "PianoWaveform",
            "SpokenDigits"]
 
 BOS = NUM_CODES  # the spoken-digit task's start token
-
-
-def _check_split(split: str) -> None:
-  if split not in ("train", "test"):
-    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-
-
-def _check_int(name: str, value: int, minimum: int = 1) -> None:
-  if not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 @functools.lru_cache(maxsize=4)
@@ -75,10 +67,10 @@ class PianoWaveform:
   num_records: int = 2**40
 
   def __post_init__(self):
-    _check_int("length", self.length)
-    _check_split(self.split)
-    _check_int("num_pieces", self.num_pieces, 2)
-    _check_int("num_records", self.num_records)
+    check_int("length", self.length)
+    check_split(self.split)
+    check_int("num_pieces", self.num_pieces, 2)
+    check_int("num_records", self.num_records)
     if self.vocab_size != NUM_CODES:
       raise ValueError(f"vocab_size must be {NUM_CODES} (8-bit μ-law), got {self.vocab_size}")
     if not 0.0 < self.test_fraction < 1.0:
@@ -149,10 +141,10 @@ class SpokenDigits:
   num_records: int = 2**40
 
   def __post_init__(self):
-    _check_int("length", self.length)
-    _check_split(self.split)
-    _check_int("num_clips", self.num_clips, 20)
-    _check_int("num_records", self.num_records)
+    check_int("length", self.length)
+    check_split(self.split)
+    check_int("num_clips", self.num_clips, 20)
+    check_int("num_records", self.num_records)
     if self.vocab_size != NUM_CODES + 1:
       raise ValueError(f"vocab_size must be {NUM_CODES + 1} (μ-law codes and <bos>), got "
                        f"{self.vocab_size}")

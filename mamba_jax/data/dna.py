@@ -36,6 +36,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from mamba_jax.data import sources
+from mamba_jax.data.sources import check_split
+from mamba_jax.data.synthetic import check_int
 
 HUMAN_CHRX = "/usr/share/doc/smalt/test/data/hs37chrXtrunc.fa.gz"
 HUMAN_CHRX_INSTALL = "apt-get install -y --no-install-recommends smalt-examples"
@@ -220,16 +222,6 @@ def fixed_blocks(length: int, block_size: int) -> np.ndarray:
   return np.append(ends, length)[:, None]
 
 
-def _check_split(split: str) -> None:
-  if split not in ("train", "test"):
-    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-
-
-def _check_int(name: str, value: int, minimum: int = 1) -> None:
-  if not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 def _usable(regions: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
   """Regions (r, 2) that hold a window of ``length``, and their sampling weights."""
   room = regions[:, 1] - regions[:, 0] - length + 1
@@ -260,13 +252,13 @@ class NextBasePretraining:
   num_records: int = 2**40
 
   def __post_init__(self):
-    _check_int("length", self.length, 2)
-    _check_split(self.split)
+    check_int("length", self.length, 2)
+    check_split(self.split)
     if self.vocab_size != VOCAB_SIZE:
       raise ValueError(f"vocab_size must be {VOCAB_SIZE} (the DNA tokenizer), got "
                        f"{self.vocab_size}")
-    _check_int("num_records", self.num_records)
-    _check_int("max_bases", self.max_bases, 0)
+    check_int("num_records", self.num_records)
+    check_int("max_bases", self.max_bases, 0)
     if not 0.0 <= self.max_n_fraction <= 1.0:
       raise ValueError(f"max_n_fraction must be in [0, 1], got {self.max_n_fraction}")
     tokens = self.tokens
@@ -339,16 +331,16 @@ class GreatApesClassification:
   num_records: int = 2**40
 
   def __post_init__(self):
-    _check_int("length", self.length)
-    _check_split(self.split)
+    check_int("length", self.length)
+    check_split(self.split)
     if self.vocab_size != VOCAB_SIZE:
       raise ValueError(f"vocab_size must be {VOCAB_SIZE} (the DNA tokenizer), got "
                        f"{self.vocab_size}")
     if self.num_classes != len(APE_SPECIES):
       raise ValueError(f"num_classes must be {len(APE_SPECIES)} ({', '.join(APE_NAMES)}; no "
                        f"offline source has bonobo), got {self.num_classes}")
-    _check_int("num_records", self.num_records)
-    _check_int("max_blocks", self.max_blocks, 0)
+    check_int("num_records", self.num_records)
+    check_int("max_blocks", self.max_blocks, 0)
     _, ends = self.data
     regions = split_regions(ends, self.region_size, self.test_fraction,
                             self.split_seed)[self.split]

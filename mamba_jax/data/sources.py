@@ -24,6 +24,12 @@ import numpy as np
 SETUP_COMMAND = "bash scripts/setup_data.sh"
 
 
+def check_split(split: str) -> None:
+  """Raises unless ``split`` names one of a source's two splits."""
+  if split not in ("train", "test"):
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
 def cache_dir() -> str:
   """``$MAMBA_JAX_CACHE`` or ``~/.cache/mamba_jax`` (created on first use)."""
   path = os.environ.get("MAMBA_JAX_CACHE") or os.path.join(

@@ -37,7 +37,8 @@ def _rng(seed: int, index: int) -> np.random.Generator:
   return np.random.default_rng([seed, index])
 
 
-def _check_positive(name: str, value: int, minimum: int = 1) -> None:
+def check_int(name: str, value: int, minimum: int = 1) -> None:
+  """Raises unless ``value`` is an int >= ``minimum`` (the tasks' size fields)."""
   if not isinstance(value, (int, np.integer)) or value < minimum:
     raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
@@ -78,10 +79,10 @@ class SelectiveCopying:
   num_records: int = 2**40
 
   def __post_init__(self):
-    _check_positive("length", self.length)
-    _check_positive("num_tokens", self.num_tokens)
-    _check_positive("vocab_size", self.vocab_size, minimum=3)
-    _check_positive("num_records", self.num_records)
+    check_int("length", self.length)
+    check_int("num_tokens", self.num_tokens)
+    check_int("vocab_size", self.vocab_size, minimum=3)
+    check_int("num_records", self.num_records)
 
   @property
   def seq_len(self) -> int:
@@ -121,9 +122,9 @@ class InductionHeads:
   num_records: int = 2**40
 
   def __post_init__(self):
-    _check_positive("length", self.length, minimum=3)
-    _check_positive("vocab_size", self.vocab_size, minimum=3)
-    _check_positive("num_records", self.num_records)
+    check_int("length", self.length, minimum=3)
+    check_int("vocab_size", self.vocab_size, minimum=3)
+    check_int("num_records", self.num_records)
 
   @property
   def seq_len(self) -> int:
@@ -166,10 +167,10 @@ class MultiQueryAssociativeRecall:
   num_records: int = 2**40
 
   def __post_init__(self):
-    _check_positive("length", self.length)
-    _check_positive("num_kv_pairs", self.num_kv_pairs)
-    _check_positive("vocab_size", self.vocab_size, minimum=4)
-    _check_positive("num_records", self.num_records)
+    check_int("length", self.length)
+    check_int("num_kv_pairs", self.num_kv_pairs)
+    check_int("vocab_size", self.vocab_size, minimum=4)
+    check_int("num_records", self.num_records)
     if self.length < 4 * self.num_kv_pairs:
       raise ValueError(f"length must be >= 4 * num_kv_pairs, got length={self.length} "
                        f"num_kv_pairs={self.num_kv_pairs}")
