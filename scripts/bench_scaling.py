@@ -60,6 +60,7 @@ os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
 os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
 
 import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -346,9 +347,31 @@ def worker(spec: dict) -> None:
 
   step = jax.jit(train_step, in_shardings=(shardings, data, data),
                  out_shardings=(shardings, None), donate_argnums=0)
+
+  def compile_for(length: int):
+    """The step compiled ahead of time for ``length`` (abstract arguments only)."""
+    ids = jax.ShapeDtypeStruct((d, length), jnp.int32, sharding=data)
+    c0 = time.time()
+    compiled = step.lower(abstract_state, ids, ids).compile()
+    return compiled, round(time.time() - c0, 2)
+
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  # The timed lengths compile concurrently (XLA compiles outside the GIL; a GPU host has
+  # cores to spare), so a mesh costs about one compile instead of one per length.
+  valid = []
+  for length in spec["seqs"]:
+    try:
+      validate_mesh(mesh, config, batch=d, length=length)
+      valid.append(length)
+    except ValueError:
+      pass
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(valid)))
+  futures = {length: pool.submit(compile_for, length) for length in valid}
+  c_all = time.time()
   previous: Optional[dict] = None
   for length, timed in [(n, True) for n in spec["seqs"]] + [(n, False) for n in spec["search"]]:
-    if previous is not None:
+    if previous is not None and length not in futures:
       scale = length / previous["seq"]
       estimate = previous["compile_s"] + (spec["steps"] + 1) * previous["step_s"] * scale
       if time.time() + estimate > deadline:
@@ -369,9 +392,11 @@ def worker(spec: dict) -> None:
                     out_shardings=None)(key)
       inputs = jax.device_put(ids[:, :-1], data)
       targets = jax.device_put(ids[:, 1:], data)
-      c0 = time.time()
-      compiled = step.lower(state, inputs, targets).compile()
-      record["compile_s"] = round(time.time() - c0, 2)
+      if length in futures:
+        compiled, record["compile_s"] = futures.pop(length).result()
+        record["compile_wall_s"] = round(time.time() - c_all, 2)  # all concurrent ones so far
+      else:
+        compiled, record["compile_s"] = compile_for(length)
       times = []
       for i in range(1 + (spec["steps"] if timed else 0)):
         s0 = time.time()
@@ -591,6 +616,47 @@ def plot(summary: dict, path: str, title: str) -> Optional[str]:
   return None
 
 
+def merge(paths: list[str], out_dir: str, tag: str, markdown_path: str = "") -> int:
+  """One report from the JSONs of runs of this script on disjoint devices of one host."""
+  runs = []
+  for path in paths:
+    with open(path) as f:
+      runs.append(json.load(f))
+  kinds = {r["device"]["kind"] for r in runs}
+  sizes = {r["size"] for r in runs}
+  if len(kinds) != 1 or len(sizes) != 1:
+    raise ValueError(f"--merge needs runs of one device kind and one --size, got kinds "
+                     f"{sorted(kinds)} and sizes {sorted(sizes)}")
+  records = [rec for r in runs for rec in r["records"]]
+  meshes = list(dict.fromkeys(m for r in runs for m in r["meshes"]))
+  models = list(dict.fromkeys(rec["model"] for rec in records if rec.get("model")))
+  cap = max(max(r["search"], default=0) for r in runs) or None
+  summary = summarize(records, meshes, models, cap)
+  count = max(r["device"]["count"] for r in runs)
+  header = (f"{count} x {runs[0]['device']['kind']} ({runs[0]['device']['platform']}), size "
+            f"{runs[0]['size']}, {min(r['date'] for r in runs)[:16].replace('T', ' ')} UTC, jax "
+            f"{runs[0]['device']['versions']['jax']} (merged from {len(runs)} concurrent runs "
+            "on disjoint GPUs)")
+  table = markdown(summary, header)
+  print(table)
+  os.makedirs(out_dir, exist_ok=True)
+  png = os.path.join(out_dir, f"{tag}.png")
+  if plot(summary, png, header):
+    png = None
+  with open(markdown_path or os.path.join(out_dir, f"{tag}.md"), "a") as f:
+    f.write(table + "\n\n")
+  result = dict(script="scripts/bench_scaling.py", merged_from=[os.path.basename(p) for p in
+                                                               paths],
+                date=min(r["date"] for r in runs), device=dict(runs[0]["device"], count=count),
+                size=runs[0]["size"], meshes=meshes, runs=[{k: r.get(k) for k in (
+                    "date", "device", "meshes", "seqs", "search", "steps", "budget_s", "env",
+                    "seconds")} for r in runs], records=records, **summary, table=table,
+                png=png)
+  with open(os.path.join(out_dir, f"{tag}.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -620,10 +686,18 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--out_dir", default=os.environ.get("OUT", "."))
   parser.add_argument("--tag", default="bench_scaling")
   parser.add_argument("--markdown", default="", help="markdown file to append the table to")
+  parser.add_argument("--merge", default="",
+                      help="comma-separated JSONs of runs made at the same time on disjoint "
+                           "GPUs of one host (e.g. the 1x1x1 baseline on one GPU beside the "
+                           "meshes on the others): one table, efficiencies against the "
+                           "merged baselines; runs nothing")
   args = parser.parse_args(argv)
   if args.worker:
     worker(json.loads(args.worker))
-    return 0
+    sys.stdout.flush()
+    os._exit(0)  # not waiting for compiles still running in the pool (a mesh that stopped early)
+  if args.merge:
+    return merge(args.merge.split(","), args.out_dir, args.tag, args.markdown)
 
   import signal
   signal.signal(signal.SIGTERM, _stop_workers)

@@ -1,77 +1,87 @@
 #!/usr/bin/env bash
-# Sharding on real GPUs in one call of at most ~9 minutes: the equality checks and the scaling
-# benchmark on 2 GPUs, then on 4 GPUs (issues 8 and 11).
+# Sharding and scaling on a 4-GPU host in two calls of at most ~9.5 minutes (issues 8, 11).
 #
-#   bash scripts/gpu_sharding_run.sh            # repository root, results under $OUT
+#   PART=1 bash scripts/gpu_sharding_run.sh      # repository root, results under $OUT
+#   PART=2 bash scripts/gpu_sharding_run.sh
 #
-# On a host with 4 or more GPUs, phase 1 runs the 2-GPU checks on GPUs 2,3 while the 2-GPU
-# benchmark runs on GPUs 0,1 (separate devices, so the timings do not share a GPU); phase 2
-# runs the 4-GPU checks, phase 3 the 4-GPU benchmark with what is left of TOTAL_S. On a
-# 2-GPU host phases 1 run one after the other and the 4-GPU phases are skipped.
+# Part 1 (issue 8 and the one-GPU baselines of issue 11), three jobs at once on disjoint GPUs:
+#   GPUs 2,3  the 2-GPU equality checks (every strategy of check_sharding_gpu.py for N = 2),
+#             then the 2-GPU meshes of a ~370M Mamba-2 (2x1x1, 1x2x1, 1x1x2) at 8K-64K and
+#             the longest sequence that trains under sequence parallelism;
+#   GPU 0     the same ~370M Mamba-2 on one GPU (the baseline) and its longest sequence;
+#   GPU 1     the ~1.4B Mamba-2 and Transformer++ on one GPU at 8K, 32K, 128K.
+# Part 2 (issue 11) on all four GPUs: the 4-GPU checks not run before (mixed meshes,
+#   Mamba-1, Transformer++), then the ~1.4B meshes 4x1x1, 1x4x1, 1x1x4, 2x2x1, 1x2x2.
+# Jobs on disjoint GPUs do not share a GPU, so their timings stand; merged tables
+# (bench_scaling.py --merge) take the efficiencies against the one-GPU rows.
 # NVLink multicast stays off (the scripts set the same variables before importing jax).
-#
-# Writes (8 files): run.log (every step's output), sharding_2gpu.json, sharding_4gpu.json,
-# scaling_2gpu.{json,png}, scaling_4gpu.{json,png}, scaling.md (both markdown tables).
 set -u
 OUT=${OUT:-/tmp/gpu_sharding_out}
+PART=${PART:-1}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=".:.device/training_site${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
-TOTAL=${TOTAL_S:-520}
+TOTAL=${TOTAL_S:-540}
 LOG="$OUT/run.log"
 START=$(date +%s)
 left() { echo $(( TOTAL - ($(date +%s) - START) )); }
 say() { echo "[$(( $(date +%s) - START )) s] $*" | tee -a "$LOG"; }
-TMP=$(mktemp -d)
+BENCH=scripts/bench_scaling.py
 
 nvidia-smi -L 2>&1 | tee -a "$LOG"
 NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
-say "GPUs: $NGPU; budget ${TOTAL} s; OUT=$OUT"
-rm -f "$OUT/scaling.md"
-
-CHECK2=(scripts/check_sharding_gpu.py --budget_s 120 --out "$OUT/sharding_2gpu.json")
-BENCH2=(scripts/bench_scaling.py --models mamba2 --size 370m --seqs 8192,32768
-        --search_meshes 1x1x1,1x1x2 --search_from 131072 --search_share 0.4
-        --out_dir "$OUT" --tag scaling_2gpu
-        --markdown "$OUT/scaling.md")
-
-if [ "$NGPU" -ge 4 ]; then
-  say "phase 1: 2-GPU checks on GPUs 2,3 | 2-GPU benchmark on GPUs 0,1"
-  ( CUDA_VISIBLE_DEVICES=2,3 timeout -k 10 160 "$PY" "${CHECK2[@]}" > "$TMP/check2.log" 2>&1;
-    echo "check_sharding_gpu 2 GPUs exit $?" >> "$TMP/check2.log" ) &
-  ( CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 170 "$PY" "${BENCH2[@]}" --budget_s 150 \
-      > "$TMP/bench2.log" 2>&1; echo "bench_scaling 2 GPUs exit $?" >> "$TMP/bench2.log" ) &
-  wait
-  cat "$TMP/check2.log" "$TMP/bench2.log" >> "$LOG"
-  tail -n 45 "$TMP/check2.log"; tail -n 30 "$TMP/bench2.log"
-
-  say "phase 2: 4-GPU checks"
-  CUDA_VISIBLE_DEVICES=0,1,2,3 timeout -k 10 110 "$PY" scripts/check_sharding_gpu.py \
-      --budget_s 70 --out "$OUT/sharding_4gpu.json" 2>&1 | tee -a "$LOG"
-  say "check_sharding_gpu 4 GPUs exit ${PIPESTATUS[0]}"
-
-  B4=$(( $(left) - 25 ))
-  if [ "$B4" -ge 60 ]; then
-    say "phase 3: 4-GPU benchmark, budget $B4 s"
-    CUDA_VISIBLE_DEVICES=0,1,2,3 timeout -k 10 $(( B4 + 20 )) "$PY" scripts/bench_scaling.py \
-        --models mamba2,transformerpp --size 1.4b --seqs 8192,32768 \
-        --meshes 1x1x1,1x1x4,1x4x1,4x1x1,2x2x1,1x2x2 \
-        --search_meshes 1x1x1,1x1x4 --search_from 131072 --search_share 0.3 \
-        --budget_s "$B4" \
-        --out_dir "$OUT" --tag scaling_4gpu --markdown "$OUT/scaling.md" 2>&1 | tee -a "$LOG"
-    say "bench_scaling 4 GPUs exit ${PIPESTATUS[0]}"
-  else
-    say "phase 3 skipped: only $(left) s left"
-  fi
-else
-  say "phase 1 (2 GPUs, one after the other)"
-  CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 160 "$PY" "${CHECK2[@]}" 2>&1 | tee -a "$LOG"
-  B2=$(( $(left) - 25 ))
-  CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 $(( B2 + 20 )) "$PY" "${BENCH2[@]}" --budget_s "$B2" 2>&1 \
-      | tee -a "$LOG"
-  say "fewer than 4 GPUs: the 4-GPU phases are skipped"
+say "GPUs: $NGPU; part $PART; budget ${TOTAL} s; OUT=$OUT"
+if [ "$NGPU" -lt 4 ]; then
+  say "this script needs 4 GPUs (see check_sharding_gpu.py and bench_scaling.py for fewer)"
+  exit 2
 fi
-rm -rf "$TMP"
+
+if [ "$PART" = 1 ]; then
+  ( CUDA_VISIBLE_DEVICES=2,3 timeout -k 10 250 "$PY" scripts/check_sharding_gpu.py \
+        --budget_s 220 --out "$OUT/sharding_2gpu.json" > "$OUT/check2.log" 2>&1
+    echo "check_sharding_gpu 2 GPUs exit $?" >> "$OUT/check2.log"
+    B=$(( $(left) - 15 ))
+    CUDA_VISIBLE_DEVICES=2,3 timeout -k 10 $(( B + 10 )) "$PY" $BENCH --models mamba2 \
+        --size 370m --seqs 8192,16384,32768,65536 --meshes 2x1x1,1x2x1,1x1x2 \
+        --search_meshes 1x1x2 --search_from 262144 --max_seq 4194304 --search_share 0.4 \
+        --budget_s "$B" --out_dir "$OUT" --tag m2_370m_2gpu > "$OUT/bench_370m_2gpu.log" 2>&1
+    echo "bench 370m 2 GPUs exit $?" >> "$OUT/bench_370m_2gpu.log" ) &
+  ( CUDA_VISIBLE_DEVICES=0 timeout -k 10 $(( TOTAL - 20 )) "$PY" $BENCH --models mamba2 \
+        --size 370m --seqs 8192,16384,32768,65536 --meshes 1x1x1 --search_from 131072 \
+        --max_seq 4194304 --search_share 0.6 --budget_s $(( TOTAL - 30 )) --out_dir "$OUT" \
+        --tag m2_370m_1gpu > "$OUT/bench_370m_1gpu.log" 2>&1
+    echo "bench 370m 1 GPU exit $?" >> "$OUT/bench_370m_1gpu.log" ) &
+  ( CUDA_VISIBLE_DEVICES=1 timeout -k 10 300 "$PY" $BENCH --models mamba2 --size 1.4b \
+        --seqs 8192,32768,131072 --meshes 1x1x1 --search_from 262144 --search_share 0.4 \
+        --budget_s 290 --out_dir "$OUT" --tag m2_1p4b_1gpu > "$OUT/bench_1p4b_1gpu.log" 2>&1
+    echo "bench 1.4b mamba2 1 GPU exit $?" >> "$OUT/bench_1p4b_1gpu.log"
+    B=$(( $(left) - 20 ))
+    CUDA_VISIBLE_DEVICES=1 timeout -k 10 $(( B + 10 )) "$PY" $BENCH --models transformerpp \
+        --size 1.4b --seqs 8192,32768,131072 --meshes 1x1x1 --max_seq 0 --budget_s "$B" \
+        --out_dir "$OUT" --tag tpp_1p4b_1gpu >> "$OUT/bench_1p4b_1gpu.log" 2>&1
+    echo "bench 1.4b transformerpp 1 GPU exit $?" >> "$OUT/bench_1p4b_1gpu.log" ) &
+  wait
+  cat "$OUT/check2.log" "$OUT/bench_370m_1gpu.log" "$OUT/bench_370m_2gpu.log" \
+      "$OUT/bench_1p4b_1gpu.log" >> "$LOG"
+  grep -v "^\s*$" "$OUT/check2.log" | tail -n 20
+  for f in bench_370m_1gpu bench_370m_2gpu bench_1p4b_1gpu; do
+    grep -E "^\[|  (l=|init|killed|worker)|exit" "$OUT/$f.log"
+  done
+  "$PY" $BENCH --merge "$OUT/m2_370m_1gpu.json,$OUT/m2_370m_2gpu.json" --out_dir "$OUT" \
+      --tag scaling_370m_2gpu 2>&1 | tail -n 30
+else
+  CUDA_VISIBLE_DEVICES=0,1,2,3 timeout -k 10 170 "$PY" scripts/check_sharding_gpu.py \
+      --budget_s 140 --only dp2_tp2,tp2_sp2,dp2_sp2,fsdp2_tp2,mamba1_tp4,mamba1_sp4,mamba1_tp2_sp2,transformerpp_tp4,transformerpp_fsdp4,transformerpp_dp2_tp2 \
+      --out "$OUT/sharding_4gpu.json" 2>&1 | tee -a "$LOG" | grep -v "^W1"
+  say "check_sharding_gpu 4 GPUs exit ${PIPESTATUS[0]}"
+  B=$(( $(left) - 20 ))
+  CUDA_VISIBLE_DEVICES=0,1,2,3 timeout -k 10 $(( B + 10 )) "$PY" $BENCH \
+      --models mamba2,transformerpp --size 1.4b --seqs 8192,32768,131072 \
+      --meshes 1x1x4,1x4x1,4x1x1,2x2x1,1x2x2 --search_meshes 1x1x4 --search_from 524288 \
+      --search_share 0.2 --budget_s "$B" --out_dir "$OUT" --tag scaling_1p4b_4gpu_only \
+      2>&1 | tee -a "$LOG"
+  say "bench_scaling 4 GPUs exit ${PIPESTATUS[0]}"
+fi
 say "done; files in $OUT:"
 ls -la "$OUT" | tee -a "$LOG"

@@ -127,3 +127,24 @@ def test_smoke_run_on_cpu_devices(tmp_path):
   longest = {(r["model"], r["mesh"]): r for r in result["longest"]}
   assert longest[("mamba2", "1x2x2")]["longest"] >= 64
   assert (tmp_path / "smoke.md").exists()
+
+
+def test_merge_takes_efficiencies_from_the_other_runs_baseline(tmp_path):
+  """--merge: a mesh run beside a one-device run on other GPUs gets its efficiency from that
+  run's 1x1x1 row; runs of different sizes are refused."""
+  import json
+  device = dict(count=2, kind="H", platform="gpu", versions=dict(jax="0"))
+  def run(name, mesh, devices, tok_s, size="370m"):
+    record = dict(model="mamba2", preset="p", mesh=mesh, devices=devices, batch=1, seq=8,
+                  event="ok", tokens_per_s=tok_s, step_s=1.0, compile_s=1.0,
+                  peak_gib_per_device=None)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(dict(date="2026-01-01T00:00:00", device=device, size=size,
+                                    meshes=[mesh], seqs=[8], search=[], records=[record])))
+    return str(path)
+  one, two = run("one", "1x1x1", 1, 100.0), run("two", "1x1x2", 2, 150.0)
+  assert bench_scaling.merge([one, two], str(tmp_path), "merged") == 0
+  rows = {r["mesh"]: r for r in json.loads((tmp_path / "merged.json").read_text())["rows"]}
+  assert rows["1x1x2"]["efficiency"] == 0.75 and rows["1x1x1"]["efficiency"] == 1.0
+  with pytest.raises(ValueError, match="one --size"):
+    bench_scaling.merge([one, run("big", "1x1x2", 2, 1.0, size="1.4b")], str(tmp_path), "x")
