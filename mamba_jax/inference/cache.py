@@ -9,11 +9,16 @@ A :class:`Cache` holds one entry per layer, the mixer's own state type:
   attention                  KVCache      k, v (b, L, h_kv, p) preallocated to L =
                                           max_length slots, index () and start (b,)
 
-Conv states and KV caches are in the cache dtype (the compute dtype by default); SSM states
-are float32 at least (float64 for a float64 dtype, complex for a complex A), as the mixers
-keep them. An SSM layer's state has the same size whatever the context length; a KV cache
-grows linearly with ``max_length``. :func:`cache_nbytes` / :func:`state_nbytes` measure it
-(the latter without allocating: ``jax.eval_shape``).
+Conv states and KV caches are in the cache dtype (the compute dtype by default). SSM states
+are stored in ``state_dtype``: by default float32 at least (float64 for a float64 dtype,
+complex for a complex A), exact; ``state_dtype=jnp.bfloat16`` stores them in bfloat16 as
+mamba_ssm does for a bf16 model (its ``allocate_inference_cache`` takes the weights' dtype),
+halving the bytes that every decoding step reads and writes, while every update is still
+computed in float32 (the step reads the state into float32 and rounds the new one on write;
+a prefill's final state is rounded once; a complex-A layer stores the complex counterpart,
+so needs float32 or wider). An SSM layer's state has the same size whatever the context
+length; a KV cache grows linearly with ``max_length``. :func:`cache_nbytes` /
+:func:`state_nbytes` measure it (the latter without allocating: ``jax.eval_shape``).
 
 Letter legend: b batch, L max_length, e d_inner, c conv channels, h heads, h_kv kv heads,
 p head_dim, n d_state, w conv width.
@@ -32,6 +37,7 @@ from mamba_jax.nn.attention import KVCache
 from mamba_jax.nn.lm import MambaLM
 from mamba_jax.nn.mamba1 import Mamba1State
 from mamba_jax.nn.mamba2 import Mamba2State
+from mamba_jax.ops.checks import check_float_dtype
 
 LayerState = Union[Mamba1State, Mamba2State, KVCache]
 
@@ -63,7 +69,7 @@ def abstract_model(config: MambaConfig, dtype: Any = jnp.float32) -> MambaLM:
 
 
 def init_cache(model_or_config: MambaLM | MambaConfig, batch: int, max_length: int,
-               dtype: Any = None) -> Cache:
+               dtype: Any = None, state_dtype: Any = None) -> Cache:
   """An empty cache (zero states, empty KV caches) for ``batch`` rows and ``max_length``.
 
   Args:
@@ -72,6 +78,9 @@ def init_cache(model_or_config: MambaLM | MambaConfig, batch: int, max_length: i
     max_length: positions L to make room for (prompt + new tokens); the KV caches'
       length. SSM states do not depend on it.
     dtype: dtype of conv states and KV caches; the model's compute dtype when None.
+    state_dtype: storage dtype of the SSM states, a real floating dtype; None: float32 (or
+      wider, see the module docstring), exact. E.g. jnp.bfloat16 (mamba_ssm's choice for a
+      bf16 model): half the state traffic per step, updates still computed in float32.
 
   Returns:
     A :class:`Cache`.
@@ -85,7 +94,9 @@ def init_cache(model_or_config: MambaLM | MambaConfig, batch: int, max_length: i
                      f"{type(model_or_config).__name__}")
   _check_positive("batch", batch)
   _check_positive("max_length", max_length)
-  return Cache(layers=tuple(model.init_state(batch, max_length, dtype)),
+  if state_dtype is not None:
+    state_dtype = check_float_dtype("state_dtype", state_dtype)
+  return Cache(layers=tuple(model.init_state(batch, max_length, dtype, state_dtype)),
                max_length=max_length)
 
 
@@ -108,8 +119,10 @@ def cache_nbytes(cache: Cache) -> int:
              for leaf in jax.tree.leaves(cache))
 
 
-def state_nbytes(config: MambaConfig, batch: int, max_length: int, dtype: Any = None) -> int:
+def state_nbytes(config: MambaConfig, batch: int, max_length: int, dtype: Any = None,
+                 state_dtype: Any = None) -> int:
   """Bytes of the decoding state for ``batch`` rows and ``max_length`` positions, from shapes
-  alone (nothing is allocated): constant in max_length for SSM layers, linear for attention."""
-  shapes = jax.eval_shape(lambda: init_cache(config, batch, max_length, dtype))
+  alone (nothing is allocated): constant in max_length for SSM layers, linear for attention.
+  ``dtype`` / ``state_dtype`` as in :func:`init_cache`."""
+  shapes = jax.eval_shape(lambda: init_cache(config, batch, max_length, dtype, state_dtype))
   return cache_nbytes(shapes)

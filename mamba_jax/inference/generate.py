@@ -32,7 +32,8 @@ from mamba_jax.inference.decode import TRACE_COUNTS, TokenCallback, decode, pres
 from mamba_jax.inference.prefill import prefill
 from mamba_jax.inference.sampling import SamplingParams
 from mamba_jax.nn.lm import MambaLM
-from mamba_jax.ops.checks import check_integer, check_rank, check_shape, is_concrete
+from mamba_jax.ops.checks import (check_float_dtype, check_integer, check_rank, check_shape,
+                                  is_concrete)
 
 
 def left_align(input_ids: jax.Array, attention_mask: jax.Array
@@ -66,23 +67,30 @@ def insert_after_last(input_ids: jax.Array, attention_mask: Optional[jax.Array],
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_length", "chunk_size",
-                                             "padded"))
+                                             "padded", "state_dtype"))
 def _prefill(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array,
              attention_mask: Optional[jax.Array], *, max_length: int,
-             chunk_size: Optional[int], padded: bool) -> tuple[jax.Array, Cache]:
+             chunk_size: Optional[int], padded: bool,
+             state_dtype: Optional[jnp.dtype]) -> tuple[jax.Array, Cache]:
   TRACE_COUNTS["prefill"] += 1
   model = nnx.merge(graphdef, state)
   return prefill(model, input_ids, max_length=max_length,
-                 attention_mask=attention_mask if padded else None, chunk_size=chunk_size)
+                 attention_mask=attention_mask if padded else None, chunk_size=chunk_size,
+                 state_dtype=state_dtype)
 
 
 def jit_prefill(model: MambaLM, input_ids: jax.Array, *, max_length: int,
                 attention_mask: Optional[jax.Array] = None,
-                chunk_size: Optional[int] = None) -> tuple[jax.Array, Cache]:
-  """:func:`mamba_jax.inference.prefill.prefill` compiled (once per shapes / options)."""
+                chunk_size: Optional[int] = None,
+                state_dtype: Any = None) -> tuple[jax.Array, Cache]:
+  """:func:`mamba_jax.inference.prefill.prefill` (a new cache) compiled, once per shapes /
+  options; ``state_dtype``: the cache's SSM-state storage dtype (:func:`init_cache`)."""
+  if state_dtype is not None:
+    state_dtype = check_float_dtype("state_dtype", state_dtype)
   graphdef, state = nnx.split(model)
   return _prefill(graphdef, state, input_ids, attention_mask, max_length=max_length,
-                  chunk_size=chunk_size, padded=attention_mask is not None)
+                  chunk_size=chunk_size, padded=attention_mask is not None,
+                  state_dtype=state_dtype)
 
 
 def _check_mask(attention_mask: Any, batch: int, length: int) -> Optional[jax.Array]:
@@ -104,7 +112,8 @@ def generate(model: MambaLM, input_ids: jax.Array, max_new_tokens: int, *,
              min_p: float = 0.0, repetition_penalty: float = 1.0,
              eos_id: Optional[int] = None, attention_mask: Optional[jax.Array] = None,
              key: Optional[jax.Array] = None, prefill_chunk_size: Optional[int] = None,
-             callback: Optional[TokenCallback] = None) -> jax.Array:
+             callback: Optional[TokenCallback] = None,
+             state_dtype: Any = None) -> jax.Array:
   """Continues each prompt by max_new_tokens tokens.
 
   Args:
@@ -122,6 +131,10 @@ def generate(model: MambaLM, input_ids: jax.Array, max_new_tokens: int, *,
       the prefill's activation memory).
     callback: ``callback(i, tokens (b,))`` for each new token, from inside the compiled loop
       (streaming).
+    state_dtype: storage dtype of the SSM states while decoding (None: float32, exact;
+      jnp.bfloat16 as mamba_ssm for a bf16 model: half the state traffic per token, updates
+      still in float32, logits within bf16 rounding of float32 states). See
+      :func:`mamba_jax.inference.cache.init_cache`.
 
   Returns:
     (b, l + t) int32 token ids: each row's prompt with its continuation inserted after its
@@ -146,6 +159,8 @@ def generate(model: MambaLM, input_ids: jax.Array, max_new_tokens: int, *,
   if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int)
                              or not 0 <= eos_id < vocab):
     raise ValueError(f"eos_id must be an int in [0, vocab_size={vocab}), got {eos_id!r}")
+  if state_dtype is not None:
+    check_float_dtype("state_dtype", state_dtype)
   input_ids = jnp.asarray(input_ids, jnp.int32)
   mask = None if attention_mask is None else _check_mask(attention_mask, batch, length)
   if max_new_tokens == 0:
@@ -153,7 +168,8 @@ def generate(model: MambaLM, input_ids: jax.Array, max_new_tokens: int, *,
 
   ids, aligned = (input_ids, None) if mask is None else left_align(input_ids, mask)
   logits, cache = jit_prefill(model, ids, max_length=length + max_new_tokens,
-                              attention_mask=aligned, chunk_size=prefill_chunk_size)
+                              attention_mask=aligned, chunk_size=prefill_chunk_size,
+                              state_dtype=state_dtype)
   presence = presence_of(ids, vocab, aligned) if params.uses_presence else None
   new, _, _ = decode(model, cache, logits, max_new_tokens, params=params, eos_id=eos_id,
                      key=key, presence=presence, callback=callback)

@@ -30,6 +30,8 @@ import numpy as np
 from mamba_jax.inference.cache import Cache, check_cache, init_cache
 from mamba_jax.nn.block import Block
 from mamba_jax.nn.lm import MambaLM
+from mamba_jax.nn.mamba1 import Mamba1State
+from mamba_jax.nn.mamba2 import Mamba2State
 from mamba_jax.ops.checks import check_integer, check_rank, check_shape, is_concrete
 
 
@@ -69,9 +71,18 @@ def _piece(model: MambaLM, ids: jax.Array, layers: tuple[Any, ...], fresh: bool,
   return model._logits(model.backbone._final(last(hidden), last(residual))), tuple(states)
 
 
+def _like(state: Any, template: Any) -> Any:
+  """``state`` with its SSM state rounded to ``template``'s (the cache's) state dtype; the
+  layers return float32 (or wider) states, whatever the cache stores."""
+  if not isinstance(state, (Mamba1State, Mamba2State)):
+    return state
+  return state.replace(ssm_state=state.ssm_state.astype(template.ssm_state.dtype))
+
+
 def prefill(model: MambaLM, input_ids: jax.Array, *, max_length: int,
             attention_mask: Optional[jax.Array] = None, chunk_size: Optional[int] = None,
-            cache: Optional[Cache] = None, dtype: Any = None) -> tuple[jax.Array, Cache]:
+            cache: Optional[Cache] = None, dtype: Any = None,
+            state_dtype: Any = None) -> tuple[jax.Array, Cache]:
   """Runs the prompt through the model in parallel; returns the next-token logits and cache.
 
   Args:
@@ -84,10 +95,15 @@ def prefill(model: MambaLM, input_ids: jax.Array, *, max_length: int,
     chunk_size: feed the prompt in pieces of this many tokens (None: one piece).
     cache: continue from this cache (e.g. a previous prefill or decode) instead of an empty
       one; it must have room for l more positions.
-    dtype: dtype of a new cache (the model's compute dtype by default).
+    dtype: dtype of a new cache's conv states and KV caches (the model's compute dtype by
+      default).
+    state_dtype: storage dtype of a new cache's SSM states (:func:`init_cache`; None:
+      float32, exact). The prompt runs in float32 whatever it is; the final states are
+      rounded to it once. A given ``cache`` keeps its own dtypes.
 
   Returns:
-    (logits (b, v_pad) float32 at the last position, the :class:`Cache` after the prompt).
+    (logits (b, v_pad) float32 at the last position, the :class:`Cache` after the prompt;
+    its SSM states in the cache's state dtype).
   """
   check_rank("input_ids", input_ids, 2, "(batch, length)")
   check_integer("input_ids", input_ids)
@@ -106,6 +122,9 @@ def prefill(model: MambaLM, input_ids: jax.Array, *, max_length: int,
                        "starts a new cache")
     check_left_padded(attention_mask, batch, length)
   if cache is not None:
+    if state_dtype is not None:
+      raise ValueError("state_dtype is for a new cache; a given cache keeps its own state "
+                       "dtype: pass state_dtype or cache, not both")
     check_cache(cache, model, batch)
     if cache.max_length != max_length:
       raise ValueError(f"max_length={max_length} differs from the cache's "
@@ -113,7 +132,7 @@ def prefill(model: MambaLM, input_ids: jax.Array, *, max_length: int,
 
   fresh = cache is None
   if fresh:
-    cache = init_cache(model, batch, max_length, dtype)
+    cache = init_cache(model, batch, max_length, dtype, state_dtype)
   step = length if chunk_size is None else chunk_size
   layers = cache.layers
   for begin in range(0, length, step):
@@ -121,4 +140,6 @@ def prefill(model: MambaLM, input_ids: jax.Array, *, max_length: int,
     mask = None if attention_mask is None else attention_mask[:, piece].astype(jnp.int32)
     logits, layers = _piece(model, input_ids[:, piece], layers, fresh and begin == 0, mask,
                             max_length)
+  layers = tuple(_like(new, old) for new, old in zip(layers, cache.layers))
   return logits, Cache(layers=layers, max_length=max_length)
+

@@ -107,11 +107,13 @@ class Block(nnx.Module):
     normed, residual = self._add_norm(hidden, residual, self.norm2)
     return self.mlp(normed), residual
 
-  def init_state(self, batch: int, max_length: int, dtype: Any = None) -> Any:
-    """The mixer's empty decoding state (a KV cache of max_length slots for attention)."""
+  def init_state(self, batch: int, max_length: int, dtype: Any = None,
+                 state_dtype: Any = None) -> Any:
+    """The mixer's empty decoding state (a KV cache of max_length slots for attention);
+    ``state_dtype``: the SSM state's storage dtype (SSM mixers; a KV cache ignores it)."""
     if self.is_attention:
       return self.mixer.init_state(batch, max_length, dtype)
-    return self.mixer.init_state(batch, dtype)
+    return self.mixer.init_state(batch, dtype, state_dtype)
 
   def __call__(self, hidden: jax.Array, residual: Optional[jax.Array] = None, *,
                initial_state: Any = None, seq_idx: Optional[jax.Array] = None,

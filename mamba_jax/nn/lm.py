@@ -50,7 +50,7 @@ from mamba_jax.nn.init import (NO_WEIGHT_DECAY, embedding_init, residual_scale,
 from mamba_jax.nn.mamba1 import Mamba1Mixer
 from mamba_jax.nn.mamba2 import Mamba2Mixer
 from mamba_jax.nn.mlp import GatedMLP
-from mamba_jax.ops.checks import check_integer, check_rank, check_shape
+from mamba_jax.ops.checks import check_float_dtype, check_integer, check_rank, check_shape
 from mamba_jax.ops.padding import check_token_mask
 
 MIXERS = {"Mamba1": Mamba1Mixer, "Mamba2": Mamba2Mixer, "H3": H3Mixer,
@@ -173,9 +173,18 @@ class MambaLM(nnx.Module):
     check_rank(name, ids, rank, layout)
     check_integer(name, ids)
 
-  def init_state(self, batch: int, max_length: int, dtype: Any = None) -> tuple[Any, ...]:
-    """Empty decoding state: one per layer (SSM states; KV caches of max_length slots)."""
-    return tuple(layer.init_state(batch, max_length, dtype) for layer in self.backbone.layers)
+  def init_state(self, batch: int, max_length: int, dtype: Any = None,
+                 state_dtype: Any = None) -> tuple[Any, ...]:
+    """Empty decoding state: one per layer (SSM states; KV caches of max_length slots).
+
+    dtype: conv states and KV caches (the compute dtype when None). state_dtype: the SSM
+    states' storage dtype (None: float32, or wider; e.g. bfloat16 as mamba_ssm stores them
+    for a bf16 model; the steps still compute in float32).
+    """
+    if state_dtype is not None:
+      check_float_dtype("state_dtype", state_dtype)
+    return tuple(layer.init_state(batch, max_length, dtype, state_dtype)
+                 for layer in self.backbone.layers)
 
   def __call__(self, input_ids: jax.Array, *, attention_mask: Optional[jax.Array] = None,
                seq_idx: Optional[jax.Array] = None, return_state: bool = False,

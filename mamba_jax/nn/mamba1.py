@@ -52,7 +52,9 @@ all biases carry ``no_weight_decay`` (S4D excludes A, B and Δ from weight decay
 
 Decoding state (:class:`Mamba1State`): conv_state (b, e, w − 1), the conv's last w − 1
 inputs oldest first, in the compute dtype; ssm_state (b, e, n) in float32 (complex64 for a
-complex A; float64 / complex128 for a float64 compute dtype).
+complex A; float64 / complex128 for a float64 compute dtype), or in the ``state_dtype`` given
+to :meth:`~SSMMixerBase.init_state` (storage only: each step reads it into float32, updates,
+and rounds the new state back to the stored dtype).
 
 Arithmetic: projections in ``dtype``; the conv and the scan in float32 (float64 for float64)
 with Δ's bias, A and D in float32; activations come back in ``dtype``.
@@ -73,7 +75,8 @@ from flax import nnx, struct
 from mamba_jax.nn.init import (A_INITS, DT_INITS, NO_WEIGHT_DECAY, A_log_init, dt_bias_init,
                                dt_proj_kernel_init, torch_default_init)
 from mamba_jax.nn.mamba2 import CausalConv1d
-from mamba_jax.ops.checks import check_choice, check_floating, check_rank, check_shape
+from mamba_jax.ops.checks import (check_choice, check_float_dtype, check_floating, check_rank,
+                                  check_shape)
 from mamba_jax.ops.padding import (check_token_mask, left_align, take_along_length,
                                    token_positions)
 from mamba_jax.ops.selective_scan import prepare_delta, selective_scan
@@ -275,20 +278,32 @@ class SSMMixerBase(nnx.Module):
     return selective_state_update(ssm_state, x, delta, self.A(x.dtype), B, C,
                                   D=self.D[...], z=z, dt_bias=delta_bias, dt_softplus=True)
 
-  def _ssm_state_dtype(self, dtype: Any) -> jnp.dtype:
-    real = jnp.promote_types(dtype, jnp.float32)
+  def _ssm_state_dtype(self, dtype: Any, state_dtype: Any = None) -> jnp.dtype:
+    """The stored SSM state's dtype: ``state_dtype`` when given (its complex counterpart for
+    a complex A), else float32 or wider (``dtype`` promoted)."""
+    if state_dtype is None:
+      real = jnp.promote_types(dtype, jnp.float32)
+    else:
+      real = check_float_dtype("state_dtype", state_dtype)
+      if self.is_complex and real.itemsize < 4:
+        raise ValueError(f"state_dtype={real} has no complex counterpart for this layer's "
+                         "complex A: pass float32, float64 or None")
     return jnp.promote_types(real, jnp.complex64) if self.is_complex else real
 
   # The mixer interface, shared by the subclasses, which implement _forward / _forward_step
   # and set d_model, d_conv (the width of their conv1d) and layer_idx.
 
-  def init_state(self, batch: int, dtype: Any = None) -> Mamba1State:
+  def init_state(self, batch: int, dtype: Any = None, state_dtype: Any = None
+                 ) -> Mamba1State:
     """Zero state: conv_state (b, e, w − 1) in dtype (the compute dtype by default),
-    ssm_state (b, e, n) in float32 (complex64 for complex A; wider for float64)."""
+    ssm_state (b, e, n) in state_dtype, by default float32 (complex64 for complex A; wider
+    for float64). A narrower state_dtype (e.g. bfloat16, as mamba_ssm's cache for a bf16
+    model) only changes storage: :meth:`step` computes in float32 and rounds on write."""
     dtype = self.dtype if dtype is None else dtype
     return Mamba1State(
         conv_state=jnp.zeros((batch, self.d_inner, self.d_conv - 1), dtype),
-        ssm_state=jnp.zeros((batch, self.d_inner, self.d_state), self._ssm_state_dtype(dtype)))
+        ssm_state=jnp.zeros((batch, self.d_inner, self.d_state),
+                            self._ssm_state_dtype(dtype, state_dtype)))
 
   def _check_state(self, state: Mamba1State, batch: int) -> None:
     if not isinstance(state, Mamba1State):
@@ -352,7 +367,9 @@ class SSMMixerBase(nnx.Module):
       state: the state after the previous tokens (``init_state`` or a prefill's).
 
     Returns:
-      (y_t (b, d) in the compute dtype, the state after this token).
+      (y_t (b, d) in the compute dtype, the state after this token). The update runs in
+      float32 (or wider) whatever the stored dtype; the new ssm_state is rounded to
+      state.ssm_state's dtype (e.g. a bfloat16 ``init_state(state_dtype=...)``).
     """
     check_rank("u_t", u_t, 2, "(batch, d_model)")
     check_floating("u_t", u_t)

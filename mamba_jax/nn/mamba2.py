@@ -36,7 +36,9 @@ the grouped order is mamba_ssm's own.
 
 Decoding state (:class:`Mamba2State`): ``conv_state`` (b, c, w − 1), the last w − 1 inputs
 of the conv (channels in the conv's grouped order), oldest first, in the compute dtype;
-``ssm_state`` (b, h, p, n) in float32 (float64 for a float64 compute dtype).
+``ssm_state`` (b, h, p, n) in float32 (float64 for a float64 compute dtype), or in the
+``state_dtype`` given to :meth:`~Mamba2Mixer.init_state` (storage only: each step reads it
+into float32, updates, and rounds the new state back to the stored dtype).
 
 Letter legend: b batch, l length, d d_model, e d_inner = expand·d, e_ssm d_ssm, h heads,
 p head_dim, n d_state, g ngroups, c conv channels, w conv width.
@@ -54,7 +56,8 @@ from flax import nnx, struct
 from mamba_jax.nn.init import (NO_WEIGHT_DECAY, dt_bias_init, torch_default_init,
                                uniform_A_log)
 from mamba_jax.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
-from mamba_jax.ops.checks import check_divisible, check_floating, check_rank, check_shape
+from mamba_jax.ops.checks import (check_divisible, check_float_dtype, check_floating,
+                                  check_rank, check_shape)
 from mamba_jax.ops.norms import gated_rms_norm
 from mamba_jax.ops.padding import (check_token_mask, causal_conv1d_after_pads, left_align,
                                    take_along_length, token_positions)
@@ -292,14 +295,18 @@ class Mamba2Mixer(nnx.Module):
       y = jnp.concatenate([jax.nn.silu(z0) * x0, y.astype(x0.dtype)], axis=-1)
     return self.out_proj(y)
 
-  def init_state(self, batch: int, dtype: Any = None) -> Mamba2State:
+  def init_state(self, batch: int, dtype: Any = None, state_dtype: Any = None
+                 ) -> Mamba2State:
     """Zero state: conv_state (b, c, w − 1) in dtype (the compute dtype by default) and
-    ssm_state (b, h, p, n) in float32 (float64 when dtype is float64)."""
+    ssm_state (b, h, p, n) in state_dtype, by default float32 (float64 when dtype is
+    float64). A narrower state_dtype (e.g. bfloat16, as mamba_ssm's cache for a bf16 model)
+    only changes storage: :meth:`step` computes in float32 and rounds on write."""
     dtype = self.dtype if dtype is None else dtype
+    ssm_dtype = (self._ssm_dtype(dtype) if state_dtype is None
+                 else check_float_dtype("state_dtype", state_dtype))
     return Mamba2State(
         conv_state=jnp.zeros((batch, self.conv_dim, self.d_conv - 1), dtype),
-        ssm_state=jnp.zeros((batch, self.nheads, self.headdim, self.d_state),
-                            self._ssm_dtype(dtype)))
+        ssm_state=jnp.zeros((batch, self.nheads, self.headdim, self.d_state), ssm_dtype))
 
   def _check_state(self, state: Mamba2State, batch: int) -> None:
     if not isinstance(state, Mamba2State):
@@ -385,7 +392,9 @@ class Mamba2Mixer(nnx.Module):
       state: the state after the previous tokens (``init_state`` or a prefill's).
 
     Returns:
-      (y_t (b, d) in the compute dtype, the state after this token).
+      (y_t (b, d) in the compute dtype, the state after this token). The update runs in
+      float32 (or wider) whatever the stored dtype; the new ssm_state is rounded to
+      state.ssm_state's dtype (e.g. a bfloat16 ``init_state(state_dtype=...)``).
     """
     check_rank("u_t", u_t, 2, "(batch, d_model)")
     check_floating("u_t", u_t)

@@ -59,6 +59,19 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     raise ValueError(f"{name}={value!r} is not one of {tuple(choices)}")
 
 
+def check_float_dtype(name: str, value: Any) -> jnp.dtype:
+  """``value`` as a real floating ``jnp.dtype`` (bfloat16, float16, float32, float64);
+  raises ValueError for anything else (ints, complex, strings that name no dtype)."""
+  try:
+    dtype = None if value is None else jnp.dtype(value)  # np.dtype(None) is float64
+  except TypeError:
+    dtype = None
+  if isinstance(value, bool) or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"{name} must be a real floating dtype (e.g. jnp.bfloat16 or "
+                     f"jnp.float32), got {value!r}")
+  return dtype
+
+
 def is_concrete(x: Any) -> bool:
   """True when ``x``'s values are known now (not a tracer inside jit/grad/vmap).
 

@@ -62,3 +62,35 @@ def test_init_cache_validation(args, match):
     init_cache(MambaConfig.tiny("Mamba1"), *args)
   with pytest.raises(ValueError, match="model_or_config"):
     init_cache("mamba", 1, 4)
+
+
+def test_state_dtype_sets_the_ssm_states_only():
+  # tiny hybrid: Mamba2 / attention / Mamba2 (shapes as above); tiny Mamba1: e 64, n 4.
+  cache = init_cache(MambaConfig.tiny("hybrid"), 2, 9, jnp.float32, state_dtype=jnp.bfloat16)
+  m2, kv = cache.layers[0], cache.layers[1]
+  assert m2.ssm_state.shape == (2, 4, 16, 8) and m2.ssm_state.dtype == jnp.bfloat16
+  assert m2.conv_state.dtype == jnp.float32  # conv states and KV caches keep the cache dtype
+  assert kv.k.dtype == kv.v.dtype == jnp.float32
+  mamba1 = MambaConfig.tiny("Mamba1")
+  cache = init_cache(mamba1, 2, 9, jnp.bfloat16, state_dtype="float32")
+  assert all(s.ssm_state.dtype == jnp.float32 and s.conv_state.dtype == jnp.bfloat16
+             for s in cache.layers)
+  # bf16 halves the SSM state: 2 layers · batch 2 · 64 · 4 elements, 4 -> 2 bytes each.
+  assert (state_nbytes(mamba1, 2, 9) - state_nbytes(mamba1, 2, 9, state_dtype=jnp.bfloat16)
+          == 2 * 2 * 64 * 4 * 2)
+
+
+@pytest.mark.parametrize("bad", [jnp.int32, jnp.complex64, "nonsense", True, 16])
+def test_state_dtype_must_be_a_real_floating_dtype(bad):
+  with pytest.raises(ValueError, match="state_dtype must be a real floating dtype"):
+    init_cache(MambaConfig.tiny("Mamba2"), 1, 4, state_dtype=bad)
+
+
+def test_complex_state_needs_float32_or_wider():
+  # s4d_lin is the complex A: its state is complex, and bfloat16 has no complex counterpart.
+  config = MambaConfig.tiny("Mamba1")
+  config = config.replace(ssm_cfg={**config.ssm_cfg, "A_init": "s4d_lin"})
+  assert init_cache(config, 1, 4, state_dtype=jnp.float32).layers[0].ssm_state.dtype \
+      == jnp.complex64
+  with pytest.raises(ValueError, match="state_dtype=bfloat16 has no complex counterpart"):
+    init_cache(config, 1, 4, state_dtype=jnp.bfloat16)

@@ -17,7 +17,7 @@ from mamba_jax.config import MambaConfig
 from mamba_jax.convert import load_pretrained
 from mamba_jax.convert.hf_layout import read_safetensors
 from mamba_jax.inference.decode import TRACE_COUNTS
-from mamba_jax.inference.generate import generate
+from mamba_jax.inference.generate import generate, jit_prefill
 from mamba_jax.nn.lm import MambaLM
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hf"
@@ -121,6 +121,19 @@ def test_sampling_is_deterministic_and_top_k_1_is_greedy():
   np.testing.assert_array_equal(np.asarray(top1), greedy)
 
 
+def test_bf16_state_dtype_generates_the_float32_state_tokens():
+  """generate(state_dtype=bfloat16): the prefill's cache holds bf16 SSM states, the decoding
+  loop carries them, and the greedy tokens are the full-precision states' (this prompt's
+  top-2 logit gaps are ≥ 3e-3, bf16 states move the logits by ~1e-5: test_prefill.py)."""
+  runs = _runs("Mamba2")
+  model, prompt, greedy = runs["model"], runs["prompts"][0], runs["alone"][0]
+  out = generate(model, prompt, NEW, state_dtype=jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(out), greedy)
+  _, cache = jit_prefill(model, prompt, max_length=prompt.shape[1] + NEW,
+                         state_dtype=jnp.bfloat16)  # generate's prefill, compiled already
+  assert all(s.ssm_state.dtype == jnp.bfloat16 for s in cache.layers)
+
+
 def test_decode_loop_compiles_once_per_shape():
   model = _model("Mamba1", jnp.float32)
   ids = jax.random.randint(jax.random.key(4), (3, 6), 0, model.config.vocab_size, jnp.int32)
@@ -180,7 +193,9 @@ def test_public_generate_has_the_documented_signature():
     (dict(eos_id=61), "eos_id"),
     (dict(attention_mask=np.zeros((1, 3), np.int32)), "no token"),
     (dict(attention_mask=np.full((1, 3), 2, np.int32)), "only 0"),
-    (dict(attention_mask=np.ones((2, 3), np.int32)), "attention_mask")])
+    (dict(attention_mask=np.ones((2, 3), np.int32)), "attention_mask"),
+    (dict(state_dtype=jnp.int32), "state_dtype"),
+    (dict(max_new_tokens=0, state_dtype="nonsense"), "state_dtype")])
 def test_generate_validation(kwargs, match):
   model = _model("Mamba1", jnp.float32)
   args = dict(max_new_tokens=2)

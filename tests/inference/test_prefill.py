@@ -86,6 +86,40 @@ def test_left_padded_prefill_equals_prompt_alone(kind):
     assert_close(jnp.stack([s[row] for s in stepped]), full, RTOL[kind], f"{kind} row {row}")
 
 
+def _widened(cache: Cache, dtype) -> Cache:
+  """The cache with its SSM states converted to ``dtype`` (the same values)."""
+  return Cache(layers=tuple(s.replace(ssm_state=s.ssm_state.astype(dtype))
+                            for s in cache.layers), max_length=cache.max_length)
+
+
+@pytest.mark.parametrize("kind", ("Mamba1", "Mamba2"))
+def test_bf16_state_dtype_rounds_storage_only(kind):
+  """state_dtype=bfloat16: the prefill computes at full precision and rounds its final
+  states once; each step computes exactly what a full-precision cache holding the same
+  (rounded) values computes, then rounds the new state; the logits stay within bf16 rounding
+  of full-precision states. (The module's float64 models, compiled once for all its tests;
+  a float32 model computes in float32 by the same rule: the ops promote to ≥ float32.)"""
+  model = _model(kind)
+  ids = _ids(2, LENGTH + STEPS, model.config.vocab_size)
+  ref_logits, ref = prefill(model, ids[:, :LENGTH], max_length=LENGTH + STEPS)
+  logits, cache = prefill(model, ids[:, :LENGTH], max_length=LENGTH + STEPS,
+                          state_dtype=jnp.bfloat16)
+  np.testing.assert_array_equal(logits, ref_logits)
+  for state, exact in zip(cache.layers, ref.layers):
+    assert state.ssm_state.dtype == jnp.bfloat16 and state.conv_state.dtype == jnp.float64
+    np.testing.assert_array_equal(state.ssm_state, exact.ssm_state.astype(jnp.bfloat16))
+  for t in range(STEPS):
+    token = ids[:, LENGTH + t]
+    same_logits, same = decode_step(model, token, _widened(cache, jnp.float64))
+    logits, cache = decode_step(model, token, cache)
+    ref_logits, ref = decode_step(model, token, ref)
+    np.testing.assert_array_equal(logits, same_logits)
+    for state, wide in zip(cache.layers, same.layers):
+      assert state.ssm_state.dtype == jnp.bfloat16
+      np.testing.assert_array_equal(state.ssm_state, wide.ssm_state.astype(jnp.bfloat16))
+    assert_close(logits, ref_logits, 2.0 ** -8, f"{kind} step {t} vs float32 states")
+
+
 def test_prefill_rejects_bad_arguments():
   model = _model("Mamba1")
   ids = _ids(2, 5, model.config.vocab_size)
@@ -100,6 +134,11 @@ def test_prefill_rejects_bad_arguments():
   with pytest.raises(ValueError, match="cache"):
     prefill(model, ids, max_length=5, attention_mask=jnp.ones((2, 5), jnp.int32),
             cache=init_cache(model, 2, 5))
+  with pytest.raises(ValueError, match="state_dtype or cache"):
+    prefill(model, ids, max_length=5, cache=init_cache(model, 2, 5),
+            state_dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="state_dtype must be a real floating dtype"):
+    prefill(model, ids, max_length=5, state_dtype=jnp.int8)
   # An attention layer with a conv over qkv would see pads in its window: rejected.
   conv_attn = MambaLM(MambaConfig(d_model=32, n_layer=1, vocab_size=61, attn_layer_idx=(0,),
                                   attn_cfg=dict(num_heads=4, d_conv=4)), rngs=nnx.Rngs(0))
