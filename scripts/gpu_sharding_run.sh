@@ -71,8 +71,8 @@ if [ "$PART" = 1 ]; then
   "$PY" $BENCH --merge "$OUT/m2_370m_1gpu.json,$OUT/m2_370m_2gpu.json" --out_dir "$OUT" \
       --tag scaling_370m_2gpu 2>&1 | tail -n 30
 else
-  CUDA_VISIBLE_DEVICES=0,1,2,3 timeout -k 10 170 "$PY" scripts/check_sharding_gpu.py \
-      --budget_s 140 --only dp2_tp2,tp2_sp2,dp2_sp2,fsdp2_tp2,mamba1_tp4,mamba1_sp4,mamba1_tp2_sp2,transformerpp_tp4,transformerpp_fsdp4,transformerpp_dp2_tp2 \
+  CUDA_VISIBLE_DEVICES=0,1,2,3 timeout -k 10 130 "$PY" scripts/check_sharding_gpu.py \
+      --budget_s 100 --only dp2_tp2,tp2_sp2,dp2_sp2,fsdp2_tp2,mamba1_tp4,mamba1_sp4,mamba1_tp2_sp2,transformerpp_tp4,transformerpp_fsdp4,transformerpp_dp2_tp2 \
       --out "$OUT/sharding_4gpu.json" 2>&1 | tee -a "$LOG" | grep -v "^W1"
   say "check_sharding_gpu 4 GPUs exit ${PIPESTATUS[0]}"
   B=$(( $(left) - 20 ))
@@ -83,5 +83,6 @@ else
       2>&1 | tee -a "$LOG"
   say "bench_scaling 4 GPUs exit ${PIPESTATUS[0]}"
 fi
-say "done; files in $OUT:"
+say "done; files in $OUT (also in results.tar.gz: a call returns only a few files):"
 ls -la "$OUT" | tee -a "$LOG"
+tar -czf /tmp/results.tar.gz -C "$OUT" . && mv /tmp/results.tar.gz "$OUT/"
