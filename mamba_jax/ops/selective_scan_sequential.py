@@ -51,6 +51,9 @@ def selective_scan_step(h: jax.Array, u: jax.Array, delta: jax.Array, A: jax.Arr
 
   Returns:
     (y (b, g, p), new state (b, g, p, n)).
+
+  Without groups the same code takes h (b, e, n), u and delta (b, e), A (e, n), B and C
+  (b, n) (broadcast over e) and returns y (b, e), h' (b, e, n).
   """
   decay, b_bar = simplified_discretize(delta, A, B)
   h = decay * h + b_bar * u[..., None]

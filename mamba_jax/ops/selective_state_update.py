@@ -83,20 +83,31 @@ def selective_state_update(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax
   check_choice("dt_softplus", dt_softplus, (False, True))
 
   real, state_dtype = compute_dtypes(A, state, x, dt, B, C, D, z, dt_bias)
-  per_group = d_inner // groups
+  delta = prepare_delta(dt, dt_bias, dt_softplus, real)
+  if groups == 1:
+    # The state keeps its stored shape (b, e, n), B and C (b, n) broadcast over e: the update
+    # is then elementwise in the state's own layout, so XLA writes it in place into a
+    # decoding loop's carried buffer (a (b, 1, e, n) view of it costs a state-sized copy per
+    # step). Same arithmetic as the grouped form below.
+    y, new_state = selective_scan_step(
+        jnp.asarray(state, state_dtype), jnp.asarray(x, real), delta,
+        jnp.asarray(A, state_dtype), jnp.asarray(B, state_dtype).reshape(batch, d_state),
+        jnp.asarray(C, state_dtype).reshape(batch, d_state))
+  else:
+    per_group = d_inner // groups
 
-  def grouped(v, dtype, axis):
-    """Splits the d_inner axis ``axis`` of v into (g, p), in ``dtype``."""
-    shape = jnp.shape(v)
-    return jnp.asarray(v, dtype).reshape(*shape[:axis], groups, per_group, *shape[axis + 1:])
+    def grouped(v, dtype, axis):
+      """Splits the d_inner axis ``axis`` of v into (g, p), in ``dtype``."""
+      shape = jnp.shape(v)
+      return jnp.asarray(v, dtype).reshape(*shape[:axis], groups, per_group,
+                                           *shape[axis + 1:])
 
-  def grouped_bc(v):
-    return jnp.asarray(v, state_dtype).reshape(batch, groups, d_state)
+    def grouped_bc(v):
+      return jnp.asarray(v, state_dtype).reshape(batch, groups, d_state)
 
-  y, new_state = selective_scan_step(
-      grouped(state, state_dtype, 1), grouped(x, real, 1),
-      grouped(prepare_delta(dt, dt_bias, dt_softplus, real), real, 1),
-      grouped(A, state_dtype, 0), grouped_bc(B), grouped_bc(C))
+    y, new_state = selective_scan_step(
+        grouped(state, state_dtype, 1), grouped(x, real, 1), grouped(delta, real, 1),
+        grouped(A, state_dtype, 0), grouped_bc(B), grouped_bc(C))
   out = skip_and_gate(y.reshape(batch, d_inner), x, D, z, real)
   return (out.astype(jnp.result_type(x)),
           new_state.reshape(batch, d_inner, d_state).astype(jnp.result_type(state)))

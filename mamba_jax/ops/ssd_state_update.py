@@ -41,17 +41,22 @@ def _validate(state, x, dt, A, B, C, D, z, dt_bias, dt_limit) -> None:
 
 @jax.jit
 def _step(state, x, dt, A, B, C):
-  """h ← exp(dt A) h + dt x ⊗ B; y = h C. dt and A in the compute dtype; y in that dtype."""
+  """h ← exp(dt A) h + dt x ⊗ B; y = h C. dt and A in the compute dtype; y in that dtype.
+
+  The state keeps its stored shape (b, h, p, n) throughout and B, C are repeated per head
+  ((b, h, n), small): the update is elementwise in the state's own layout, so XLA writes it
+  in place into a decoding loop's carried buffer. (A grouped (b, g, r, p, n) view of the
+  state costs a state-sized copy per step: the copy-free form reads and writes the state
+  once.)
+  """
   dtype = dt.dtype
-  b, h, p, n = state.shape
-  g = B.shape[1]
-  r = h // g
-  decay = jnp.exp(dt * A).reshape(b, g, r)
-  dx = (dt[..., None] * x.astype(dtype)).reshape(b, g, r, p)
-  new = (decay[..., None, None] * state.astype(dtype).reshape(b, g, r, p, n)
-         + dx[..., None] * B.astype(dtype)[:, :, None, None, :])
-  y = jnp.einsum("bgrpn,bgn->bgrp", new, C.astype(dtype))
-  return y.reshape(b, h, p), new.reshape(b, h, p, n)
+  r = state.shape[1] // B.shape[1]
+  B = jnp.repeat(B.astype(dtype), r, axis=1)  # (b, h, n): head i reads group i // r
+  C = jnp.repeat(C.astype(dtype), r, axis=1)
+  decay = jnp.exp(dt * A)  # (b, h)
+  dx = dt[..., None] * x.astype(dtype)  # (b, h, p)
+  new = decay[..., None, None] * state.astype(dtype) + dx[..., None] * B[:, :, None, :]
+  return jnp.einsum("bhpn,bhn->bhp", new, C), new
 
 
 def ssd_state_update(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array,
