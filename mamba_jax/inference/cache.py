@@ -100,6 +100,34 @@ def init_cache(model_or_config: MambaLM | MambaConfig, batch: int, max_length: i
                max_length=max_length)
 
 
+def astype_states(cache: Cache, state_dtype: Any) -> Cache:
+  """The cache with its SSM states stored in ``state_dtype`` (rounded once; conv states and
+  KV caches unchanged); a complex state becomes the complex counterpart (float32 or wider).
+
+  A float32-state prefill converted this way holds exactly what ``prefill(...,
+  state_dtype=state_dtype)`` returns (that prefill also computes in float32 and rounds its
+  final states once), so one compiled prefill serves several state dtypes.
+  """
+  if not isinstance(cache, Cache):
+    raise ValueError(f"cache must be a Cache (init_cache or prefill), got "
+                     f"{type(cache).__name__}")
+  real = check_float_dtype("state_dtype", state_dtype)
+
+  def convert(layer: LayerState) -> LayerState:
+    if not isinstance(layer, (Mamba1State, Mamba2State)):
+      return layer
+    dtype = real
+    if jnp.iscomplexobj(layer.ssm_state):
+      if real.itemsize < 4:
+        raise ValueError(f"state_dtype={real} has no complex counterpart for a complex "
+                         "state: pass float32 or float64")
+      dtype = jnp.promote_types(real, jnp.complex64)
+    return layer.replace(ssm_state=layer.ssm_state.astype(dtype))
+
+  return Cache(layers=tuple(convert(layer) for layer in cache.layers),
+               max_length=cache.max_length)
+
+
 def check_cache(cache: Any, model: MambaLM, batch: Optional[int] = None) -> None:
   """Raises ValueError unless ``cache`` is a Cache with one state per layer of ``model``."""
   if not isinstance(cache, Cache):

@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 from mamba_jax.config import MambaConfig
-from mamba_jax.inference.cache import Cache, cache_nbytes, init_cache, state_nbytes
+from mamba_jax.inference.cache import (Cache, astype_states, cache_nbytes, init_cache,
+                                       state_nbytes)
 from mamba_jax.nn.attention import KVCache
 from mamba_jax.nn.lm import MambaLM
 from mamba_jax.nn.mamba1 import Mamba1State
@@ -94,3 +95,22 @@ def test_complex_state_needs_float32_or_wider():
       == jnp.complex64
   with pytest.raises(ValueError, match="state_dtype=bfloat16 has no complex counterpart"):
     init_cache(config, 1, 4, state_dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="state_dtype=bfloat16 has no complex counterpart"):
+    astype_states(init_cache(config, 1, 4), jnp.bfloat16)
+
+
+def test_astype_states_converts_the_ssm_states_only():
+  cache = init_cache(MambaConfig.tiny("hybrid"), 2, 9)
+  half = astype_states(cache, jnp.bfloat16)
+  assert [type(s) for s in half.layers] == [type(s) for s in cache.layers]
+  assert half.max_length == 9
+  for before, after in zip(cache.layers, half.layers):
+    if isinstance(after, KVCache):
+      assert after is before
+    else:
+      assert after.ssm_state.dtype == jnp.bfloat16
+      assert after.conv_state is before.conv_state
+  with pytest.raises(ValueError, match="state_dtype must be a real floating dtype"):
+    astype_states(cache, "int8")
+  with pytest.raises(ValueError, match="cache must be a Cache"):
+    astype_states(cache.layers, jnp.bfloat16)

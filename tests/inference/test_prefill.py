@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from mamba_jax.config import MambaConfig
-from mamba_jax.inference.cache import Cache, init_cache
+from mamba_jax.inference.cache import Cache, astype_states, init_cache
 from mamba_jax.inference.decode import decode_step
 from mamba_jax.inference.prefill import prefill
 from mamba_jax.nn.lm import MambaLM
@@ -105,6 +105,8 @@ def test_bf16_state_dtype_rounds_storage_only(kind):
   logits, cache = prefill(model, ids[:, :LENGTH], max_length=LENGTH + STEPS,
                           state_dtype=jnp.bfloat16)
   np.testing.assert_array_equal(logits, ref_logits)
+  # The same values as the full-precision prefill's cache converted afterwards.
+  jax.tree.map(np.testing.assert_array_equal, astype_states(ref, jnp.bfloat16), cache)
   for state, exact in zip(cache.layers, ref.layers):
     assert state.ssm_state.dtype == jnp.bfloat16 and state.conv_state.dtype == jnp.float64
     np.testing.assert_array_equal(state.ssm_state, exact.ssm_state.astype(jnp.bfloat16))
