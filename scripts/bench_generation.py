@@ -1,12 +1,22 @@
 """Generation benchmark: Mamba-1, Mamba-2 and Transformer++ of the same size, random weights.
 
-For each model and batch size: a prompt of ``--prompt_len`` random tokens, prefilled in
-parallel (``mamba_jax.inference.jit_prefill``; in one pass, or in pieces of
-``--prefill_chunk`` tokens from batch ``--chunk_from_batch`` on; Transformer++'s first piece
-runs cuDNN flash attention on GPUs, its later pieces and decode steps XLA over the KV cache),
-then
-``--gen_len`` tokens decoded greedily by the compiled ``while_loop``
-(``mamba_jax.inference.decode``, donated cache). Reported per row:
+For each model, batch size and (SSM models) SSM-state dtype: a prompt of ``--prompt_len``
+random tokens, prefilled in parallel (``mamba_jax.inference.jit_prefill``; in one pass, or in
+pieces of ``--prefill_chunk`` tokens from batch ``--chunk_from_batch`` on; Transformer++'s
+first piece runs cuDNN flash attention on GPUs, its later pieces and decode steps XLA over
+the KV cache), then ``--gen_len`` tokens decoded greedily by the compiled ``while_loop``
+(``mamba_jax.inference.decode``, donated cache).
+
+SSM-state dtype (``--state_dtype``, a comma list, one row each): float32 is the exact
+default; bfloat16 stores the states as mamba_ssm does for a bf16 model (half the bytes each
+decoding step reads and writes; every update still computed in float32). A bfloat16 row's
+cache is the float32 prefill's converted by ``astype_states`` (exactly what
+``jit_prefill(..., state_dtype=bfloat16)`` returns, without compiling the prefill twice);
+its prefill_ms includes the conversion. Conv states and KV caches are in ``--dtype``
+(Transformer++ rows: state_dtype "-").
+
+Each row: the prefill compiled and run once (its cache warms the compiled decode up), then
+``--reps`` times a timed prefill followed by a timed decode from its cache. Reported per row:
 
   prefill_ms         the prompt's parallel pass (median)
   decode_ms_step     decode time / (gen_len − 1) steps (the first token comes from the
@@ -32,6 +42,17 @@ Usage:
   PYTHONPATH=. python scripts/bench_generation.py --large --out gen.json    # 1.4B / 1.3B
   PYTHONPATH=. python scripts/bench_generation.py --small                   # CPU smoke check
 
+``--large`` prefills in one piece at every batch unless --chunk_from_batch is given: at batch
+128, Transformer++ 1.3B's later pieces would run XLA attention whose (b, h, 1024, L) float32
+logits (37 GB) do not fit beside its 55 GB KV cache on an 80 GB GPU; one piece runs cuDNN
+flash attention.
+
+Time on an H100 (estimated from the 130M rows measured there: compiling takes most of it):
+the 130M models at batches 1,64 with both state dtypes and --reps 2 about 100 s; --large at
+batches 128,64,16,1 with --state_dtype bfloat16 --reps 1 about 4–5 min (prefill compilation
+~10–25 s per 48-layer model and batch, decode ~5 s per row, Mamba-1 1.4B's prefill of 128 ×
+2048 tokens several seconds). ``--budget_s`` bounds a run.
+
 Imports only jax, flax and mamba_jax's model / inference modules (no grain, ml_collections).
 """
 
@@ -39,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import statistics
 import sys
@@ -54,11 +76,13 @@ from flax import nnx  # noqa: E402
 
 from bench_timing import environment, write_json  # noqa: E402
 from mamba_jax.config import MambaConfig, preset  # noqa: E402
-from mamba_jax.inference.cache import cache_nbytes, init_cache, state_nbytes  # noqa: E402
+from mamba_jax.inference.cache import (astype_states, cache_nbytes, init_cache,  # noqa: E402
+                                       state_nbytes)
 from mamba_jax.inference.decode import _decode  # noqa: E402
 from mamba_jax.inference.generate import jit_prefill  # noqa: E402
 from mamba_jax.inference.sampling import SamplingParams  # noqa: E402
 from mamba_jax.nn.lm import MambaLM  # noqa: E402
+from mamba_jax.ops.checks import check_float_dtype  # noqa: E402
 
 MODELS = {"base": ("mamba-130m", "mamba2-130m", "transformerpp-125m"),
           "large": ("mamba-1.4b", "mamba2-1.3b", "transformerpp-1.3b")}
@@ -80,15 +104,6 @@ def small_config(name: str) -> MambaConfig:
   return config.replace(d_model=128, n_layer=4, ssm_cfg=ssm)
 
 
-def _median_ms(fn, reps: int) -> float:
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times)
-
-
 def _peak_mib() -> Optional[float]:
   stats = jax.devices()[0].memory_stats()
   return None if not stats else stats.get("peak_bytes_in_use", 0) / MIB
@@ -99,20 +114,44 @@ def _in_use() -> Optional[int]:
   return None if not stats else stats.get("bytes_in_use", 0)
 
 
-def measured_state_mib(model: MambaLM, context: int, dtype) -> Optional[float]:
+def has_ssm(config: MambaConfig) -> bool:
+  """Whether some layer keeps an SSM state (not every layer is attention)."""
+  return len(config.attn_layer_idx) < config.n_layer
+
+
+def parse_state_dtypes(text: str) -> list[jnp.dtype]:
+  """--state_dtype's comma list as dtypes, in order, without repeats."""
+  dtypes = []
+  for name in text.split(","):
+    dtype = check_float_dtype("--state_dtype", name.strip())
+    if dtype not in dtypes:
+      dtypes.append(dtype)
+  if not dtypes:
+    raise ValueError(f"--state_dtype names no dtype: {text!r}")
+  return dtypes
+
+
+def measured_state_mib(model: MambaLM, context: int, dtype, state_dtype) -> Optional[float]:
   """Device bytes an empty cache of ``context`` positions (batch 1) takes, in MiB; None
   without memory statistics (CPU)."""
   before = _in_use()
   if before is None:
     return None
-  cache = jax.block_until_ready(init_cache(model, 1, context, dtype))
+  cache = jax.block_until_ready(init_cache(model, 1, context, dtype, state_dtype))
   grown = _in_use() - before
   del cache
   return round(grown / MIB, 2)
 
 
-def bench_one(name: str, model: MambaLM, batch: int, args: argparse.Namespace) -> dict:
-  """Prefill + decode timings and memory of one model at one batch size."""
+@functools.partial(jax.jit, static_argnames="state_dtype", donate_argnames="cache")
+def _astype_states(cache, state_dtype):
+  return astype_states(cache, state_dtype)
+
+
+def bench_one(name: str, model: MambaLM, batch: int, state_dtype: Optional[jnp.dtype],
+              args: argparse.Namespace) -> dict:
+  """Prefill + decode timings and memory of one model at one batch size; ``state_dtype``:
+  the SSM states' storage dtype (None: no SSM layer)."""
   config = model.config
   n_params = sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
   max_length = args.prompt_len + args.gen_len
@@ -123,9 +162,11 @@ def bench_one(name: str, model: MambaLM, batch: int, args: argparse.Namespace) -
            else None)
   greedy, key = SamplingParams(), jax.random.key(0)
   graphdef, state = nnx.split(model)
+  convert = state_dtype is not None and state_dtype != jnp.float32
 
   def run_prefill():
-    return jit_prefill(model, ids, max_length=max_length, chunk_size=chunk)
+    logits, cache = jit_prefill(model, ids, max_length=max_length, chunk_size=chunk)
+    return logits, (_astype_states(cache, state_dtype) if convert else cache)
 
   start = time.perf_counter()
   logits, cache = jax.block_until_ready(run_prefill())
@@ -139,24 +180,30 @@ def bench_one(name: str, model: MambaLM, batch: int, args: argparse.Namespace) -
   analysis = compiled.memory_analysis()
   program_mib = (None if analysis is None else
                  (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes) / MIB)
-  del logits, cache
 
-  def run_decode() -> tuple[float, int]:
-    """(ms of the compiled decoding loop, steps run), from a fresh prefill's cache."""
-    logits, cache = jax.block_until_ready(run_prefill())
+  def run_decode(logits, cache) -> tuple[float, int]:
+    """(ms of the compiled decoding loop, steps run); the cache is donated."""
     start = time.perf_counter()
     tokens, _, steps = compiled(state, cache, logits, None, key)
     jax.block_until_ready(tokens)
     return (time.perf_counter() - start) * 1e3, int(steps)
 
-  run_decode()  # warm-up
-  prefill_ms = _median_ms(run_prefill, args.reps)
-  decodes = [run_decode() for _ in range(args.reps)]
+  run_decode(logits, cache)  # warm-up, from the first prefill's cache
+  del logits, cache
+  prefills, decodes = [], []
+  for _ in range(args.reps):
+    start = time.perf_counter()
+    logits, cache = jax.block_until_ready(run_prefill())
+    prefills.append((time.perf_counter() - start) * 1e3)
+    decodes.append(run_decode(logits, cache))
+    del logits, cache
+  prefill_ms = statistics.median(prefills)
   decode_ms = statistics.median(d[0] for d in decodes)
   steps = decodes[0][1]
   gen_tokens = batch * args.gen_len
   peak = _peak_mib()
   return dict(model=name, params_m=round(n_params / 1e6, 1), batch=batch,
+              state_dtype="-" if state_dtype is None else jnp.dtype(state_dtype).name,
               prompt_len=args.prompt_len, gen_len=args.gen_len, steps=steps,
               prefill_ms=round(prefill_ms, 3), decode_ms=round(decode_ms, 3),
               decode_ms_step=round(decode_ms / max(steps - 1, 1), 4),
@@ -178,7 +225,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def markdown(rows: list[dict], contexts: list[dict]) -> str:
-  cols = ("model", "params_m", "batch", "prefill_ms", "decode_ms_step", "decode_tok_s",
+  cols = ("model", "params_m", "batch", "state_dtype", "prefill_ms", "decode_ms_step", "decode_tok_s",
           "e2e_tok_s", "vs_transformer", "state_mib", "decode_prog_mib", "peak_mib")
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   lines += ["| " + " | ".join(str(r.get(c)) for c in cols) + " |" for r in rows]
@@ -201,20 +248,30 @@ def main() -> None:
   parser.add_argument("--prefill_chunk", type=int, default=1024,
                       help="prefill piece length from --chunk_from_batch on (bounds the "
                            "attention logits' memory; fewer pieces compile faster)")
-  parser.add_argument("--chunk_from_batch", type=int, default=64)
-  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--chunk_from_batch", type=int, default=None,
+                      help="default 64; with --large no pieces (see the module docstring)")
+  parser.add_argument("--reps", type=int, default=3,
+                      help="timed prefill + decode pairs per row (median)")
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+  parser.add_argument("--state_dtype", default="float32,bfloat16",
+                      help="comma list of SSM-state storage dtypes, one row each for the "
+                           "models with SSM layers (float32: exact; bfloat16: mamba_ssm's)")
   parser.add_argument("--models", default="", help="comma-separated preset names (override)")
   parser.add_argument("--budget_s", type=float, default=1e9,
                       help="skip the rows that would start after this many seconds")
   parser.add_argument("--out", default="bench_generation.json")
   args = parser.parse_args()
+  if args.chunk_from_batch is None:
+    args.chunk_from_batch = 2 ** 31 if args.large else 64
   if args.small:
     args.prompt_len, args.gen_len, args.prefill_chunk, args.chunk_from_batch = 64, 16, 32, 4
     if args.batches == parser.get_default("batches"):
       args.batches = "1,4"
+  if args.reps < 1:
+    raise ValueError(f"--reps must be >= 1, got {args.reps}")
   start = time.perf_counter()
   dtype = jnp.dtype(args.dtype)
+  state_dtypes = parse_state_dtypes(args.state_dtype)
   names = (args.models.split(",") if args.models
            else MODELS["large" if args.large else "base"])
   configs = {n: small_config(n) if args.small else preset(n) for n in names}
@@ -223,16 +280,24 @@ def main() -> None:
                if cfg.attn_layer_idx else cfg for n, cfg in configs.items()}
   batches = [int(b) for b in args.batches.split(",")]
   device = str(jax.devices()[0].device_kind)
-  print(f"device: {device}; {dataclasses.asdict(SamplingParams())}; dtype {args.dtype}",
-        flush=True)
+  print(f"device: {device}; {dataclasses.asdict(SamplingParams())}; dtype {args.dtype}; "
+        f"SSM state dtypes {[d.name for d in state_dtypes]}", flush=True)
 
-  contexts = [dict(context=c, **{n: round(state_nbytes(cfg, 1, c, dtype) / MIB, 2)
-                                 for n, cfg in configs.items()}) for c in CONTEXTS]
+  # (model, state dtype or None) pairs: one per state dtype for the models with SSM layers.
+  variants = [(n, sd) for n, cfg in configs.items()
+              for sd in (state_dtypes if has_ssm(cfg) else [None])]
+
+  def column(name, sd):
+    return name if sd is None or len(state_dtypes) == 1 else f"{name} ({sd.name})"
+
+  contexts = [dict(context=c, **{column(n, sd): round(state_nbytes(configs[n], 1, c, dtype, sd)
+                                                      / MIB, 2)
+                                 for n, sd in variants}) for c in CONTEXTS]
   models = {n: MambaLM(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
             for n, cfg in configs.items()}
   for c in contexts:
-    for n, model in models.items():
-      c[f"{n}_measured"] = measured_state_mib(model, c["context"], dtype)
+    for n, sd in variants:
+      c[f"{column(n, sd)}_measured"] = measured_state_mib(models[n], c["context"], dtype, sd)
   rows: list[dict] = []
   skipped: list[str] = []
   env = environment()
@@ -244,14 +309,16 @@ def main() -> None:
                               elapsed_s=time.perf_counter() - start))
 
   for batch in batches:  # every model at a batch before the next: ratios come early
-    for name, model in models.items():
+    for name, sd in variants:
+      label = "-" if sd is None else sd.name
       if time.perf_counter() - start > args.budget_s:
-        skipped.append(f"{name} batch {batch}")
+        skipped.append(f"{name} batch {batch} state {label}")
         continue
       try:
-        row = bench_one(name, model, batch, args)
+        row = bench_one(name, models[name], batch, sd, args)
       except Exception as error:  # an OOM at a large batch must not lose the other rows
-        row = dict(model=name, batch=batch, error=f"{type(error).__name__}: {error}"[:300])
+        row = dict(model=name, batch=batch, state_dtype=label,
+                   error=f"{type(error).__name__}: {error}"[:300])
       rows.append(row)
       print(row, flush=True)
       add_ratios([r for r in rows if "error" not in r])
