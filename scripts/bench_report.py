@@ -160,13 +160,16 @@ def generation_md(data: dict) -> list[str]:
          "decoded greedily in one compiled `while_loop` (donated cache); medians of "
          f"{a.get('reps')} runs. ms/token = decode time / (new tokens − 1); tokens/s = batch · "
          "new tokens / decode time; `vs Transformer++` = decode tokens/s over Transformer++'s "
-         "at the same batch. Peak memory is process-wide (monotone over the rows).", ""]
-  out += table(["model", "params (M)", "batch", "prefill ms", "ms/token", "decode tokens/s",
-                "end-to-end tokens/s", "vs Transformer++", "state MiB", "decode program MiB",
-                "peak MiB"],
-               [[r["model"], r["params_m"], r["batch"], r["prefill_ms"], r["decode_ms_step"],
-                 r["decode_tok_s"], r["e2e_tok_s"], r.get("vs_transformer"), r["state_mib"],
-                 r.get("decode_prog_mib"), r.get("peak_mib")] for r in rows])
+         "at the same batch. SSM state: the SSM states' storage dtype (float32 exact, "
+         "bfloat16 as mamba_ssm; updates in float32 either way). Peak memory is process-wide "
+         "(monotone over the rows).", ""]
+  out += table(["model", "params (M)", "batch", "SSM state", "prefill ms", "ms/token",
+                "decode tokens/s", "end-to-end tokens/s", "vs Transformer++", "state MiB",
+                "decode program MiB", "peak MiB"],
+               [[r["model"], r["params_m"], r["batch"], r.get("state_dtype", "-"),
+                 r["prefill_ms"], r["decode_ms_step"], r["decode_tok_s"], r["e2e_tok_s"],
+                 r.get("vs_transformer"), r["state_mib"], r.get("decode_prog_mib"),
+                 r.get("peak_mib")] for r in rows])
   ctx = data.get("state_vs_context") or []
   if ctx:
     names = [k for k in ctx[0] if k != "context"]
@@ -177,8 +180,9 @@ def generation_md(data: dict) -> list[str]:
                                        for c in ctx])
   errors = [r for r in data.get("rows", []) if "error" in r]
   if errors:
-    out += ["", "Failed rows: " + "; ".join(f"{r['model']} batch {r['batch']}: {r['error']}"
-                                            for r in errors)]
+    state = lambda r: "" if r.get("state_dtype", "-") == "-" else f" {r['state_dtype']} state"
+    out += ["", "Failed rows: " + "; ".join(f"{r['model']} batch {r['batch']}{state(r)}: "
+                                            f"{r['error']}" for r in errors)]
   return out + _problems(data, errors=False)
 
 
@@ -323,9 +327,12 @@ def figures(results: dict, png_dir: str) -> dict[str, str]:
     d = secs["generation"]
     rows = [r for r in d["rows"] if "error" not in r]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for model in sorted({r["model"] for r in rows}):
-      pts = sorted((r["batch"], r["decode_tok_s"]) for r in rows if r["model"] == model)
-      axes[0].plot(*zip(*pts), marker="o", label=model)
+    variant = lambda r: (r["model"], r.get("state_dtype", "-"))
+    for model, state in sorted({variant(r) for r in rows}):
+      pts = sorted((r["batch"], r["decode_tok_s"]) for r in rows
+                   if variant(r) == (model, state))
+      axes[0].plot(*zip(*pts), marker="o",
+                   label=model if state == "-" else f"{model} ({state} state)")
     axes[0].set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s",
                 title="generation throughput")
     axes[0].legend(fontsize=8)
