@@ -159,11 +159,12 @@ class ScannedLM:
   it against ``MambaLM.__call__``).
   """
 
-  def __init__(self, config, dtype, mesh=None, remat: bool = True, loss_chunk: int = 8192):
+  def __init__(self, config, dtype, mesh=None, remat: bool = True, loss_chunk: int = 8192,
+               ssd_impl: str = "chunked"):
     from flax import nnx
     from mamba_jax.nn.lm import MambaLM
     self.config, self.dtype, self.mesh = config, dtype, mesh
-    self.remat, self.loss_chunk = remat, loss_chunk
+    self.remat, self.loss_chunk, self.ssd_impl = remat, loss_chunk, ssd_impl
     abstract = nnx.eval_shape(lambda: MambaLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
     self.embedding_def = nnx.split(abstract.backbone.embedding)[0]
     self.block_def = nnx.split(abstract.backbone.layers[0])[0]
@@ -272,7 +273,7 @@ class ScannedLM:
       hidden, residual = carry
       module = nnx.merge(self.block_def, layer)
       if mesh is not None and self.ssm:
-        module.mixer = ParallelMixer(module.mixer, mesh, rules)
+        module.mixer = ParallelMixer(module.mixer, mesh, rules, ssd_impl=self.ssd_impl)
       hidden, residual = module(hidden, residual)
       return (constrain(hidden), constrain(residual)), None
 
@@ -318,7 +319,8 @@ def worker(spec: dict) -> None:
   mesh = make_mesh(MeshConfig(data=d, fsdp=1, tensor=t, sequence=s), devices)
   dtype = jnp.bfloat16 if not spec["smoke"] else jnp.float32
   config = bench_config(spec["model"], spec["size"], spec["smoke"], spec["attention"])
-  lm = ScannedLM(config, dtype, mesh, remat=True, loss_chunk=spec["loss_chunk"])
+  lm = ScannedLM(config, dtype, mesh, remat=True, loss_chunk=spec["loss_chunk"],
+                 ssd_impl=spec.get("ssd_impl", "chunked"))
   deadline = spec["deadline"]
   base = dict(model=spec["model"], preset=(PRESETS.get((spec["model"], spec["size"]))
                                            if not spec["smoke"] else "tiny"),
@@ -680,6 +682,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--attention", default="auto",
                       help="Transformer++ attention implementation: auto (cudnn on GPUs), "
                            "cudnn, xla")
+  parser.add_argument("--ssd_impl", default="chunked", choices=("chunked", "auto", "pallas"),
+                      help="the Mamba-2 mixers' per-device SSD (mamba_jax.ops.ssd impl)")
   parser.add_argument("--budget_s", type=float, default=480.0,
                       help="wall-time budget of the whole run (no new length started "
                            "past it; running workers killed at it)")
@@ -776,7 +780,7 @@ def main(argv: Optional[list[str]] = None) -> int:
       share = remaining / (len(pass_jobs) - i)
       spec = dict(model=model, mesh=mesh, size=size, smoke=args.smoke, seqs=timed,
                   search=probes, steps=args.steps, deadline=time.time() + share,
-                  loss_chunk=loss_chunk, attention=attention)
+                  loss_chunk=loss_chunk, attention=attention, ssd_impl=args.ssd_impl)
       log(f"[{what} {model} {mesh}] lengths {timed + probes}; share {share:.0f} s of "
           f"{remaining:.0f} s")
       records.extend(run_job(spec, env, hard_end, log))
@@ -811,7 +815,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   result = dict(script="scripts/bench_scaling.py", date=datetime.datetime.now(
       datetime.timezone.utc).isoformat(timespec="seconds"), device=info, size=size,
       smoke=args.smoke, meshes=meshes, seqs=seqs, search=search, steps=args.steps,
-      budget_s=args.budget_s, attention=attention, env={k: os.environ.get(k) for k in (
+      budget_s=args.budget_s, attention=attention, ssd_impl=args.ssd_impl,
+      env={k: os.environ.get(k) for k in (
           "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
           "CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_MEM_FRACTION")},
       records=records, **summary, table=table, png=png,

@@ -27,6 +27,7 @@ n d_state, g groups, m d_inner − d_ssm, r dt_rank.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import jax
@@ -37,6 +38,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from mamba_jax.nn.attention import Attention
 from mamba_jax.nn.mamba1 import Mamba1Mixer
 from mamba_jax.nn.mamba2 import Mamba2Mixer
+from mamba_jax.ops.checks import check_choice
+from mamba_jax.ops.ssd import ssd
 from mamba_jax.sharding import logical as lg
 from mamba_jax.sharding.mesh import axis_size
 from mamba_jax.sharding.rules import Rules, rules_for_mesh
@@ -158,13 +161,16 @@ class ParallelMixer(nnx.Module):
   """Wraps a Mamba2Mixer / Mamba1Mixer / SSMNoGate: its forward runs over ``mesh``.
 
   Training forward only: ``initial_state`` and ``return_state`` (prefill) raise.
+  ``ssd_impl``: the per-device SSD of a Mamba-2 mixer (``mamba_jax.ops.ssd``'s ``impl``:
+  "chunked", the default, or "auto" / "pallas" for the fused kernels where they apply).
   """
 
-  def __init__(self, mixer: nnx.Module, mesh: Mesh, rules: Rules):
+  def __init__(self, mixer: nnx.Module, mesh: Mesh, rules: Rules, ssd_impl: str = "chunked"):
     if not isinstance(mixer, (Mamba2Mixer, Mamba1Mixer)):
       raise ValueError(f"ParallelMixer supports Mamba2Mixer and Mamba1Mixer (and SSMNoGate), "
                        f"not {type(mixer).__name__}")
-    self.mixer, self.mesh = mixer, mesh
+    check_choice("ssd_impl", ssd_impl, ("auto", "chunked", "pallas"))
+    self.mixer, self.mesh, self.ssd_impl = mixer, mesh, ssd_impl
     self.rules = tuple(sorted(rules.items()))
 
   def __call__(self, u: jax.Array, *, initial_state: Any = None,
@@ -174,7 +180,8 @@ class ParallelMixer(nnx.Module):
                        "return_state are not supported")
     with lg.use_rules(self.mesh, dict(self.rules)):
       if isinstance(self.mixer, Mamba2Mixer):
-        return mamba2_forward(self.mixer, u, self.mesh, seq_idx=seq_idx)
+        return mamba2_forward(self.mixer, u, self.mesh, seq_idx=seq_idx,
+                              ssd_fn=functools.partial(ssd, impl=self.ssd_impl))
       if seq_idx is not None:
         raise ValueError(f"{type(self.mixer).__name__} does not support seq_idx")
       return mamba1_forward(self.mixer, u, self.mesh)

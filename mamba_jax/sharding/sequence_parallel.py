@@ -124,7 +124,8 @@ def ssd_sequence_parallel(
       needs g divisible by its size.
     ssd_fn: the per-shard op, called as ``ssd_fn(x, dt, A, B, C, chunk_size=...,
       initial_states=..., seq_idx=..., return_final_states=True)`` with dt already
-      preprocessed and x in the compute dtype; ``ssd(impl="chunked")`` by default.
+      preprocessed (compute dtype) and x in its own dtype; ``ssd(impl="chunked")`` by
+      default.
 
   Returns:
     y (b, l, h, p) in x's dtype [, final_states (b, h, p, n) in the compute dtype].
@@ -158,7 +159,9 @@ def ssd_sequence_parallel(
     init = a.get("init")
     if init is not None:
       init = jnp.where(k == 0, init.astype(dtype), jnp.zeros_like(init, dtype))
-    y, state = ssd_fn(a["x"].astype(dtype), dtp, A_, a["B"], a["C"], chunk_size=chunk_size,
+    # x in its own dtype, as ``ssd`` passes it to its forms (bf16 tensor-core matmuls for a
+    # bf16 model); dt, A and the state corrections below in the compute dtype.
+    y, state = ssd_fn(a["x"], dtp, A_, a["B"], a["C"], chunk_size=chunk_size,
                       initial_states=init, seq_idx=a.get("seq"), return_final_states=True)
     y, state = y.astype(dtype), state.astype(dtype)
     if size > 1:

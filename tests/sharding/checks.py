@@ -115,6 +115,42 @@ def check_ops(spec: str) -> dict[str, float]:
   return out
 
 
+def check_ops_pallas(spec: str) -> dict[str, float]:
+  """Sequence(-and-tensor)-parallel SSD with the Pallas kernels as the per-device op
+  (interpret mode on CPU; float32 inputs, shapes the kernels tile), against the sequential
+  oracle in float64: forward, final states and gradients, with initial states and a reset
+  that falls inside a shard."""
+  import jax
+  import jax.numpy as jnp
+  from mamba_jax.ops.ssd import ssd
+  from mamba_jax.sharding import sequence_parallel as sp
+
+  mesh = _mesh(spec)
+  tensor = "tensor" if mesh.shape["tensor"] > 1 else None
+  k = jax.random.split(jax.random.key(1), 10)
+  b, l, h, p, g, n = 1, 96, 4, 16, 2, 16  # shards of 48 (sequence = 2): not a chunk multiple
+  normal = lambda i, shape: jax.random.normal(k[i], shape, jnp.float32)
+  seq = jnp.array([[0] * 30 + [1] * 66])
+  x, dt = normal(0, (b, l, h, p)), normal(1, (b, l, h))
+  A = -jnp.exp(normal(2, (h,)))
+  B, C = normal(3, (b, l, g, n)), normal(4, (b, l, g, n))
+  kw = dict(chunk_size=16, D=normal(5, (h,)), dt_bias=normal(7, (h,)), dt_softplus=True,
+            initial_states=normal(8, (b, h, p, n)), seq_idx=seq, return_final_states=True)
+  args = (x, dt, A, B, C)
+  up = lambda tree: jax.tree.map(lambda v: v.astype(jnp.float64) if isinstance(v, jax.Array)
+                                 and jnp.issubdtype(v.dtype, jnp.floating) else v, tree)
+  ref_fn = functools.partial(ssd, impl="sequential", **up(kw))
+  par_fn = functools.partial(sp.ssd_sequence_parallel, **kw, mesh=mesh, head_axis=tensor,
+                             ssd_fn=functools.partial(ssd, impl="pallas"))
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a)[0] ** 2) + jnp.sum(jnp.sin(fn(*a)[1]))
+  ref, par = ref_fn(*up(args)), jax.jit(par_fn)(*args)
+  argnums = tuple(range(len(args)))
+  g_ref = jax.grad(loss(ref_fn), argnums)(*up(args))
+  g_par = jax.jit(jax.grad(loss(par_fn), argnums))(*args)
+  return {"y": _rel(par[0], ref[0]), "state": _rel(par[1], ref[1]),
+          "grad": _tree_rel(g_par, g_ref)}
+
+
 def _tiny(layer: str):
   import jax.numpy as jnp
   from flax import nnx
@@ -389,7 +425,7 @@ def check_multiprocess(process_id: str, port: str) -> dict[str, Any]:
 
 def main() -> None:
   check, args = sys.argv[1], sys.argv[2:]
-  result = {"ops": check_ops, "model": check_model, "float32": check_float32,
+  result = {"ops": check_ops, "ops_pallas": check_ops_pallas, "model": check_model, "float32": check_float32,
             "allreduce": check_allreduce, "training": check_training,
             "multiprocess": check_multiprocess, "tp_shards": check_tp_shards}[check](*args)
   print(json.dumps(result))

@@ -32,6 +32,14 @@ def test_ops_sequence_parallel(spec):
     assert err <= F64, f"{what}: {err:.3e}"
 
 
+def test_ssd_sequence_parallel_with_the_pallas_kernels():
+  """The fused kernels as the per-device SSD (ParallelMixer(ssd_impl="pallas")), in the
+  Pallas interpreter: float32 against the float64 oracle."""
+  errors = run_checks("ops_pallas", "tensor=2,sequence=2", devices=4)
+  for what, err in errors.items():
+    assert err <= F32, f"{what}: {err:.3e}"
+
+
 def test_mamba2_mixed_dp_tp_sp():
   _assert_all(run_checks("model", "Mamba2", "mixers", "data=2,tensor=2,sequence=2"), F64)
 
