@@ -3,6 +3,8 @@ and padded rows == the same prompt alone (left padding; right padding is left-al
 generate, tested in test_generate.py; the masked model forward itself, every layout, in
 tests/nn/test_padding_mask.py). Float64 tiny models, so the comparisons are tight."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ from mamba_jax.config import MambaConfig
 from mamba_jax.inference.cache import Cache, astype_states, init_cache
 from mamba_jax.inference.decode import decode_step
 from mamba_jax.inference.prefill import prefill
+from mamba_jax.nn.attention import KVCache
 from mamba_jax.nn.lm import MambaLM
 from tests.numerics import assert_close
 
@@ -23,6 +26,7 @@ KINDS = ("Mamba1", "Mamba2", "hybrid")
 LENGTH, STEPS = 11, 2
 
 
+@functools.cache  # one model per kind for the module: creating it costs more than a test
 def _model(kind: str) -> MambaLM:
   return MambaLM(MambaConfig.tiny(kind), dtype=jnp.float64, param_dtype=jnp.float64,
                  rngs=nnx.Rngs(0))
@@ -32,17 +36,41 @@ def _ids(batch: int, length: int, vocab: int, seed: int = 1) -> jax.Array:
   return jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab, jnp.int32)
 
 
+def _check_rounded(half: Cache, wide: Cache) -> None:
+  """half's SSM states are bfloat16 and hold wide's rounded; its other leaves equal wide's."""
+  for state in half.layers:
+    if not isinstance(state, KVCache):
+      assert state.ssm_state.dtype == jnp.bfloat16
+  jax.tree.map(np.testing.assert_array_equal, half, astype_states(wide, jnp.bfloat16))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_prefill_plus_steps_equals_full_forward(kind):
+  """Also with bf16-stored SSM states (state_dtype, here beside the exact run, whose
+  compilations it shares): the prefill computes at full precision and rounds its final
+  states once; each step computes exactly what a full-precision cache holding the same
+  rounded values computes, then rounds the new state; the logits stay within bf16 rounding
+  of the exact ones. (Float64 models; a float32 model computes in float32 by the same rule:
+  the ops promote to >= float32.)"""
   model = _model(kind)
   ids = _ids(2, LENGTH + STEPS, model.config.vocab_size)
   full = model(ids)  # (b, l + STEPS, v_pad): the reference
   logits, cache = prefill(model, ids[:, :LENGTH], max_length=LENGTH + STEPS)
   assert isinstance(cache, Cache)
   assert_close(logits, full[:, LENGTH - 1], RTOL[kind], f"{kind} prefill logits")
+  half_logits, half = prefill(model, ids[:, :LENGTH], max_length=LENGTH + STEPS,
+                              state_dtype=jnp.bfloat16)
+  np.testing.assert_array_equal(half_logits, logits)
+  _check_rounded(half, cache)
   for t in range(STEPS):
-    logits, cache = decode_step(model, ids[:, LENGTH + t], cache)
+    token = ids[:, LENGTH + t]
+    logits, cache = decode_step(model, token, cache)
     assert_close(logits, full[:, LENGTH + t], RTOL[kind], f"{kind} step {t}")
+    wide_logits, wide = decode_step(model, token, astype_states(half, jnp.float64))
+    half_logits, half = decode_step(model, token, half)
+    np.testing.assert_array_equal(half_logits, wide_logits)
+    _check_rounded(half, wide)
+    assert_close(half_logits, logits, 2.0 ** -8, f"{kind} step {t}, bf16 states")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -84,42 +112,6 @@ def test_left_padded_prefill_equals_prompt_alone(kind):
     alone = jnp.concatenate([ids[row:row + 1, LENGTH - n:], nxt[row:row + 1]], axis=1)
     full = model(alone)[0, n - 1:]
     assert_close(jnp.stack([s[row] for s in stepped]), full, RTOL[kind], f"{kind} row {row}")
-
-
-def _widened(cache: Cache, dtype) -> Cache:
-  """The cache with its SSM states converted to ``dtype`` (the same values)."""
-  return Cache(layers=tuple(s.replace(ssm_state=s.ssm_state.astype(dtype))
-                            for s in cache.layers), max_length=cache.max_length)
-
-
-@pytest.mark.parametrize("kind", ("Mamba1", "Mamba2"))
-def test_bf16_state_dtype_rounds_storage_only(kind):
-  """state_dtype=bfloat16: the prefill computes at full precision and rounds its final
-  states once; each step computes exactly what a full-precision cache holding the same
-  (rounded) values computes, then rounds the new state; the logits stay within bf16 rounding
-  of full-precision states. (The module's float64 models, compiled once for all its tests;
-  a float32 model computes in float32 by the same rule: the ops promote to ≥ float32.)"""
-  model = _model(kind)
-  ids = _ids(2, LENGTH + STEPS, model.config.vocab_size)
-  ref_logits, ref = prefill(model, ids[:, :LENGTH], max_length=LENGTH + STEPS)
-  logits, cache = prefill(model, ids[:, :LENGTH], max_length=LENGTH + STEPS,
-                          state_dtype=jnp.bfloat16)
-  np.testing.assert_array_equal(logits, ref_logits)
-  # The same values as the full-precision prefill's cache converted afterwards.
-  jax.tree.map(np.testing.assert_array_equal, astype_states(ref, jnp.bfloat16), cache)
-  for state, exact in zip(cache.layers, ref.layers):
-    assert state.ssm_state.dtype == jnp.bfloat16 and state.conv_state.dtype == jnp.float64
-    np.testing.assert_array_equal(state.ssm_state, exact.ssm_state.astype(jnp.bfloat16))
-  for t in range(STEPS):
-    token = ids[:, LENGTH + t]
-    same_logits, same = decode_step(model, token, _widened(cache, jnp.float64))
-    logits, cache = decode_step(model, token, cache)
-    ref_logits, ref = decode_step(model, token, ref)
-    np.testing.assert_array_equal(logits, same_logits)
-    for state, wide in zip(cache.layers, same.layers):
-      assert state.ssm_state.dtype == jnp.bfloat16
-      np.testing.assert_array_equal(state.ssm_state, wide.ssm_state.astype(jnp.bfloat16))
-    assert_close(logits, ref_logits, 2.0 ** -8, f"{kind} step {t} vs float32 states")
 
 
 def test_prefill_rejects_bad_arguments():
