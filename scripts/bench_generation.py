@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import functools
 import os
 import statistics
@@ -319,6 +320,10 @@ def main() -> None:
       except Exception as error:  # an OOM at a large batch must not lose the other rows
         row = dict(model=name, batch=batch, state_dtype=label,
                    error=f"{type(error).__name__}: {error}"[:300])
+      # The failed row's frames (its caches among their locals) sit in a reference cycle with
+      # the traceback until the cycle collector runs; unfreed, they made every later row run
+      # out of memory (an H100 run: all rows after the Transformer++'s at batch 128).
+      gc.collect()
       rows.append(row)
       print(row, flush=True)
       add_ratios([r for r in rows if "error" not in r])

@@ -160,7 +160,7 @@ class ScannedLM:
   """
 
   def __init__(self, config, dtype, mesh=None, remat: bool = True, loss_chunk: int = 8192,
-               ssd_impl: str = "chunked"):
+               ssd_impl: str = "auto"):
     from flax import nnx
     from mamba_jax.nn.lm import MambaLM
     self.config, self.dtype, self.mesh = config, dtype, mesh
@@ -320,7 +320,7 @@ def worker(spec: dict) -> None:
   dtype = jnp.bfloat16 if not spec["smoke"] else jnp.float32
   config = bench_config(spec["model"], spec["size"], spec["smoke"], spec["attention"])
   lm = ScannedLM(config, dtype, mesh, remat=True, loss_chunk=spec["loss_chunk"],
-                 ssd_impl=spec.get("ssd_impl", "chunked"))
+                 ssd_impl=spec.get("ssd_impl", "auto"))
   deadline = spec["deadline"]
   base = dict(model=spec["model"], preset=(PRESETS.get((spec["model"], spec["size"]))
                                            if not spec["smoke"] else "tiny"),
@@ -682,8 +682,9 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--attention", default="auto",
                       help="Transformer++ attention implementation: auto (cudnn on GPUs), "
                            "cudnn, xla")
-  parser.add_argument("--ssd_impl", default="chunked", choices=("chunked", "auto", "pallas"),
-                      help="the Mamba-2 mixers' per-device SSD (mamba_jax.ops.ssd impl)")
+  parser.add_argument("--ssd_impl", default="auto", choices=("chunked", "auto", "pallas"),
+                      help="the Mamba-2 mixers' per-device SSD (mamba_jax.ops.ssd impl; auto: "
+                           "the fused kernels on Hopper GPUs, as ParallelMixer's default)")
   parser.add_argument("--budget_s", type=float, default=480.0,
                       help="wall-time budget of the whole run (no new length started "
                            "past it; running workers killed at it)")

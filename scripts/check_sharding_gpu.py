@@ -219,7 +219,7 @@ def step_fn(problem: Problem, parallel: str, mesh, f64: bool):
   def loss_fn(params, inputs, targets):
     model = nnx.merge(graphdef, params, rest)
     if mesh is not None and parallel == "mixers":
-      parallelize(model, mesh)
+      parallelize(model, mesh, ssd_impl="chunked")  # the sharding algebra, in float32/64
     logits = model(inputs)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits[..., :vocab], targets)
     return loss.mean(), logits
