@@ -432,8 +432,14 @@ def main(argv: Optional[list[str]] = None) -> int:
       row.update(error=f"{type(e).__name__}: {e}", ok=False)
     row["seconds"] = round(time.time() - t0, 1)
     rows.append(row)
+    # The line alone says whether the strategy passed (float32 and float64), so a run cut off
+    # before its JSON and table are written still reports every finished strategy.
+    f64 = [row[q]["err64"] for q in QUANTITIES if "error" not in row and
+           row[q].get("err64") is not None]
     summary = ("FAILED " + row["error"][:300] if "error" in row else
-               " ".join(f"{q}={row[q]['err']:.1e}/{row[q]['tol']:.0e}" for q in QUANTITIES))
+               " ".join(f"{q}={row[q]['err']:.1e}/{row[q]['tol']:.0e}" for q in QUANTITIES)
+               + (f" float64={max(f64):.1e}" if f64 else "")
+               + ("  ok" if row["ok"] else "  FAILED"))
     print(f"{s.name:24s} {s.mesh:28s} {summary}  ({row['seconds']} s)", flush=True)
     write([], False)
 
