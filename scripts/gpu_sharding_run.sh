@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sharding and scaling on a 4-GPU host in two calls of at most ~9.5 minutes (issues 8, 11).
+# Sharding and scaling on a 4-GPU host, in calls of at most ~9.5 minutes each (issues 8, 11).
 #
 #   PART=1 bash scripts/gpu_sharding_run.sh      # repository root, results under $OUT
 #   PART=2 bash scripts/gpu_sharding_run.sh      # (and PART=3, PART=4: see below)
