@@ -11,11 +11,19 @@ decided by the module that holds it:
   anything else    name, shape             the same
 
 e.g. ``backbone.layers.3.mixer.in_proj.kernel`` (d, 2e) ⇄ ``backbone.layers.3.mixer.in_proj.
-weight`` (2e, d). Mamba-2's in_proj (kernel columns, bias) and conv (kernel and bias
-channels) are moreover stored group by group here (``mamba_jax.nn.mamba2``'s grouped
-layout, which tensor parallelism splits over devices); the fixed permutation
-``mamba2.mamba_ssm_order`` is applied on reading and undone on writing, so files hold
-mamba_ssm's [z0, x0, z, x, B, C, dt] / [x, B, C] order and round-trip bit-exactly.
+weight`` (2e, d). Two mixers moreover store columns in another order than mamba_ssm, for
+tensor parallelism to split them over devices:
+
+  Mamba-2          in_proj (kernel columns, bias) and conv (kernel and bias channels) group
+                   by group (``mamba_jax.nn.mamba2``'s grouped layout); files hold
+                   mamba_ssm's [z0, x0, z, x, B, C, dt] / [x, B, C]
+  gated Mamba-1    in_proj (kernel columns, bias) interleaved per channel, (x_0, z_0, x_1,
+                   z_1, ...) (``mamba_jax.nn.mamba1``'s layout); files hold mamba_ssm's
+                   (and HF's) [x, z] rows of ``in_proj.weight`` (2e, d)
+
+The fixed permutations (``mamba2.mamba_ssm_order``, ``mamba1.mamba_ssm_order``) are
+applied on reading and undone on writing, so files keep mamba_ssm's order and round-trip
+bit-exactly.
 
 With tied embeddings the model has no ``lm_head``; mamba_ssm's state dict still holds
 ``lm_head.weight``, the embedding's own tensor, which is written as such and, on reading,
@@ -45,6 +53,7 @@ from flax import nnx
 from mamba_jax.config import MambaConfig
 from mamba_jax.convert.torch_pickle import load_torch_state_dict, write_torch_zip
 from mamba_jax.nn.lm import MambaLM
+from mamba_jax.nn.mamba1 import Mamba1Mixer
 from mamba_jax.nn.mamba2 import CausalConv1d, Mamba2Mixer
 
 CONFIG_NAME = "config.json"
@@ -62,9 +71,13 @@ class ParamName:
   path: tuple[Any, ...]
   torch_name: str
   layout: str  # "linear" (transpose), "conv" (insert the middle axis) or "plain"
-  # Mamba-2's grouped in_proj / conv: ours = theirs.take(index, axis) in flax layout.
+  # Mamba-2's grouped in_proj / conv, gated Mamba-1's interleaved in_proj: ours =
+  # theirs.take(index, axis) in flax layout.
   index: Optional[np.ndarray] = dataclasses.field(default=None, compare=False)
   axis: int = 0
+  # The orbax layout version (``convert.pretrained``) that introduced ``index``: older
+  # orbax directories hold this parameter in mamba_ssm's order.
+  since: int = 0
 
 
 def decode_special_floats(value: Any) -> Any:
@@ -112,24 +125,35 @@ def param_names(model: nnx.Module) -> list[ParamName]:
     elif leaf == "kernel" or not isinstance(parent, nnx.Module):
       raise ValueError(f"no PyTorch layout is known for {'.'.join(map(str, path))} (held by "
                        f"{type(parent).__name__}); add it to mamba_jax.convert.mamba_ssm_layout")
-    index, axis = _mamba2_order(modules.get(tuple(path[:-2])), path)
+    index, axis, since = _mixer_order(modules.get(tuple(path[:-2])), path)
     names.append(ParamName(tuple(path), f"{prefix}.{torch_leaf}" if prefix else torch_leaf,
-                           layout, index, axis))
+                           layout, index, axis, since))
   return names
 
 
-def _mamba2_order(owner: Any, path: tuple[Any, ...]) -> tuple[Optional[np.ndarray], int]:
-  """(index, axis) of a Mamba-2 in_proj / conv1d parameter (``ours = theirs.take(index,
-  axis)``, flax layout), else (None, 0)."""
-  if not isinstance(owner, Mamba2Mixer) or len(path) < 2:
-    return None, 0
+# The orbax layout versions (``convert.pretrained``) that introduced each mixer's order.
+_MAMBA2_GROUPED_SINCE, _MAMBA1_INTERLEAVED_SINCE = 2, 3
+
+
+def _mixer_order(owner: Any, path: tuple[Any, ...]
+                 ) -> tuple[Optional[np.ndarray], int, int]:
+  """(index, axis, since) of a Mamba-2 in_proj / conv1d or a gated Mamba-1 in_proj parameter
+  (``ours = theirs.take(index, axis)``, flax layout; ``since`` the orbax layout version that
+  introduced it), else (None, 0, 0)."""
+  if len(path) < 2:
+    return None, 0, 0
   module, leaf = str(path[-2]), str(path[-1])
-  in_proj_index, conv_index = owner.mamba_ssm_order()
-  if module == "in_proj":
-    return in_proj_index, 1 if leaf == "kernel" else 0
-  if module == "conv1d":
-    return conv_index, 0
-  return None, 0
+  if isinstance(owner, Mamba2Mixer):
+    in_proj_index, conv_index = owner.mamba_ssm_order()
+    if module == "in_proj":
+      return in_proj_index, 1 if leaf == "kernel" else 0, _MAMBA2_GROUPED_SINCE
+    if module == "conv1d":
+      return conv_index, 0, _MAMBA2_GROUPED_SINCE
+  if isinstance(owner, Mamba1Mixer) and module == "in_proj":
+    in_proj_index = owner.mamba_ssm_order()  # None without the gate (SSMNoGate)
+    if in_proj_index is not None:
+      return in_proj_index, 1 if leaf == "kernel" else 0, _MAMBA1_INTERLEAVED_SINCE
+  return None, 0, 0
 
 
 def to_mamba_ssm_order(array: np.ndarray, name: ParamName) -> np.ndarray:

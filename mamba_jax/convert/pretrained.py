@@ -9,11 +9,13 @@ Three directory formats, told apart by their files (all offline; nothing is down
                                                         :mod:`mamba_jax.convert.mamba_ssm_layout`
   "orbax"      config.json (``MambaConfig.to_dict()``) + params/, the ``nnx.Param`` state
                saved by orbax-checkpoint's StandardCheckpointer, + layout.json
-               ({"layout_version": 2}): the parameters as the modules hold them
+               ({"layout_version": 3}): the parameters as the modules hold them
 
 Orbax layout versions. Version 2 stores Mamba-2's in_proj columns and conv channels group
-by group (``mamba_jax.nn.mamba2``'s grouped layout); directories written before it (no
-layout.json, version 1) hold them in mamba_ssm's order with the same shapes, and are
+by group (``mamba_jax.nn.mamba2``'s grouped layout); version 3 moreover stores the gated
+Mamba-1 in_proj's x and z columns interleaved per channel (``mamba_jax.nn.mamba1``'s
+layout). Directories written before (no layout.json: version 1; or version 2) hold the
+parameters a later version changed in mamba_ssm's order with the same shapes, and are
 permuted on loading (with a warning), never read as they are. A newer version raises.
 
 Saving and loading again gives bitwise the same parameters in every format. The model is
@@ -51,8 +53,9 @@ from mamba_jax.nn.lm import MambaLM
 FORMATS = ("hf", "mamba_ssm", "orbax")
 ORBAX_PARAMS_NAME = "params"
 ORBAX_LAYOUT_NAME = "layout.json"
-# 1: (no layout.json) Mamba-2 in_proj / conv in mamba_ssm's order; 2: grouped by group.
-ORBAX_LAYOUT_VERSION = 2
+# 1: (no layout.json) Mamba-2 in_proj / conv and Mamba-1 in_proj in mamba_ssm's order;
+# 2: Mamba-2 grouped by group; 3: and gated Mamba-1's in_proj interleaved [x_c, z_c].
+ORBAX_LAYOUT_VERSION = 3
 # The weight files of each format, to refuse mixing two formats in one directory.
 _WEIGHT_FILES = {"hf": (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME),
                  "mamba_ssm": (TORCH_WEIGHTS_NAME,), "orbax": (ORBAX_PARAMS_NAME,)}
@@ -110,13 +113,15 @@ def _load_orbax(directory: Path, dtype: Any) -> MambaLM:
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore((directory / ORBAX_PARAMS_NAME).absolute(), target)
   model = nnx.merge(graphdef, params)
-  if version == 1:
-    permuted = [name for name in param_names(abstract) if name.index is not None]
-    if permuted:
-      logging.warning("%s: orbax layout version 1 (written before Mamba-2's grouped in_proj "
-                      "/ conv layout); permuting %d parameters to layout version %d. "
-                      "save_pretrained writes the new layout.", directory, len(permuted),
-                      ORBAX_LAYOUT_VERSION)
+  # Parameters whose order changed after ``version`` are in mamba_ssm's order there.
+  permuted = [name for name in param_names(abstract)
+              if name.index is not None and name.since > version]
+  if permuted:
+    logging.warning("%s: orbax layout version %d (written before Mamba-2's grouped in_proj / "
+                    "conv layout (2) or the gated Mamba-1's interleaved in_proj (3)); "
+                    "permuting %d parameters to layout version %d. save_pretrained writes "
+                    "the new layout.", directory, version, len(permuted),
+                    ORBAX_LAYOUT_VERSION)
     state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     for name in permuted:
       variable = state[name.path]

@@ -3,7 +3,7 @@
 Mirrors ``mamba_ssm.modules.mamba_simple.Mamba`` option for option and parameter for
 parameter:
 
-  [x, z] = u · in_proj                                 (b, l, 2e)
+  [x, z] = u · in_proj                                 (b, l, 2e), stored interleaved
   x = silu(conv1d(x))                                  causal depthwise conv, width w
   [δ, B, C] = x · x_proj,   Δ = softplus(δ · dt_proj + dt_proj.bias)   (§3.2 Algorithm 2)
   y = S6(x; Δ, A, B, C) + D ⊙ x,   A = −exp(A_log)     selective scan (§3.2, eq. (2a)/(2b))
@@ -31,7 +31,9 @@ Discretization: the simplified ZOH of the op for every variant (Ā = exp(ΔA), B
 §2 eq. (4)), also for S4D.
 
 Parameters (kernels in flax's (in, out) layout; mamba_ssm's PyTorch weights are (out, in)):
-  in_proj.kernel  (d, 2e) columns [x | z] (d, e without the gate); in_proj.bias with bias
+  in_proj.kernel  (d, 2e) columns interleaved per channel: column 2c is x channel c,
+                          2c + 1 is z channel c (d, e without the gate: x only);
+                          in_proj.bias (2e,) / (e,) with bias, in the same order
   conv1d.kernel   (e, w)  PyTorch's Conv1d weight (e, 1, w) squeezed; kernel[:, w−1] takes
                           the current token. conv1d.bias (e,) with conv_bias.
   x_proj.kernel   (e, r + 2n) columns [δ (r) | B (n) | C (n)], only the selective parts
@@ -41,6 +43,13 @@ Parameters (kernels in flax's (in, out) layout; mamba_ssm's PyTorch weights are 
   B, C (n,) [B_imag, C_imag (n,)]               when B, C are not selective [and A complex]
   A_log (e, n) [A_imag (e, n)], D (e,)
   out_proj.kernel (e, d); out_proj.bias with bias
+
+In_proj layout. mamba_ssm's in_proj holds [x | z] (x in columns 0 .. e−1, z in e .. 2e−1);
+ours interleaves them, (x_0, z_0, x_1, z_1, ...), so that any contiguous split of the 2e
+columns into T blocks (T dividing e) gives block k exactly the x and z columns of channels
+[k·e/T, (k+1)·e/T): tensor parallelism stores each device's share of in_proj directly
+(``mamba_jax.sharding``). :func:`mamba_ssm_order` is the fixed permutation between the two,
+applied by the converters (``mamba_jax.convert``), so checkpoints keep mamba_ssm's order.
 
 Initialisation as mamba_ssm: dt log-uniform in [dt_min, dt_max] floored at dt_init_floor
 through softplus⁻¹; dt_proj kernel U(±r^−1/2·dt_scale) or constant; A_log per A_init in
@@ -70,6 +79,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from mamba_jax.nn.init import (A_INITS, DT_INITS, NO_WEIGHT_DECAY, A_log_init, dt_bias_init,
@@ -101,6 +111,22 @@ class Mamba1State:
 def check_positive_int(name: str, value: Any) -> None:
   if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
     raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def mamba_ssm_order(d_inner: int) -> np.ndarray:
+  """Where each column of the gated in_proj's interleaved layout sits in mamba_ssm's.
+
+  mamba_ssm: in_proj columns [x (e) | z (e)]; ours: column 2c is x channel c (mamba_ssm's
+  column c), column 2c + 1 is z channel c (mamba_ssm's column e + c).
+
+  Returns:
+    in_proj_index (2e,) int64, a permutation with ``ours = theirs[..., index]`` along the
+    column axis (kernel (d, 2e) axis 1, bias (2e,)); the inverse is ``theirs =
+    ours[..., np.argsort(index)]``.
+  """
+  check_positive_int("d_inner", d_inner)
+  channels = np.arange(d_inner, dtype=np.int64)
+  return np.stack([channels, d_inner + channels], axis=1).reshape(-1)
 
 
 def resolve_dt_rank(dt_rank: int | str, d_model: int) -> int:
@@ -420,11 +446,18 @@ class Mamba1Mixer(SSMMixerBase):
                                kernel_init=torch_default_init(e), bias_metadata=_NO_WD,
                                rngs=rngs)
 
+  def mamba_ssm_order(self) -> Optional[np.ndarray]:
+    """This mixer's in_proj_index (module function :func:`mamba_ssm_order`, ``ours =
+    theirs[..., index]``), or None without the gate (in_proj is x alone, same order)."""
+    return mamba_ssm_order(self.d_inner) if self.GATED else None
+
   def _split(self, xz: jax.Array) -> tuple[jax.Array, Optional[jax.Array]]:
+    """in_proj's output (..., 2e) in the interleaved layout -> x, z (..., e); without the
+    gate (..., e) -> x, None."""
     if not self.GATED:
       return xz, None
-    x, z = jnp.split(xz, 2, axis=-1)
-    return x, z
+    pairs = xz.reshape(*xz.shape[:-1], self.d_inner, 2)  # (..., e, [x, z])
+    return pairs[..., 0], pairs[..., 1]
 
   def _forward(self, u: jax.Array, initial_state: Optional[Mamba1State],
                return_state: bool, num_pads: Optional[jax.Array] = None

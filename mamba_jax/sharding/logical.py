@@ -8,13 +8,18 @@ from the config (``layers/3/mixer:Mamba2/in_proj/kernel``), so a Mamba-1 conv an
 conv can be told apart. A parameter the table does not cover, or whose rank differs from
 its entry, raises ``ValueError``; a rank-0 leaf (step counters) is replicated.
 
-Fused projections. Mamba-1's in_proj columns are the concatenation [x, z], H3's [q, k, v],
-the MLP's fc1 [y, gate], attention's [q, k, v, mlp]. A contiguous split of such an axis
-over devices would give device 0 all of x and device 1 all of z: the wrong pieces. Their
-output axis is named ``in_proj_fused`` / ``conv_fused`` / ``mlp_fused``, which no rule
-splits over ``tensor``; the tensor-parallel Mamba-1 forward
-(:mod:`mamba_jax.sharding.parallel_mixers`) slices its parts inside the computation (the
-kernel is whole on every tensor device).
+Fused projections. H3's in_proj columns are the concatenation [q, k, v], the MLP's fc1
+[y, gate], attention's [q, k, v, mlp]. A contiguous split of such an axis over devices
+would give device 0 all of q and device 1 the rest: the wrong pieces. Their output axis is
+named ``in_proj_fused`` / ``conv_fused`` / ``mlp_fused``, which no rule splits over
+``tensor`` (the kernel is whole on every tensor device).
+
+The gated Mamba-1 in_proj stores its x and z columns interleaved per channel
+(``nn.mamba1``'s layout: column 2c is x channel c, 2c + 1 is z channel c), so a contiguous
+split over ``tensor`` (d_inner % tensor == 0, checked by ``mesh.validate_mesh``) gives each
+device the x and z columns of its own channels. Its axis is ``in_proj_interleaved``, split
+over ``tensor`` like d_inner: each tensor device stores 1/tensor of it. SSMNoGate's in_proj
+(x alone, (d, e)) is plainly ``inner``.
 
 Mamba-2's in_proj columns and conv channels are stored group by group (``nn.mamba2``'s
 grouped layout: [z0 | x0 | group 0 | group 1 | ...], group j = [z_j | x_j | B_j | C_j |
@@ -49,12 +54,13 @@ from mamba_jax.config import MambaConfig
 VOCAB, EMBED, EMBED_VECTOR, POSITION = "vocab", "embed", "embed_vector", "position"
 IN_PROJ_FUSED, CONV_FUSED, CONV_WIDTH = "in_proj_fused", "conv_fused", "conv_width"
 IN_PROJ_GROUPED, CONV_GROUPED = "in_proj_grouped", "conv_grouped"
+IN_PROJ_INTERLEAVED = "in_proj_interleaved"
 HEADS, GROUPS, INNER, STATE = "heads", "groups", "inner", "state"
 X_PROJ_OUT, DT_RANK = "x_proj_out", "dt_rank"
 MLP, MLP_FUSED, ATTN_OUT_IN = "mlp", "mlp_fused", "attn_out_in"
 WEIGHT_AXES = (VOCAB, EMBED, EMBED_VECTOR, POSITION, IN_PROJ_FUSED, CONV_FUSED, CONV_WIDTH,
-               IN_PROJ_GROUPED, CONV_GROUPED, HEADS, GROUPS, INNER, STATE, X_PROJ_OUT,
-               DT_RANK, MLP, MLP_FUSED, ATTN_OUT_IN)
+               IN_PROJ_GROUPED, CONV_GROUPED, IN_PROJ_INTERLEAVED, HEADS, GROUPS, INNER, STATE,
+               X_PROJ_OUT, DT_RANK, MLP, MLP_FUSED, ATTN_OUT_IN)
 
 # Activation axes.
 ACT_BATCH, ACT_LENGTH, ACT_EMBED = "act_batch", "act_length", "act_embed"
@@ -84,7 +90,13 @@ PARAM_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (_M2 + r"norm/weight$", (INNER,)),
     (_M2 + r"out_proj/kernel$", (INNER, EMBED)),
     (_M2 + r"out_proj/bias$", (EMBED_VECTOR,)),
-    # Mamba-1, SSMNoGate, H3: channels of d_inner over tensor; x_proj row-parallel.
+    # Mamba-1, SSMNoGate, H3: channels of d_inner over tensor; x_proj row-parallel. The
+    # gated Mamba-1 in_proj interleaved [x_c, z_c] (column-parallel), SSMNoGate's x alone,
+    # H3's [q | k | v] fused.
+    (r"mixer:Mamba1/in_proj/kernel$", (EMBED, IN_PROJ_INTERLEAVED)),
+    (r"mixer:Mamba1/in_proj/bias$", (IN_PROJ_INTERLEAVED,)),
+    (r"mixer:SSMNoGate/in_proj/kernel$", (EMBED, INNER)),
+    (r"mixer:SSMNoGate/in_proj/bias$", (INNER,)),
     (_SSM + r"in_proj/kernel$", (EMBED, IN_PROJ_FUSED)),
     (_SSM + r"in_proj/bias$", (IN_PROJ_FUSED,)),
     (_SSM + r"conv1d/kernel$", (INNER, CONV_WIDTH)),

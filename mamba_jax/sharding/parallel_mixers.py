@@ -7,9 +7,9 @@ file runs the same computation from a mixer's own parameters and helpers, with
   its columns and the conv's channels are stored group by group (``nn.mamba2``'s grouped
   layout) and sharded over ``tensor`` (logical.py), so each device's matmul gives its own
   groups' parts, with no communication and 1/tensor of the weights per device;
-* Mamba-1's fused in_proj [x, z] split into its parts inside the computation, each part's
-  channel axis constrained to ``tensor``: its kernel is whole on every tensor device, so
-  each device slices its own columns (:func:`_columns`);
+* Mamba-1's in_proj column-parallel too: the gated one's x and z columns are stored
+  interleaved per channel (``nn.mamba1``'s layout) and sharded over ``tensor``, so each
+  device's matmul gives the x and z of its own channels; SSMNoGate's in_proj is x alone;
 * the conv, the SSD / selective scan as ``shard_map`` ops of
   :mod:`mamba_jax.sharding.sequence_parallel` over (batch, ``sequence``, ``tensor``);
 * the gated norm group-local (ngroups % tensor == 0) and out_proj row-parallel: one
@@ -31,9 +31,8 @@ import functools
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from mamba_jax.nn.attention import Attention
 from mamba_jax.nn.mamba1 import Mamba1Mixer
@@ -52,40 +51,6 @@ _BL = (lg.ACT_BATCH, lg.ACT_LENGTH)
 
 def _head_axis(mesh: Mesh) -> Optional[str]:
   return "tensor" if axis_size(mesh, "tensor") > 1 else None
-
-
-def _columns(kernel: jax.Array, lo: int, hi: int, split: tuple[int, ...], mesh: Mesh,
-             axis: Optional[str], lead: Optional[str] = lg.EMBED) -> jax.Array:
-  """Columns [lo, hi) of a fused kernel (d, ·) viewed as (d, *split), with split[0] over
-  mesh axis ``axis``: each device slices its own block from its whole copy of the kernel
-  (an explicit ``shard_map``, so no collective moves weights in the forward)."""
-  part = lambda w: w[:, lo:hi].reshape(w.shape[0], *split)
-  if axis is None:
-    return part(kernel)
-  rules = lg.current_rules()
-  d_spec = None if lead is None else lg.to_spec((lead,), rules[1] if rules else {})[0]
-  ways = axis_size(mesh, axis)
-
-  def local(w: jax.Array) -> jax.Array:
-    block = split[0] // ways
-    return jax.lax.dynamic_slice_in_dim(part(w), jax.lax.axis_index(axis) * block, block, 1)
-
-  tail = (None,) * (len(split) - 1)
-  return jax.shard_map(local, mesh=mesh, in_specs=P(d_spec, None),
-                       out_specs=P(d_spec, axis, *tail), check_vma=False)(kernel)
-
-
-def _project(u: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], lo: int, hi: int,
-             dtype: Any, mesh: Mesh, split: tuple[int, ...] = (),
-             axis: Optional[str] = None) -> jax.Array:
-  """Columns [lo, hi) of a fused Linear, as ``nnx.Linear``: u (b, l, d) -> (b, l, *split),
-  split[0] over mesh axis ``axis``."""
-  split = split or (hi - lo,)
-  w = _columns(kernel, lo, hi, split, mesh, axis).astype(dtype)
-  y = jnp.einsum("bld,d...->bl...", u.astype(dtype), w)
-  if bias is not None:
-    y = y + bias[lo:hi].astype(dtype).reshape(split)
-  return y
 
 
 def mamba2_forward(mixer: Mamba2Mixer, u: jax.Array, mesh: Mesh, *,
@@ -135,17 +100,22 @@ def mamba1_forward(mixer: Mamba1Mixer, u: jax.Array, mesh: Mesh, *,
                    scan_fn: Any = None) -> jax.Array:
   """``Mamba1Mixer.__call__(u)`` (or SSMNoGate's) over ``mesh``: u (b, l, d) -> (b, l, d).
 
-  Call inside ``logical.use_rules(mesh, rules)`` (``ParallelMixer`` does).
+  in_proj is sharded over ``tensor`` by the logical table: the gated one's columns are
+  interleaved per channel (``nn.mamba1``'s layout), so ``u · in_proj`` on each device gives
+  exactly the x and z of its own channels (a plain local matmul, no weight moves), split
+  by ``mixer._split``. Call inside ``logical.use_rules(mesh, rules)`` (``ParallelMixer``
+  does).
   """
   b, l, _ = u.shape
-  e = mixer.d_inner
   channel_axis = _head_axis(mesh)
-  kernel = mixer.in_proj.kernel[...]
-  bias = None if mixer.in_proj.bias is None else mixer.in_proj.bias[...]
   inner = lambda v: lg.constrain(v, (*_BL, lg.ACT_INNER))
-  x = inner(_project(u, kernel, bias, 0, e, mixer.dtype, mesh, (e,), channel_axis))
-  z = (inner(_project(u, kernel, bias, e, 2 * e, mixer.dtype, mesh, (e,), channel_axis))
-       if mixer.GATED else None)
+  xz = mixer.in_proj(u)  # (b, l, 2e) [x_c, z_c] pairs, or (b, l, e): own channels per device
+  if mixer.GATED:
+    xz = lg.constrain(xz.reshape(b, l, mixer.d_inner, 2),
+                      (*_BL, lg.ACT_INNER, None)).reshape(b, l, -1)
+  x, z = mixer._split(xz)
+  x = inner(x)
+  z = None if z is None else inner(z)
   conv_b = None if mixer.conv1d.bias is None else mixer.conv1d.bias[...]
   x = causal_conv1d_sequence_parallel(x, mixer.conv1d.kernel[...], conv_b, activation="silu",
                                       mesh=mesh, channel_axis=channel_axis)

@@ -9,12 +9,13 @@ A rules table maps the logical names of :mod:`mamba_jax.sharding.logical` to a m
   fsdp  the batch over ``fsdp`` and every weight's d_model axis over ``fsdp`` (ZeRO-3):
         weights all-gathered before each use, gradients reduce-scattered; the optimizer
         state is sharded like the parameters.
-  tp    Mamba-2 §8: heads / groups / d_inner / MLP width / vocabulary over ``tensor``, and
-        Mamba-2's grouped in_proj columns and conv channels (column-parallel: each device
-        stores the columns of its own groups, see logical.py). The fused Mamba-1 in_proj,
-        fc1 and attention's qkv stay whole on every tensor device; out_proj / fc2 are
-        row-parallel: one all-reduce of (b, l, d) per mixer and per MLP. Mamba-1's x_proj
-        is row-parallel too: one more all-reduce, of (b, l, r + 2n), for Δ, B, C.
+  tp    Mamba-2 §8: heads / groups / d_inner / MLP width / vocabulary over ``tensor``,
+        Mamba-2's grouped in_proj columns and conv channels and the gated Mamba-1's
+        interleaved in_proj columns (column-parallel: each device stores the columns of its
+        own groups / channels, see logical.py). The fused H3 in_proj, fc1 and attention's
+        qkv stay whole on every tensor device; out_proj / fc2 are row-parallel: one
+        all-reduce of (b, l, d) per mixer and per MLP. Mamba-1's x_proj is row-parallel
+        too: one more all-reduce, of (b, l, r + 2n), for Δ, B, C.
   sp    the length of activations over ``sequence``; SSM states and conv halos are passed
         between devices by :mod:`mamba_jax.sharding.sequence_parallel`.
 
@@ -41,6 +42,7 @@ FSDP: Rules = {lg.ACT_BATCH: "fsdp", lg.EMBED: "fsdp"}
 TP: Rules = {
     lg.VOCAB: "tensor", lg.HEADS: "tensor", lg.GROUPS: "tensor", lg.INNER: "tensor", lg.MLP: "tensor",
     lg.ATTN_OUT_IN: "tensor", lg.IN_PROJ_GROUPED: "tensor", lg.CONV_GROUPED: "tensor",
+    lg.IN_PROJ_INTERLEAVED: "tensor",
     lg.ACT_HEADS: "tensor", lg.ACT_GROUPS: "tensor", lg.ACT_INNER: "tensor",
     lg.ACT_MLP: "tensor", lg.ACT_VOCAB: "tensor",
 }

@@ -91,30 +91,48 @@ def test_orbax_round_trip_and_dtype(tmp_path):
   assert_same_params(bf16, load_pretrained(FIXTURES / "mamba2_ngroups2", dtype=jnp.bfloat16))
 
 
-def test_orbax_layout_versions(tmp_path, caplog):
-  """Orbax directories record layout_version 2 (Mamba-2's grouped in_proj / conv); one
-  written before it (no layout.json: mamba_ssm's order, same shapes) is permuted on
-  loading, with a warning, and a newer version raises."""
-  model = load_pretrained(FIXTURES / "mamba2_ngroups2")
-  save_pretrained(model, tmp_path / "v2", format="orbax")
-  assert json.loads((tmp_path / "v2" / "layout.json").read_text()) == {"layout_version": 2}
-  old = load_pretrained(FIXTURES / "mamba2_ngroups2")
-  state = dict(nnx.to_flat_state(nnx.state(old, nnx.Param)))
-  permuted = [name for name in param_names(old) if name.index is not None]
-  assert len(permuted) == 2 * 4  # per layer: in_proj and conv1d kernels and biases
-  for name in permuted:
-    variable = state[name.path]
-    variable[...] = jnp.asarray(to_mamba_ssm_order(np.asarray(variable[...]), name))
-  save_pretrained(old, tmp_path / "v1", format="orbax")
-  (tmp_path / "v1" / "layout.json").unlink()
-  with caplog.at_level("WARNING"):
-    assert_same_params(model, load_pretrained(tmp_path / "v1"))
-  assert "orbax layout version 1" in caplog.text
+def _in_mamba_ssm_order(model: MambaLM, newer_than: int) -> MambaLM:
+  """``model`` with the parameters whose order changed after orbax layout ``newer_than``
+  put back in mamba_ssm's order: what that layout's directory held."""
+  state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  for name in param_names(model):
+    if name.index is not None and name.since > newer_than:
+      variable = state[name.path]
+      variable[...] = jnp.asarray(to_mamba_ssm_order(np.asarray(variable[...]), name))
+  return model
+
+
+@pytest.mark.parametrize("fixture,permuted", [
+    ("mamba2_ngroups2", {1: 2 * 4, 2: 0}),  # per layer: in_proj and conv1d kernel and bias
+    ("mamba1_tied_residual_fp32", {1: 2, 2: 2}),  # per layer: in_proj kernel
+])
+def test_orbax_layout_versions(tmp_path, caplog, fixture, permuted):
+  """Orbax directories record layout_version 3 (Mamba-2's grouped in_proj / conv since 2,
+  the gated Mamba-1's interleaved in_proj since 3); one written before (no layout.json:
+  version 1; or version 2) holds the later-changed parameters in mamba_ssm's order (same
+  shapes) and is permuted on loading, with a warning; a newer version raises."""
+  model = load_pretrained(FIXTURES / fixture)
+  save_pretrained(model, tmp_path / "v3", format="orbax")
+  assert json.loads((tmp_path / "v3" / "layout.json").read_text()) == {"layout_version": 3}
   in_proj = lambda m: np.asarray(m.backbone.layers[0].mixer.in_proj.kernel[...])
-  assert not np.array_equal(in_proj(old), in_proj(model))  # the permutation moved columns
-  (tmp_path / "v2" / "layout.json").write_text('{"layout_version": 3}')
-  with pytest.raises(ValueError, match="layout_version 3, newer than"):
-    load_pretrained(tmp_path / "v2")
+  for version, count in permuted.items():
+    assert len([n for n in param_names(model)
+                if n.index is not None and n.since > version]) == count
+    old = _in_mamba_ssm_order(load_pretrained(FIXTURES / fixture), version)
+    assert np.array_equal(in_proj(old), in_proj(model)) == (count == 0)  # columns moved
+    directory = tmp_path / f"v{version}"
+    save_pretrained(old, directory, format="orbax")
+    if version == 1:
+      (directory / "layout.json").unlink()
+    else:
+      (directory / "layout.json").write_text(json.dumps({"layout_version": version}))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      assert_same_params(model, load_pretrained(directory))
+    assert (f"orbax layout version {version}" in caplog.text) == (count > 0), caplog.text
+  (tmp_path / "v3" / "layout.json").write_text('{"layout_version": 4}')
+  with pytest.raises(ValueError, match="layout_version 4, newer than"):
+    load_pretrained(tmp_path / "v3")
 
 
 def test_bfloat16_hf_round_trip(tmp_path):

@@ -45,7 +45,8 @@ def reference(p, u, m: Mamba1Mixer, gated: bool = True):
   u = u.astype(jnp.float64)
   p = jax.tree.map(lambda a: a.astype(jnp.float64), p)
   xz = u @ p["in_proj"]["kernel"] + p["in_proj"].get("bias", 0.0)
-  x, z = jnp.split(xz, 2, axis=-1) if gated else (xz, None)
+  # The interleaved in_proj layout: column 2c is x channel c, 2c + 1 is z channel c.
+  x, z = (xz[..., 0::2], xz[..., 1::2]) if gated else (xz, None)
   x = jax.nn.silu(conv_reference(x, p["conv1d"]["kernel"], p["conv1d"].get("bias")))
   n, r = m.d_state, m.dt_rank
   cols = x @ p["x_proj"]["kernel"] if "x_proj" in p else None

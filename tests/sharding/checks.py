@@ -328,6 +328,66 @@ def check_tp_shards() -> dict[str, Any]:
   return out
 
 
+def check_tp_shards_mamba1() -> dict[str, Any]:
+  """Under tensor = 2, each device holds only its half of a gated Mamba-1 mixer's in_proj
+  (the interleaved layout: the x and z columns of its own channels) and the right columns
+  of it; the mixer's bytes per device with in_proj sharded vs replicated (the table before
+  the interleaved layout: its axis mapped to no mesh axis); and the ParallelMixer forward
+  from those shards vs the mixer on one device."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from mamba_jax.sharding import logical as lg
+  from mamba_jax.sharding.parallel_mixers import ParallelMixer
+  from mamba_jax.sharding.rules import rules_for_mesh
+  from mamba_jax.sharding.shard import shard
+
+  config, model = _tiny("Mamba1")  # d_model 32, d_inner 64, float64
+  mesh = _mesh("tensor=2")
+  mixer = model.backbone.layers[0].mixer
+  e = mixer.d_inner
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  sharded = shard(params, config, mesh)
+  placed = nnx.to_pure_dict(sharded)["backbone"]["layers"][0]["mixer"]
+  host = nnx.to_pure_dict(params)["backbone"]["layers"][0]["mixer"]
+  in_idx = mixer.mamba_ssm_order()
+  kernel = placed["in_proj"]["kernel"]
+  out: dict[str, Any] = {"in_proj_spec": str(kernel.sharding.spec),
+                         "shards_per_array": len(kernel.addressable_shards)}
+  wrong = []
+  for shard_ in kernel.addressable_shards:
+    i = mesh.devices.ravel().tolist().index(shard_.device)
+    lo, hi = i * e, (i + 1) * e  # of the 2e columns
+    if shard_.data.shape != (config.d_model, e):
+      wrong.append(f"in_proj shard {i} shape {shard_.data.shape}")
+    if not np.array_equal(np.asarray(shard_.data), np.asarray(host["in_proj"]["kernel"])[:, lo:hi]):
+      wrong.append(f"in_proj shard {i} values")
+    # Device i's channels [i·e/2, (i+1)·e/2): their x columns (mamba_ssm's c) and z columns
+    # (mamba_ssm's e + c), nothing else.
+    channels = range(i * e // 2, (i + 1) * e // 2)
+    expected = {*channels, *(e + c for c in channels)}
+    if set(in_idx[lo:hi].tolist()) != expected:
+      wrong.append(f"in_proj shard {i} holds mamba_ssm columns {sorted(in_idx[lo:hi])}")
+  out["wrong"] = wrong
+  replicated = dict(rules_for_mesh(mesh))
+  replicated.pop(lg.IN_PROJ_INTERLEAVED)
+  before = nnx.to_pure_dict(shard(params, config, mesh, replicated))
+  before = before["backbone"]["layers"][0]["mixer"]
+  device = mesh.devices.ravel()[0]
+  out["bytes_before"] = _mixer_bytes_per_device(before, device)
+  out["bytes_after"] = _mixer_bytes_per_device(placed, device)
+  out["bytes_total"] = sum(leaf.nbytes for leaf in jax.tree.leaves(host))
+
+  def forward(params, u, mesh=None):
+    mixer = nnx.merge(graphdef, params, rest).backbone.layers[0].mixer
+    return mixer(u) if mesh is None else ParallelMixer(mixer, mesh, rules_for_mesh(mesh))(u)
+
+  u = jax.random.normal(jax.random.key(0), (2, 16, config.d_model), np.float64)
+  reference = jax.jit(forward)(params, u)
+  out["forward"] = _rel(jax.jit(functools.partial(forward, mesh=mesh))(sharded, u), reference)
+  return out
+
+
 def check_training(spec: str, restore_spec: str, directory: str) -> dict[str, Any]:
   """Three AdamW steps of the training package's train step, the state sharded over
   ``spec`` (the model's own forward, partitioned by XLA) vs one device; then the sharded
@@ -427,7 +487,8 @@ def main() -> None:
   check, args = sys.argv[1], sys.argv[2:]
   result = {"ops": check_ops, "ops_pallas": check_ops_pallas, "model": check_model, "float32": check_float32,
             "allreduce": check_allreduce, "training": check_training,
-            "multiprocess": check_multiprocess, "tp_shards": check_tp_shards}[check](*args)
+            "multiprocess": check_multiprocess, "tp_shards": check_tp_shards,
+            "tp_shards_mamba1": check_tp_shards_mamba1}[check](*args)
   print(json.dumps(result))
 
 

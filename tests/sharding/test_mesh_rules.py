@@ -82,6 +82,9 @@ def test_every_parameter_has_logical_axes(layer):
         assert spec == P("fsdp", "tensor"), (path, spec)
       if path.endswith("conv1d/kernel"):
         assert spec == P("tensor", None), (path, spec)
+    elif layer in ("Mamba1", "SSMNoGate") and path.endswith("in_proj/kernel"):
+      # Column-parallel: Mamba-1's interleaved [x_c, z_c] pairs, SSMNoGate's x alone.
+      assert spec == P("fsdp", "tensor"), (path, spec)
     elif path.endswith("in_proj/kernel") or path.endswith("fc1/kernel"):
       assert spec == P("fsdp", None), (path, spec)  # fused: never split over tensor
     if path.endswith("out_proj/kernel") or path.endswith("fc2/kernel"):

@@ -57,7 +57,9 @@ def test_collectives_per_mixer():
   counts = run_checks("allreduce", "Mamba2")
   assert counts == {"all-reduce": 1, "all-gather": 0, "reduce-scatter": 0, "all-to-all": 0,
                     "collective-permute": 0}, counts
-  assert run_checks("allreduce", "Mamba1")["all-reduce"] == 2
+  counts = run_checks("allreduce", "Mamba1")  # in_proj column-parallel: no weight gather
+  assert counts == {"all-reduce": 2, "all-gather": 0, "reduce-scatter": 0, "all-to-all": 0,
+                    "collective-permute": 0}, counts
 
 
 def test_tensor_parallel_stores_each_devices_share_of_in_proj_and_conv():
@@ -71,6 +73,20 @@ def test_tensor_parallel_stores_each_devices_share_of_in_proj_and_conv():
   # in_proj 32·196 + conv 128·5 of the mixer's 9036 float64 values (72288 bytes) halve.
   assert result["bytes_total"] == 72288
   assert result["bytes_before"] - result["bytes_after"] == (32 * 196 + 128 * 5) * 8 // 2
+
+
+def test_tensor_parallel_stores_each_devices_share_of_mamba1_in_proj():
+  """The gated Mamba-1 in_proj column-parallel through its interleaved layout: under
+  tensor = 2 each device stores the x and z columns of its own channels only, and the
+  ParallelMixer forward from those shards equals the mixer on one device."""
+  result = run_checks("tp_shards_mamba1")
+  assert result["wrong"] == [], result["wrong"]
+  assert result["in_proj_spec"] == "P(None, 'tensor')"
+  assert result["shards_per_array"] == 2
+  # in_proj 32·128 of the mixer's 7616 float64 values (60928 bytes) halves.
+  assert result["bytes_total"] == 60928
+  assert result["bytes_before"] - result["bytes_after"] == 32 * 128 * 8 // 2
+  assert result["forward"] <= F64, result["forward"]
 
 
 @pytest.mark.slow
