@@ -29,6 +29,8 @@ from etils import epath
 import ml_collections
 import orbax.checkpoint as ocp
 
+from mamba_jax.config import MambaConfig
+
 
 def config_to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config as plain JSON types."""
@@ -37,8 +39,9 @@ def config_to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 # The parameter layout of the saved state. 2: Mamba-2's in_proj columns and conv channels are
 # stored group by group (mamba_jax/nn/mamba2.py); before it (no marker), in mamba_ssm's order,
-# which differs only when ngroups > 1.
-PARAM_LAYOUT_VERSION = 2
+# which differs only when ngroups > 1. 3: the gated Mamba-1 in_proj's x and z columns are
+# interleaved per channel (mamba_jax/nn/mamba1.py); before it, [x | z] as mamba_ssm's.
+PARAM_LAYOUT_VERSION = 3
 _LAYOUT_KEY = "_param_layout_version"
 
 
@@ -52,6 +55,21 @@ def _has_grouped_mamba2(tree: Any) -> bool:
   if isinstance(tree, list):
     return any(_has_grouped_mamba2(v) for v in tree)
   return False
+
+
+def _has_gated_mamba1(saved_config: dict[str, Any]) -> bool:
+  """Whether a saved run config (plain JSON) has a gated Mamba-1 layer: its ``model``
+  fields' ``ssm_cfg["layer"]`` is "Mamba1" (mamba_ssm's default when absent) and some layer
+  is not in ``attn_layer_idx``."""
+  model = saved_config.get("model")
+  if not isinstance(model, dict):
+    return False
+  ssm_cfg = model.get("ssm_cfg") or {}
+  if not isinstance(ssm_cfg, dict) or ssm_cfg.get("layer", "Mamba1") != "Mamba1":
+    return False
+  n_layer = model.get("n_layer", MambaConfig.n_layer)
+  attention = set(model.get("attn_layer_idx") or ())
+  return not isinstance(n_layer, int) or any(i not in attention for i in range(n_layer))
 
 
 class Checkpointer:
@@ -100,14 +118,22 @@ class Checkpointer:
     saved_config = self._manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
     version = saved_config.get(_LAYOUT_KEY, 1)
-    if version > PARAM_LAYOUT_VERSION or (version < 2 and _has_grouped_mamba2(saved_config)):
+    changed = []
+    if version < 2 and _has_grouped_mamba2(saved_config):
+      changed.append("Mamba-2 layers with ngroups > 1 store their in_proj columns and conv "
+                     "channels group by group since layout 2")
+    if version < 3 and _has_gated_mamba1(saved_config):
+      changed.append("gated Mamba-1 layers store their in_proj x and z columns interleaved "
+                     "per channel since layout 3")
+    if version > PARAM_LAYOUT_VERSION:
+      changed.append("it was written by a newer mamba_jax")
+    if changed:
       raise ValueError(
           f"checkpoint step {step} in {self.directory} has parameter layout version {version}, "
-          f"this code reads {PARAM_LAYOUT_VERSION}: Mamba-2 layers with ngroups > 1 store their "
-          "in_proj columns and conv channels group by group since layout 2, so restoring would "
-          "silently permute them. Restore it with the mamba_jax version that wrote it and "
-          "re-save it with mamba_jax.convert.save_pretrained(format='mamba_ssm'), which this "
-          "version loads, or start a new workdir.")
+          f"this code reads {PARAM_LAYOUT_VERSION}: {'; '.join(changed)}, so restoring would "
+          "silently permute parameters. Restore it with the mamba_jax version that wrote it "
+          "and re-save it with mamba_jax.convert.save_pretrained(format='mamba_ssm'), which "
+          "this version loads, or start a new workdir.")
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=ocp.args.JsonRestore()))

@@ -57,24 +57,37 @@ def test_relative_directory_is_resolved_against_the_working_directory(tmp_path, 
   ckpt.close()
 
 
-def test_checkpoint_from_before_the_grouped_mamba2_layout_is_refused(tmp_path, monkeypatch):
-  """A state saved without the layout marker (layout 1) restores unless a Mamba-2 layer has
-  ngroups > 1, whose in_proj/conv columns changed order with layout 2: that one raises."""
+@pytest.mark.parametrize("version,model,refused", [
+    # Layout 1 (no marker): Mamba-2 in mamba_ssm's order, differing only with ngroups > 1.
+    (1, {"ssm_cfg": {"layer": "Mamba2", "ngroups": 1}}, None),
+    (1, {"ssm_cfg": {"layer": "Mamba2", "ngroups": 2}}, "ngroups > 1"),
+    # Layouts 1 and 2: a gated Mamba-1 in_proj in mamba_ssm's [x | z] order.
+    (2, {"ssm_cfg": {"layer": "Mamba2", "ngroups": 2}}, None),
+    (2, {"ssm_cfg": {"layer": "Mamba1"}, "n_layer": 2}, "gated Mamba-1"),
+    (1, {"n_layer": 2}, "gated Mamba-1"),  # "Mamba1" is the default layer
+    (2, {"ssm_cfg": {"layer": "SSMNoGate"}, "n_layer": 2}, None),  # no z: unchanged
+    (2, {"n_layer": 2, "attn_layer_idx": [0, 1]}, None),  # attention only
+    (4, {"ssm_cfg": {"layer": "Mamba2"}}, "newer mamba_jax"),
+])
+def test_checkpoint_from_before_a_layout_change_is_refused(tmp_path, monkeypatch, version,
+                                                           model, refused):
+  """A state saved with an older layout marker restores unless it holds parameters whose
+  column order changed since (Mamba-2 ngroups > 1: layout 2; gated Mamba-1 in_proj: layout
+  3); those, and a newer layout, raise."""
   from mamba_jax.training import checkpointing
+  current = checkpointing.PARAM_LAYOUT_VERSION
+  assert current == 3
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _state(0.0))
-  for groups, refused in ((1, False), (2, True)):
-    config = ml_collections.ConfigDict({"model": {"ssm_cfg": {"layer": "Mamba2",
-                                                              "ngroups": groups}}})
-    directory = tmp_path / f"g{groups}"
-    monkeypatch.setattr(checkpointing, "PARAM_LAYOUT_VERSION", 1)  # as the old code wrote it
-    old = Checkpointer(directory)
-    old.save(1, _state(1.0), {"next_index": 1}, config, force=True)
-    old.close()
-    monkeypatch.setattr(checkpointing, "PARAM_LAYOUT_VERSION", 2)
-    new = Checkpointer(directory)
-    if refused:
-      with pytest.raises(ValueError, match="ngroups > 1"):
-        new.restore(1, abstract)
-    else:
+  config = ml_collections.ConfigDict({"model": model})
+  monkeypatch.setattr(checkpointing, "PARAM_LAYOUT_VERSION", version)  # as that code wrote it
+  old = Checkpointer(tmp_path)
+  old.save(1, _state(1.0), {"next_index": 1}, config, force=True)
+  old.close()
+  monkeypatch.setattr(checkpointing, "PARAM_LAYOUT_VERSION", current)
+  new = Checkpointer(tmp_path)
+  if refused:
+    with pytest.raises(ValueError, match=f"layout version {version}, .*{refused}"):
       new.restore(1, abstract)
-    new.close()
+  else:
+    new.restore(1, abstract)
+  new.close()
