@@ -268,3 +268,22 @@ def test_long_context_loss_and_remat_match_the_model():
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
       assert_close(g, w, rtol=1e-5, what=f"gradient, remat={remat}")
 
+
+
+def test_section_from_separate_runs_joins_rows_and_contexts(tmp_path):
+  """--section: runs of one bench script (e.g. ~130M and --large generation) become one
+  section; runs of different devices are refused."""
+  def run(name, model, device="H100", reps=2):
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(dict(
+        device=device, env={"gpu": device}, args={"reps": reps}, elapsed_s=10.0,
+        rows=[{"model": model, "batch": 1}],
+        state_vs_context=[{"context": 2048, model: 1.0}, {"context": 4096, model: 2.0}])))
+    return str(path)
+  section = bench_report.section_from_runs([run("a", "m130", reps=2), run("b", "m1p4", reps=1)])
+  data = section["data"]
+  assert [r["model"] for r in data["rows"]] == ["m130", "m1p4"]
+  assert data["state_vs_context"][1] == {"context": 4096, "m130": 2.0, "m1p4": 2.0}
+  assert data["args"]["reps"] == "1 / 2" and section["wall_s"] == 20.0
+  with pytest.raises(ValueError, match="one device"):
+    bench_report.section_from_runs([run("c", "x"), run("d", "y", device="H200")])
