@@ -361,13 +361,13 @@ def worker(spec: dict) -> None:
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
   # The timed lengths compile concurrently (XLA compiles outside the GIL; a GPU host has
   # cores to spare), so a mesh costs about one compile instead of one per length.
-  valid = []
-  for length in spec["seqs"]:
+  invalid: dict[int, str] = {}  # length -> why the mesh cannot take it
+  for length in spec["seqs"] + spec["search"]:
     try:
       validate_mesh(mesh, config, batch=d, length=length)
-      valid.append(length)
-    except ValueError:
-      pass
+    except ValueError as e:
+      invalid[length] = str(e)
+  valid = [n for n in spec["seqs"] if n not in invalid]
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(valid)))
   futures = {length: pool.submit(compile_for, length) for length in valid}
   c_all = time.time()
@@ -382,10 +382,8 @@ def worker(spec: dict) -> None:
         return
     # The first length always runs: the parent kills this process when the whole budget ends,
     # and a mesh with no measurement at all (its start-up ate its share) says nothing.
-    try:
-      validate_mesh(mesh, config, batch=d, length=length)
-    except ValueError as e:
-      _emit(**base, event="invalid", seq=length, error=str(e))
+    if length in invalid:
+      _emit(**base, event="invalid", seq=length, error=invalid[length])
       continue
     record = dict(base, seq=length, tokens=d * length, timed=timed)
     try:

@@ -37,7 +37,7 @@ from mamba_jax.nn.attention import KVCache
 from mamba_jax.nn.lm import MambaLM
 from mamba_jax.nn.mamba1 import Mamba1State
 from mamba_jax.nn.mamba2 import Mamba2State
-from mamba_jax.ops.checks import check_float_dtype
+from mamba_jax.ops.checks import check_float_dtype, check_state_dtype
 
 LayerState = Union[Mamba1State, Mamba2State, KVCache]
 
@@ -94,8 +94,6 @@ def init_cache(model_or_config: MambaLM | MambaConfig, batch: int, max_length: i
                      f"{type(model_or_config).__name__}")
   _check_positive("batch", batch)
   _check_positive("max_length", max_length)
-  if state_dtype is not None:
-    state_dtype = check_float_dtype("state_dtype", state_dtype)
   return Cache(layers=tuple(model.init_state(batch, max_length, dtype, state_dtype)),
                max_length=max_length)
 
@@ -111,17 +109,12 @@ def astype_states(cache: Cache, state_dtype: Any) -> Cache:
   if not isinstance(cache, Cache):
     raise ValueError(f"cache must be a Cache (init_cache or prefill), got "
                      f"{type(cache).__name__}")
-  real = check_float_dtype("state_dtype", state_dtype)
+  check_float_dtype("state_dtype", state_dtype)
 
   def convert(layer: LayerState) -> LayerState:
     if not isinstance(layer, (Mamba1State, Mamba2State)):
       return layer
-    dtype = real
-    if jnp.iscomplexobj(layer.ssm_state):
-      if real.itemsize < 4:
-        raise ValueError(f"state_dtype={real} has no complex counterpart for a complex "
-                         "state: pass float32 or float64")
-      dtype = jnp.promote_types(real, jnp.complex64)
+    dtype = check_state_dtype("state_dtype", state_dtype, jnp.iscomplexobj(layer.ssm_state))
     return layer.replace(ssm_state=layer.ssm_state.astype(dtype))
 
   return Cache(layers=tuple(convert(layer) for layer in cache.layers),

@@ -85,8 +85,8 @@ from flax import nnx, struct
 from mamba_jax.nn.init import (A_INITS, DT_INITS, NO_WEIGHT_DECAY, A_log_init, dt_bias_init,
                                dt_proj_kernel_init, torch_default_init)
 from mamba_jax.nn.mamba2 import CausalConv1d
-from mamba_jax.ops.checks import (check_choice, check_float_dtype, check_floating, check_rank,
-                                  check_shape)
+from mamba_jax.ops.checks import (check_choice, check_floating, check_rank, check_shape,
+                                  check_state_dtype)
 from mamba_jax.ops.padding import (check_token_mask, left_align, take_along_length,
                                    token_positions)
 from mamba_jax.ops.selective_scan import prepare_delta, selective_scan
@@ -307,13 +307,9 @@ class SSMMixerBase(nnx.Module):
   def _ssm_state_dtype(self, dtype: Any, state_dtype: Any = None) -> jnp.dtype:
     """The stored SSM state's dtype: ``state_dtype`` when given (its complex counterpart for
     a complex A), else float32 or wider (``dtype`` promoted)."""
-    if state_dtype is None:
-      real = jnp.promote_types(dtype, jnp.float32)
-    else:
-      real = check_float_dtype("state_dtype", state_dtype)
-      if self.is_complex and real.itemsize < 4:
-        raise ValueError(f"state_dtype={real} has no complex counterpart for this layer's "
-                         "complex A: pass float32, float64 or None")
+    if state_dtype is not None:
+      return check_state_dtype("state_dtype", state_dtype, self.is_complex)
+    real = jnp.promote_types(dtype, jnp.float32)
     return jnp.promote_types(real, jnp.complex64) if self.is_complex else real
 
   # The mixer interface, shared by the subclasses, which implement _forward / _forward_step

@@ -72,6 +72,19 @@ def check_float_dtype(name: str, value: Any) -> jnp.dtype:
   return dtype
 
 
+def check_state_dtype(name: str, value: Any, is_complex: bool) -> jnp.dtype:
+  """The storage dtype of an SSM state asked for as ``value`` (a real floating dtype): itself,
+  or its complex counterpart for a complex state (complex64 / complex128; bfloat16 and
+  float16 have none, so they raise)."""
+  real = check_float_dtype(name, value)
+  if not is_complex:
+    return real
+  if real.itemsize < 4:
+    raise ValueError(f"{name}={real} has no complex counterpart for a complex-A layer's "
+                     "state: pass float32, float64 or None")
+  return jnp.promote_types(real, jnp.complex64)
+
+
 def is_concrete(x: Any) -> bool:
   """True when ``x``'s values are known now (not a tracer inside jit/grad/vmap).
 

@@ -160,7 +160,9 @@ def ssd_sequence_parallel(
     if init is not None:
       init = jnp.where(k == 0, init.astype(dtype), jnp.zeros_like(init, dtype))
     # x in its own dtype, as ``ssd`` passes it to its forms (bf16 tensor-core matmuls for a
-    # bf16 model); dt, A and the state corrections below in the compute dtype.
+    # bf16 model); dt, A and the state corrections below in the compute dtype. ``ssd`` returns
+    # y in x's dtype, so for a bf16 model y is rounded to bf16 once more than unsharded (before
+    # the correction, D and z): bf16-level, and nothing changes for float32 / float64 inputs.
     y, state = ssd_fn(a["x"], dtp, A_, a["B"], a["C"], chunk_size=chunk_size,
                       initial_states=init, seq_idx=a.get("seq"), return_final_states=True)
     y, state = y.astype(dtype), state.astype(dtype)
