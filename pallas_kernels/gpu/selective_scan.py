@@ -15,8 +15,9 @@ every chunk of ``block_l`` positions, (b, l / block_l, d, n) float32; the expand
 (b, l, d, n) is never written to memory.
 
 Backend: Pallas with the Triton lowering (``interpret=True`` runs it on CPU). The Triton backend
-is deprecated since JAX 0.11; ``selective_scan_fwd``'s docstring says what a Mosaic GPU port
-changes.
+is deprecated since JAX 0.11; ``backend="mosaic"`` (opt-in, not yet run on a GPU) runs the
+forward in the Mosaic GPU kernel of ``selective_scan_mgpu`` instead (Hopper; its residuals are
+the Triton forward's, so the backward is the same Triton-lowered kernel).
 
 Shape legend: b batch, l length, d d_inner, n d_state, g groups.
 """
@@ -32,26 +33,31 @@ from pallas_kernels.gpu.selective_scan_args import check_args, decay_keep
 from pallas_kernels.gpu.selective_scan_bwd import scan_bwd
 from pallas_kernels.gpu.selective_scan_fwd import (ScanGpuBlockSizes, default_block_sizes,
                                                    scan_fwd)
+from pallas_kernels.gpu.selective_scan_mgpu import check_supported, scan_fwd_mgpu
+
+# The forward kernel of each ``backend``; both return scan_fwd's outputs and residuals.
+FORWARDS = {"triton": scan_fwd, "mosaic": scan_fwd_mgpu}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13, 14))
 def _scan_core(u, delta, a, B, C, d, z, bias, init, keep, length, delta_softplus, blocks,
-               interpret):
-  y, final = scan_fwd(u, delta, a, B, C, d, z, bias, init, keep, length=length,
-                      delta_softplus=delta_softplus, save_states=False, blocks=blocks,
-                      interpret=interpret)
+               interpret, backend):
+  y, final = FORWARDS[backend](u, delta, a, B, C, d, z, bias, init, keep, length=length,
+                               delta_softplus=delta_softplus, save_states=False,
+                               blocks=blocks, interpret=interpret)
   return y, final
 
 
 def _scan_core_fwd(u, delta, a, B, C, d, z, bias, init, keep, length, delta_softplus, blocks,
-                   interpret):
-  y, final, states = scan_fwd(u, delta, a, B, C, d, z, bias, init, keep, length=length,
-                              delta_softplus=delta_softplus, save_states=True, blocks=blocks,
-                              interpret=interpret)
+                   interpret, backend):
+  y, final, states = FORWARDS[backend](u, delta, a, B, C, d, z, bias, init, keep,
+                                       length=length, delta_softplus=delta_softplus,
+                                       save_states=True, blocks=blocks, interpret=interpret)
   return (y, final), (u, delta, a, B, C, d, z, bias, init, keep, states)
 
 
-def _scan_core_bwd(length, delta_softplus, blocks, interpret, res, cotangents):
+def _scan_core_bwd(length, delta_softplus, blocks, interpret, backend, res, cotangents):
+  del backend  # both forwards leave the same residuals for the one backward
   u, delta, a, B, C, d, z, bias, init, keep, states = res
   dout, dfinal = cotangents
   du, ddelta, dz, db, dc, da, dd, dbias, dinit = scan_bwd(
@@ -72,7 +78,7 @@ _scan_core.defvjp(_scan_core_fwd, _scan_core_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("delta_softplus", "return_final_state", "blocks",
-                                             "interpret"))
+                                             "interpret", "backend"))
 def selective_scan_pallas_gpu(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array,
                               C: jax.Array, D: jax.Array | None = None,
                               z: jax.Array | None = None, delta_bias: jax.Array | None = None,
@@ -81,7 +87,7 @@ def selective_scan_pallas_gpu(u: jax.Array, delta: jax.Array, A: jax.Array, B: j
                               seq_idx: jax.Array | None = None,
                               return_final_state: bool = False, *,
                               blocks: ScanGpuBlockSizes | None = None,
-                              interpret: bool = False):
+                              interpret: bool = False, backend: str | None = None):
   """Selective scan (Mamba §3.2 Algorithm 2) forward and backward as fused Pallas GPU kernels.
 
       Δ_t   = softplus(delta_t + delta_bias)
@@ -104,16 +110,24 @@ def selective_scan_pallas_gpu(u: jax.Array, delta: jax.Array, A: jax.Array, B: j
       where they change, with a virtual seq_idx[−1] = 0.
     return_final_state: also return the state after the last position.
     blocks: block sizes; None picks ``default_block_sizes(d, g, b)``.
-    interpret: run the kernels in the Pallas interpreter (CPU).
+    interpret: run the kernels in the Pallas interpreter (CPU; the Mosaic GPU forward in
+      Mosaic GPU's interpreter).
+    backend: the forward kernel: None or "triton" (the default, Triton lowering) or "mosaic"
+      (``selective_scan_mgpu.scan_fwd_mgpu``, Hopper only, opt-in: not yet run on a GPU). The
+      backward is the Triton-lowered kernel either way.
 
   Returns:
     out (b, l, d) in u's dtype; with ``return_final_state`` also the final state (b, d, n)
     float32.
 
   Raises:
-    ValueError: on malformed arguments (complex A names the ``impl="chunked"`` fallback), or
-      blocks that do not tile d_inner / groups.
+    ValueError: on malformed arguments (complex A names the ``impl="chunked"`` fallback),
+      blocks that do not tile d_inner / groups, an unknown backend, or sizes the Mosaic GPU
+      forward does not take (naming the ``backend="triton"`` fallback).
   """
+  if backend not in (None, *FORWARDS):
+    raise ValueError(f"backend={backend!r} must be None, \"triton\" or \"mosaic\"")
+  backend = backend or "triton"
   dims = check_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                     seq_idx, return_final_state)
   batch, length, d_inner, d_state, groups = (dims.batch, dims.length, dims.d_inner,
@@ -121,6 +135,8 @@ def selective_scan_pallas_gpu(u: jax.Array, delta: jax.Array, A: jax.Array, B: j
   if blocks is None:
     blocks = default_block_sizes(d_inner, groups, batch)
   blocks.check(d_inner, groups, d_state)
+  if backend == "mosaic":
+    check_supported(d_inner, groups, d_state, u.dtype)
   pad = -length % blocks.block_l
 
   def pad_length(x):
@@ -131,6 +147,7 @@ def selective_scan_pallas_gpu(u: jax.Array, delta: jax.Array, A: jax.Array, B: j
   keep = decay_keep(seq_idx, batch, length, length + pad)
   y, final = _scan_core(pad_length(u), pad_length(delta), f32(A), pad_length(grouped(B)),
                         pad_length(grouped(C)), f32(D), pad_length(z), f32(delta_bias),
-                        f32(initial_state), keep, length, delta_softplus, blocks, interpret)
+                        f32(initial_state), keep, length, delta_softplus, blocks, interpret,
+                        backend)
   y = y[:, :length]
   return (y, final) if return_final_state else y

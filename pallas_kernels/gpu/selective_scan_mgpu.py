@@ -1,0 +1,375 @@
+"""The selective-scan (S6) forward on Hopper as one Mosaic GPU Pallas kernel (``plgpu.kernel``).
+
+Mamba §3.2 Algorithm 2 with the simplified discretization (Mamba §2 eq. (4)) and mamba_ssm's
+``selective_scan_fn`` semantics, per channel i and state k:
+
+  Δ_t   = softplus(delta_t + delta_bias)                  (bias and softplus optional)
+  h_t   = exp(Δ_t A) ⊙ keep_t h_{t−1} + Δ_t u_t B_t       (keep_t = 0 where seq_idx changes)
+  y_t   = (C_t · h_t + D u_t) · silu(z_t)                  (D and z optional)
+
+``scan_fwd_mgpu`` has exactly the arguments and results of the Triton-lowered
+``selective_scan_fwd.scan_fwd`` (padded inputs, Δ = 0 beyond ``length``, the float32 state
+entering every chunk of ``blocks.block_l`` positions as the backward's residual), so the
+Triton-lowered backward ``selective_scan_bwd.scan_bwd`` consumes its residuals unchanged.
+
+Design. One CTA = one warpgroup (128 threads) per (block of ``BLOCK_D`` = 64 channels of one
+group, batch row). The (64, n) float32 state lives in registers in the wgmma accumulator
+layout (``plgpu.Layout.WGMMA``: 64 rows of channels, n columns of states; per-channel vectors
+u, Δ, z, D, y in its ``.reduce(1)`` layout, per-state vectors B_t, C_t in its ``.reduce(0)``
+layout). The length is walked in load chunks of ``rows`` positions (``rows`` divides
+``block_l``, at most ``LOAD_ROWS``): the chunk's rows of u, delta, z (rows × 64), B, C (rows × n
+of the block's group) and keep (rows,) are TMA-copied into a ring of ``depth`` shared-memory
+slots, issued ``depth`` chunks ahead; a ``fori_loop`` over the chunk's positions reads one row
+per step from shared memory, updates the state (all float32; exp(Δ A) per (channel, state),
+computed as 2^(Δ · A log2 e)), reduces C_t · h_t over the states (shuffles inside a quad of
+lanes: the state dimension never crosses a warp) and writes the y row into a double-buffered
+shared-memory tile that is TMA-stored once per chunk, together with the state entering each
+``block_l`` chunk (the residual). The expanded state (b, l, d, n) never reaches memory.
+
+Compiled, the kernel runs without Pallas' automatic warpgroup barriers around every shared
+memory access (``unsafe_no_auto_barriers``): no thread reads a buffer that it writes (inputs
+are TMA-written and read; y rows and states are written and TMA-read; the initial and final
+states have separate buffers), and every hand-over between threads and the TMA unit goes
+through ``commit_smem`` / ``wait_smem_to_gmem`` / ``barrier_wait``, which synchronize the
+warpgroup themselves.
+
+Status: this kernel has run only in Mosaic GPU's CPU interpreter (``interpret=True``, against
+the float64 sequential oracle) and through Mosaic GPU's lowering for sm_90 on a machine without
+a GPU; it has not yet been compiled and run on a Hopper GPU, so neither its correctness there
+nor its speed is verified. It is opt-in (``selective_scan_pallas_gpu(..., backend="mosaic")``),
+never the default.
+
+Limits (each raises ValueError naming the ``backend="triton"`` fallback): d_inner / groups a
+multiple of 64 channels; d_state a multiple of 8 (the wgmma layout's column tile; TMA rows of
+at least 16 bytes); block_l a multiple of 8; the buffers of one CTA must fit Hopper's shared
+memory.
+
+Shape legend: b batch, l padded length, d d_inner, n d_state, g groups.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from pallas_kernels.gpu.selective_scan_args import sigmoid
+from pallas_kernels.gpu.selective_scan_fwd import ScanGpuBlockSizes
+
+BLOCK_D = 64          # channels per CTA: the wgmma layout's row tile (one warpgroup)
+LOAD_ROWS = 32        # at most this many positions per TMA load chunk
+MIN_BLOCK_L = 8       # block_l a multiple of this: TMA rows of keep are >= 32 bytes
+STATE_COLUMNS = 8     # d_state must be a multiple of the wgmma layout's column tile
+SMEM_BYTES = 227 * 1024 - 4096   # Hopper's 227 KiB per CTA, less barriers and slack
+UNROLL = 4            # positions per unrolled step block when compiled (ILP across steps)
+LOG2_E = 1.4426950408889634
+
+STATE = plgpu.Layout.WGMMA                  # (BLOCK_D, n): one row per channel
+CHANNEL = plgpu.Layout.WGMMA.reduce(1)      # (BLOCK_D,): one value per channel
+STATE_COL = plgpu.Layout.WGMMA.reduce(0)    # (n,): one value per state
+
+
+def _softplus(x):
+  """log(1 + eˣ) = max(x, 0) + log(1 + e^−|x|) (Mosaic GPU has no log1p; the absolute error
+  of the log is below float32's ulp of the result)."""
+  return jnp.maximum(x, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(x)))
+
+
+def load_rows(block_l: int) -> int:
+  """Positions per TMA load chunk: the largest divisor of block_l that is at most LOAD_ROWS."""
+  return math.gcd(block_l, LOAD_ROWS) if block_l % LOAD_ROWS else LOAD_ROWS
+
+
+def _smem_bytes(depth: int, rows: int, n: int, itemsize: int, *, has_z: bool, has_keep: bool,
+                save_states: bool) -> int:
+  """Shared memory of one CTA: the input ring, the y / state output buffers, A, h0, h_final,
+  D and bias."""
+  per_slot = (rows * ((2 + has_z) * BLOCK_D * itemsize + 2 * n * itemsize)
+              + 4 * LOAD_ROWS * has_keep)
+  outputs = 2 * rows * BLOCK_D * itemsize + (2 * BLOCK_D * n * 4 if save_states else 0)
+  fixed = 3 * BLOCK_D * n * 4 + 2 * BLOCK_D * 4
+  return depth * per_slot + outputs + fixed
+
+
+def ring_depth(rows: int, n: int, itemsize: int, *, has_z: bool, has_keep: bool,
+               save_states: bool) -> int:
+  """Load chunks in flight (3, else 2) such that one CTA's buffers fit shared memory."""
+  for depth in (3, 2):
+    if _smem_bytes(depth, rows, n, itemsize, has_z=has_z, has_keep=has_keep,
+                   save_states=save_states) <= SMEM_BYTES:
+      return depth
+  need = _smem_bytes(2, rows, n, itemsize, has_z=has_z, has_keep=has_keep,
+                     save_states=save_states)
+  raise ValueError(f"d_state n={n} needs {need} bytes of shared memory per CTA > {SMEM_BYTES} "
+                   "in the Mosaic GPU selective scan; use backend=\"triton\"")
+
+
+def check_supported(d_inner: int, groups: int, d_state: int, dtype) -> None:
+  """Raises ValueError (naming the ``backend="triton"`` fallback) unless the kernel takes these
+  sizes: every channel block of BLOCK_D lies in one group, n is a multiple of STATE_COLUMNS."""
+  per_group = d_inner // groups
+  if per_group % BLOCK_D:
+    raise ValueError(f"d_inner / groups = {per_group} (d_inner={d_inner}, groups={groups}) must "
+                     f"be a multiple of {BLOCK_D} for the Mosaic GPU selective scan; use "
+                     "backend=\"triton\"")
+  if d_state % STATE_COLUMNS:
+    raise ValueError(f"d_state={d_state} must be a multiple of {STATE_COLUMNS} for the Mosaic "
+                     "GPU selective scan; use backend=\"triton\"")
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
+                              jnp.dtype(jnp.float16)):
+    raise ValueError(f"u dtype {jnp.dtype(dtype)} must be float32, bfloat16 or float16 for the "
+                     "Mosaic GPU selective scan; use backend=\"triton\"")
+
+
+def _kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool, has_keep: bool,
+            save_states: bool, length: int, padded: bool, delta_softplus: bool, rows: int,
+            chunks_per_state: int, chunks: int, depth: int, per_group: int, unroll: int):
+  """One (channel block, batch row) CTA; refs in the order built by ``scan_fwd_mgpu``.
+
+  GMEM: u_ref, delta_ref, z_ref, y_ref (b, l, d); a_ref (d, n) float32; b_ref, c_ref
+  (b, l, g, n); d_ref, bias_ref (d,) float32; init_ref, final_ref (b, d, n) float32; keep_ref
+  (b, l) float32; states_ref (b, l / block_l, d, n) float32.
+  SMEM: ring slots u_s, dl_s, z_s (depth, rows, 64), b_s, c_s (depth, rows, n), keep_s
+  (depth, rows); y_s (2, rows, 64); h_s (2, 64, n); a_s, h0_s, hf_s (64, n); d_s, bias_s (64,).
+  """
+  refs = list(refs)
+  u_ref, delta_ref, a_ref, b_ref, c_ref = refs[:5]
+  del refs[:5]
+  d_ref = refs.pop(0) if has_d else None
+  z_ref = refs.pop(0) if has_z else None
+  bias_ref = refs.pop(0) if has_bias else None
+  init_ref = refs.pop(0) if has_init else None
+  keep_ref = refs.pop(0) if has_keep else None
+  y_ref, final_ref = refs[:2]
+  del refs[:2]
+  states_ref = refs.pop(0) if save_states else None
+  (u_s, dl_s, z_s, b_s, c_s, keep_s, y_s, h_s, a_s, h0_s, hf_s, d_s, bias_s,
+   ring_bar, const_bar) = refs
+
+  j = lax.axis_index("d")
+  bi = lax.axis_index("b")
+  c0 = j * BLOCK_D
+  chans = pl.ds(c0, BLOCK_D)
+  g = lax.div(c0, jnp.int32(per_group))
+  n = a_s.shape[1]
+
+  streams = [(u_ref, u_s), (delta_ref, dl_s)]
+  if has_z:
+    streams.append((z_ref, z_s))
+  group_streams = [(b_ref, b_s), (c_ref, c_s)]
+
+  def issue(c, slot):
+    """Start the TMA loads of load chunk c into ring slot ``slot`` (one barrier per stream)."""
+    pos = pl.ds(c * rows, rows)
+    k = 0
+    for src, dst in streams:
+      plgpu.copy_gmem_to_smem(src.at[bi, pos, chans], dst.at[slot], ring_bar.at[k, slot])
+      k += 1
+    for src, dst in group_streams:
+      plgpu.copy_gmem_to_smem(src.at[bi, pos, g], dst.at[slot], ring_bar.at[k, slot])
+      k += 1
+    if has_keep:   # keep_s rows are LOAD_ROWS long: every slot starts 128-byte aligned
+      plgpu.copy_gmem_to_smem(keep_ref.at[bi, pos], keep_s.at[slot, pl.ds(0, rows)],
+                              ring_bar.at[k, slot])
+
+  num_streams = len(streams) + 2 + has_keep
+  for c in range(min(depth, chunks)):
+    issue(jnp.int32(c), c)
+  consts = [(a_ref.at[chans], a_s)]
+  if has_init:
+    consts.append((init_ref.at[bi, chans], h0_s))
+  if has_d:
+    consts.append((d_ref.at[chans], d_s))
+  if has_bias:
+    consts.append((bias_ref.at[chans], bias_s))
+  for k, (src, dst) in enumerate(consts):
+    plgpu.copy_gmem_to_smem(src, dst, const_bar.at[k])
+  for k in range(len(consts)):
+    plgpu.barrier_wait(const_bar.at[k])
+
+  a2 = plgpu.load(a_s, layout=STATE) * LOG2_E   # exp(Δ A) = 2^(Δ A log2 e): one ex2 each
+  d_skip = plgpu.load(d_s, layout=CHANNEL) if has_d else None
+  bias = plgpu.load(bias_s, layout=CHANNEL) if has_bias else None
+  if has_init:
+    h = plgpu.load(h0_s, layout=STATE)
+  else:
+    h = plgpu.layout_cast(jnp.zeros((BLOCK_D, n), jnp.float32), STATE)
+  by_channel = lambda v: lax.broadcast_in_dim(v, (BLOCK_D, n), [0])
+  by_state = lambda v: lax.broadcast_in_dim(v, (BLOCK_D, n), [1])
+
+  def chunk(c, h):
+    slot = lax.rem(c, jnp.int32(depth))
+    out = lax.rem(c, jnp.int32(2))
+    for k in range(num_streams):
+      plgpu.barrier_wait(ring_bar.at[k, slot])
+    plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # chunk c − 2's stores have read y_s[out]
+    if save_states:
+      state_slot = lax.rem(lax.div(c, jnp.int32(chunks_per_state)), jnp.int32(2))
+      if chunks_per_state == 1:
+        h_s.at[state_slot][...] = h
+      else:
+        @pl.when(lax.rem(c, jnp.int32(chunks_per_state)) == 0)
+        def _():
+          h_s.at[state_slot][...] = h
+
+    def step(i, h):
+      u = plgpu.load(u_s.at[slot, i], layout=CHANNEL).astype(jnp.float32)
+      x = plgpu.load(dl_s.at[slot, i], layout=CHANNEL).astype(jnp.float32)
+      if has_bias:
+        x = x + bias
+      dt = _softplus(x) if delta_softplus else x
+      if padded:
+        dt = dt * (c * rows + i < length).astype(jnp.float32)   # Δ = 0 on padding
+      decay = jnp.exp2(by_channel(dt) * a2)
+      if has_keep:
+        decay = decay * keep_s[slot, i]
+      b_t = plgpu.load(b_s.at[slot, i], layout=STATE_COL).astype(jnp.float32)
+      h = decay * h + by_channel(dt * u) * by_state(b_t)
+      c_t = plgpu.load(c_s.at[slot, i], layout=STATE_COL).astype(jnp.float32)
+      y = jnp.sum(h * by_state(c_t), axis=1)
+      if has_d:
+        y = y + d_skip * u
+      if has_z:
+        zt = plgpu.load(z_s.at[slot, i], layout=CHANNEL).astype(jnp.float32)
+        y = y * zt * sigmoid(zt)
+      y_s.at[out, i][...] = y.astype(y_s.dtype)
+      return h
+
+    h = lax.fori_loop(0, rows, step, h, unroll=unroll)
+    plgpu.commit_smem()   # the y rows are visible to TMA; every thread has read the ring slot
+
+    @pl.when(c + depth < chunks)
+    def _():
+      issue(c + depth, slot)
+
+    plgpu.copy_smem_to_gmem(y_s.at[out], y_ref.at[bi, pl.ds(c * rows, rows), chans],
+                            commit_group=False)
+    if save_states:
+      if chunks_per_state == 1:
+        plgpu.copy_smem_to_gmem(h_s.at[state_slot], states_ref.at[bi, c, chans],
+                                commit_group=False)
+      else:
+        @pl.when(lax.rem(c, jnp.int32(chunks_per_state)) == 0)
+        def _():
+          plgpu.copy_smem_to_gmem(
+              h_s.at[state_slot],
+              states_ref.at[bi, lax.div(c, jnp.int32(chunks_per_state)), chans],
+              commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
+    return h
+
+  h = lax.fori_loop(jnp.int32(0), jnp.int32(chunks), chunk, h)
+  hf_s[...] = h
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(hf_s, final_ref.at[bi, chans])
+  plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("length", "delta_softplus", "save_states",
+                                             "blocks", "interpret"))
+def scan_fwd_mgpu(u: jax.Array, delta: jax.Array, a: jax.Array, B: jax.Array, C: jax.Array,
+                  d: jax.Array | None, z: jax.Array | None, bias: jax.Array | None,
+                  init: jax.Array | None, keep: jax.Array | None, *, length: int,
+                  delta_softplus: bool, save_states: bool, blocks: ScanGpuBlockSizes,
+                  interpret: bool | plgpu.InterpretGPUParams = False):
+  """The fused forward over the padded length on Hopper (Mosaic GPU), ``scan_fwd``'s contract.
+
+      Δ_t = softplus(delta_t + bias),  h_t = exp(Δ_t A) ⊙ keep_t h_{t−1} + Δ_t u_t B_t,
+      y_t = (C_t · h_t + D u_t) · silu(z_t)
+
+  Args:
+    u, delta: (b, l, d) float32 / bf16 / fp16, l a multiple of ``blocks.block_l``.
+    a: (d, n) float32, A.
+    B, C: (b, l, g, n) float32 / bf16 / fp16; channel i reads group i // (d / g).
+    d: optional (d,) float32 skip D.
+    z: optional (b, l, d) gate.
+    bias: optional (d,) float32 delta_bias.
+    init: optional (b, d, n) float32 initial state.
+    keep: optional (b, l) float32 decay mask from ``selective_scan_args.decay_keep``.
+    length: the true length (positions at or beyond it are padding: Δ = 0 there).
+    delta_softplus: Δ = softplus(delta + bias) instead of delta + bias.
+    save_states: also return the chunk-entering states.
+    blocks: the GPU block sizes; only ``block_l`` (the interval of the saved states) is used
+      here: the channel block is ``BLOCK_D`` and the load chunk ``load_rows(block_l)``.
+    interpret: run in Mosaic GPU's interpreter (CPU); True uses the default
+      ``plgpu.InterpretGPUParams()``, an instance is used as given (e.g. ``detect_races=True``).
+
+  Returns:
+    y (b, l, d) in u's dtype, the final state (b, d, n) float32, and with ``save_states`` the
+    state entering every chunk of block_l positions, (b, l / block_l, d, n) float32.
+
+  Raises:
+    ValueError: for sizes or dtypes the kernel does not take (``check_supported``,
+      ``ring_depth``); the message names the ``backend="triton"`` fallback.
+  """
+  batch, padded_length, d_inner = u.shape
+  groups, d_state = B.shape[2], B.shape[3]
+  check_supported(d_inner, groups, d_state, u.dtype)
+  block_l = blocks.block_l
+  if block_l % MIN_BLOCK_L:
+    raise ValueError(f"block_l={block_l} must be a multiple of {MIN_BLOCK_L} for the Mosaic GPU "
+                     "selective scan (TMA rows of at least 32 bytes); use backend=\"triton\"")
+  if padded_length % block_l:
+    raise ValueError(f"the padded length {padded_length} must be a multiple of block_l="
+                     f"{block_l}")
+  rows = load_rows(block_l)
+  chunks = padded_length // rows
+  dtype = u.dtype
+  itemsize = max(x.dtype.itemsize for x in (u, delta, B, C, z) if x is not None)
+  depth = ring_depth(rows, d_state, itemsize, has_z=z is not None, has_keep=keep is not None,
+                     save_states=save_states)
+  args = [u, delta, a, B, C]
+  for x in (d, z, bias, init, keep):
+    if x is not None:
+      args.append(x)
+  out_type = [jax.ShapeDtypeStruct(u.shape, dtype),
+              jax.ShapeDtypeStruct((batch, d_inner, d_state), jnp.float32)]
+  if save_states:
+    out_type.append(jax.ShapeDtypeStruct((batch, padded_length // block_l, d_inner, d_state),
+                                         jnp.float32))
+  num_streams = 4 + (z is not None) + (keep is not None)
+  num_consts = 1 + (init is not None) + (d is not None) + (bias is not None)
+  f32 = jnp.float32
+  scratch = [
+      plgpu.SMEM((depth, rows, BLOCK_D), dtype),                    # u ring
+      plgpu.SMEM((depth, rows, BLOCK_D), delta.dtype),              # delta ring
+      None if z is None else plgpu.SMEM((depth, rows, BLOCK_D), z.dtype),
+      plgpu.SMEM((depth, rows, d_state), B.dtype),                  # B ring
+      plgpu.SMEM((depth, rows, d_state), C.dtype),                  # C ring
+      None if keep is None else plgpu.SMEM((depth, LOAD_ROWS), f32),
+      plgpu.SMEM((2, rows, BLOCK_D), dtype),                        # y rows (double-buffered)
+      plgpu.SMEM((2, BLOCK_D, d_state), f32) if save_states else None,
+      plgpu.SMEM((BLOCK_D, d_state), f32),                          # A
+      plgpu.SMEM((BLOCK_D, d_state), f32) if init is not None else None,
+      plgpu.SMEM((BLOCK_D, d_state), f32),                          # final state
+      None if d is None else plgpu.SMEM((BLOCK_D,), f32),
+      None if bias is None else plgpu.SMEM((BLOCK_D,), f32),
+      plgpu.Barrier(num_barriers=(num_streams, depth)),
+      plgpu.Barrier(num_barriers=num_consts),
+  ]
+  kernel = functools.partial(
+      _kernel, has_d=d is not None, has_z=z is not None, has_bias=bias is not None,
+      has_init=init is not None, has_keep=keep is not None, save_states=save_states,
+      length=length, padded=length != padded_length, delta_softplus=delta_softplus, rows=rows,
+      chunks_per_state=block_l // rows, chunks=chunks, depth=depth,
+      per_group=d_inner // groups, unroll=1 if interpret else min(UNROLL, rows))
+  if interpret:
+    params = interpret if isinstance(interpret, plgpu.InterpretGPUParams) else (
+        plgpu.InterpretGPUParams())
+    options = dict(interpret=params)
+  else:
+    options = dict(compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True))
+  return plgpu.kernel(
+      kernel,
+      out_type=out_type,
+      scratch_types=scratch,
+      grid=(d_inner // BLOCK_D, batch),
+      grid_names=("d", "b"),
+      kernel_name="selective_scan_fwd_mgpu",
+      **options,
+  )(*args)

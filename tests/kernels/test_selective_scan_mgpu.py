@@ -1,0 +1,269 @@
+"""Mosaic GPU (Hopper) selective-scan (S6) forward against the float64 sequential oracle.
+
+``scan_fwd_mgpu`` (pallas_kernels/gpu/selective_scan_mgpu.py) has ``scan_fwd``'s contract: y,
+the final state and the float32 state entering every chunk of ``block_l`` positions (the
+backward's residual). Every check compares with ``mamba_jax.ops.selective_scan(...,
+impl="sequential")`` in float64 on the same (upcast) inputs: y and the final state; the saved
+chunk states (the first, the second, a middle and the last) against the oracle's final
+states of the length prefixes; seq_idx (which the
+oracle lacks) against running each segment separately.
+
+The GPU class compiles the kernel (sm_90 only) at real sizes and also runs the vjp of
+``selective_scan_pallas_gpu(..., backend="mosaic")`` (this forward, the Triton-lowered backward).
+Its interpret twin runs the same kernel in Mosaic GPU's interpreter on CPU with tiny shapes
+(64 channels per CTA, so d_inner 64-128), once with the interpreter's race detector on; a
+lowering test runs Mosaic GPU's layout inference and lowering for an H100 without a GPU.
+"""
+
+import jax
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mamba_jax.ops.selective_scan import selective_scan
+from pallas_kernels.gpu.selective_scan import selective_scan_pallas_gpu
+from pallas_kernels.gpu.selective_scan_args import decay_keep
+from pallas_kernels.gpu.selective_scan_fwd import ScanGpuBlockSizes
+from pallas_kernels.gpu.selective_scan_mgpu import scan_fwd_mgpu
+from tests.kernels.test_selective_scan_gpu import (FULL, PLAIN, TOLERANCES, _compare_grads,
+                                                   _inputs, _upcast)
+from tests.numerics import assert_close
+
+
+def _on_hopper() -> bool:
+  dev = jax.devices()[0]
+  return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
+
+
+def _kernel_args(primals, seq_idx, block_l):
+  """The wrapper's preparation: (b, l, g, n) B / C, inputs padded to block_l, float32
+  vectors and states, the keep mask of seq_idx."""
+  u, delta, A, B, C, D, z, bias, init = primals
+  b, l, d = u.shape
+  n = A.shape[1]
+  pad = -l % block_l
+  padded = lambda x: None if x is None else jnp.pad(
+      x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  grouped = lambda x: x.reshape(b, l, -1, n)
+  f32 = lambda x: None if x is None else x.astype(jnp.float32)
+  return (padded(u), padded(delta), f32(A), padded(grouped(B)), padded(grouped(C)), f32(D),
+          padded(z), f32(bias), f32(init), decay_keep(seq_idx, b, l, l + pad))
+
+
+def _oracle(primals, softplus, stop=None):
+  """(y, final state) of the float64 sequential oracle on the first ``stop`` positions."""
+  u, delta, A, B, C, D, z, bias, init = _upcast(primals)
+  cut = lambda x: None if x is None else x[:, :stop]
+  return selective_scan(cut(u), cut(delta), A, cut(B), cut(C), D, cut(z), bias, softplus, init,
+                        True, impl="sequential")
+
+
+def _segments_oracle(primals, seq_idx):
+  """(y, final state) with each seq_idx segment scanned alone (softplus on): a row's first
+  segment starts from its initial state only when its ids start at 0 (virtual seq_idx[−1] = 0)."""
+  u, delta, A, B, C, D, z, bias, init = _upcast(primals)
+  seq = np.asarray(seq_idx)
+  outs, finals = [], []
+  for row in range(seq.shape[0]):
+    bounds = [0] + [t for t in range(1, seq.shape[1]) if seq[row, t] != seq[row, t - 1]]
+    bounds.append(seq.shape[1])
+    pieces, state = [], None
+    for s, e in zip(bounds[:-1], bounds[1:]):
+      take = lambda x: None if x is None else x[row:row + 1, s:e]
+      h0 = init[row:row + 1] if (s == 0 and seq[row, 0] == 0) else None
+      y, state = selective_scan(take(u), take(delta), A, take(B), take(C), D, take(z), bias,
+                                True, h0, True, impl="sequential")
+      pieces.append(y)
+    outs.append(jnp.concatenate(pieces, axis=1))
+    finals.append(state)
+  return jnp.concatenate(outs), jnp.concatenate(finals)
+
+
+class ScanMosaicCases:
+  """The checks, shared by the compiled (GPU) and interpreted (CPU) classes below.
+
+  Subclasses set INTERPRET (``scan_fwd_mgpu``'s ``interpret``), SHAPE (b, l, d, n) and
+  BLOCK_L (the interval of the saved states; loads come in chunks of up to 32 positions).
+  """
+  INTERPRET = False
+  SHAPE = (2, 1100, 2048, 16)
+  BLOCK_L = 64
+
+  def _forward(self, dtype, flags, seed, *, shape=None, block_l=None, softplus=True,
+               seq_idx=None, interpret=None):
+    b, l, d, n = shape or self.SHAPE
+    block_l = block_l or self.BLOCK_L
+    primals = _inputs(jax.random.key(seed), dtype, b, l, d, n, **flags)
+    y, final, states = scan_fwd_mgpu(
+        *_kernel_args(primals, seq_idx, block_l), length=l, delta_softplus=softplus,
+        save_states=True, blocks=ScanGpuBlockSizes(block_l=block_l, sub_l=block_l // 4),
+        interpret=self.INTERPRET if interpret is None else interpret)
+    assert y.dtype == dtype and y.shape == (b, -(-l // block_l) * block_l, d)
+    assert final.dtype == jnp.float32 and final.shape == (b, d, n)
+    assert states.dtype == jnp.float32 and states.shape == (b, -(-l // block_l), d, n)
+    return primals, y[:, :l], final, states
+
+  def _compare(self, dtype, flags, seed, *, shape=None, block_l=None, softplus=True):
+    """y, the final state and every saved chunk state against the float64 oracle."""
+    primals, y, final, states = self._forward(dtype, flags, seed, shape=shape,
+                                              block_l=block_l, softplus=softplus)
+    name = jnp.dtype(dtype).name
+    tol = TOLERANCES[dtype]
+    y_ref, final_ref = _oracle(primals, softplus)
+    assert_close(y, y_ref, tol, f"{name} y")
+    assert_close(final, final_ref, tol, f"{name} final state")
+    init = primals[-1]
+    first = jnp.zeros_like(final) if init is None else init
+    assert_close(states[:, 0], first, 0.0, f"{name} state entering chunk 0")
+    block_l = block_l or self.BLOCK_L
+    chunks = states.shape[1]
+    for k in sorted({1, 2, chunks // 2, chunks - 1} & set(range(1, chunks))):
+      _, want = _oracle(primals, softplus, stop=k * block_l)
+      assert_close(states[:, k], want, tol, f"{name} state entering chunk {k}")
+
+  def _compare_seq_idx(self, seq_idx, *, shape, interpret=None):
+    """float32, all options, packed rows against each segment scanned alone."""
+    primals, y, final, _ = self._forward(jnp.float32, FULL, 5, shape=shape,
+                                         seq_idx=jnp.asarray(seq_idx), interpret=interpret)
+    y_ref, final_ref = _segments_oracle(primals, seq_idx)
+    assert_close(y, y_ref, TOLERANCES[jnp.float32], "seq_idx y")
+    assert_close(final, final_ref, TOLERANCES[jnp.float32], "seq_idx final state")
+
+  def test_full_float32(self):
+    """Groups 2, D, z, delta_bias + softplus, initial state; a tail after the last chunk."""
+    self._compare(jnp.float32, FULL, 0)
+
+  def test_full_bfloat16(self):
+    self._compare(jnp.bfloat16, FULL, 1)
+
+  def test_plain_float16(self):
+    """Batch 1, 3-D B / C, no D / z / bias / softplus / initial state."""
+    _, l, d, n = self.SHAPE
+    self._compare(jnp.float16, PLAIN, 2, shape=(1, l, d, n), softplus=False)
+
+  def test_rejects_unsupported(self):
+    """Sizes outside the kernel raise ValueError naming the Triton fallback."""
+    for b, l, d, n, g, block_l, match in [
+        (1, 64, 96, 16, 1, 32, "d_inner / groups = 96.*backend=\"triton\""),
+        (1, 64, 128, 4, 1, 32, "d_state=4 must be a multiple of 8.*backend=\"triton\""),
+        (1, 64, 64, 16, 1, 4, "block_l=4 must be a multiple of 8.*backend=\"triton\""),
+        (1, 64, 64, 512, 1, 32, "shared memory.*backend=\"triton\""),
+    ]:
+      flags = dict(PLAIN, groups=g, bc_4d=True)
+      primals = _inputs(jax.random.key(0), jnp.float32, b, l, d, n, **flags)
+      with pytest.raises(ValueError, match=match):
+        scan_fwd_mgpu(*_kernel_args(primals, None, block_l), length=l, delta_softplus=False,
+                      save_states=True, blocks=ScanGpuBlockSizes(block_l=block_l, sub_l=4),
+                      interpret=self.INTERPRET)
+    u = jnp.zeros((1, 16, 96), jnp.float32)
+    a = -jnp.ones((96, 16), jnp.float32)
+    bc = jnp.zeros((1, 16, 16), jnp.float32)
+    with pytest.raises(ValueError, match="d_inner / groups = 96.*backend=\"triton\""):
+      selective_scan_pallas_gpu(u, u, a, bc, bc, interpret=self.INTERPRET, backend="mosaic")
+    with pytest.raises(ValueError, match="backend='cuda' must be None"):
+      selective_scan_pallas_gpu(u, u, a, bc, bc, interpret=self.INTERPRET, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_hopper(), reason="Mosaic GPU's TMA / wgmma layouts need sm_90")
+class TestScanMosaicGPU(ScanMosaicCases):
+  """The compiled kernel on a Hopper GPU at real sizes (d_inner 2048, two 550-long packed
+  segments per row, lengths with a tail)."""
+
+  def test_seq_idx_matches_separate_segments(self):
+    _, l, d, n = self.SHAPE
+    seq_idx = np.zeros((2, l), np.int32)
+    seq_idx[0, 550:] = 1
+    seq_idx[1, :] = 1          # ids start at 1: row 1 ignores its initial state
+    seq_idx[1, 700:] = 2
+    self._compare_seq_idx(seq_idx, shape=(2, l, d, n))
+
+  @pytest.mark.parametrize("n", [32, 64])
+  def test_state_sizes_bfloat16(self, n):
+    self._compare(jnp.bfloat16, FULL, 3, shape=(2, 300, 1024, n))
+
+  @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+  def test_wrapper_vjp(self, dtype):
+    """selective_scan_pallas_gpu(backend="mosaic"): outputs and the vjp of every input (the
+    Triton-lowered backward on this forward's residuals) against the oracle's."""
+    b, l, d, n = 2, 700, 512, 16
+    primals = _inputs(jax.random.key(4), dtype, b, l, d, n, **FULL)
+
+    def kernel(*args):
+      return selective_scan_pallas_gpu(*args[:8], True, args[8], None, True, backend="mosaic")
+
+    def oracle(*args):
+      return selective_scan(*args[:8], True, args[8], True, impl="sequential")
+
+    out, vjp = jax.vjp(kernel, *primals)
+    want, oracle_vjp = jax.vjp(jax.jit(oracle), *_upcast(primals))
+    for name, got, expected in zip(("y", "final_state"), out, want):
+      assert_close(got, expected, TOLERANCES[dtype], f"{jnp.dtype(dtype).name} {name}")
+    _compare_grads(vjp, oracle_vjp, out, primals, dtype, 5, "mosaic vjp")
+
+
+class TestScanMosaicInterpret(ScanMosaicCases):
+  """The same kernel in Mosaic GPU's interpreter on CPU: d_inner 128 (two channel blocks, one
+  per group), l = 75 (three load chunks of 32, the last one partly padding), block_l = 32 for
+  the float32 / float16 cases and 64 (two load chunks per saved state) for bfloat16."""
+  INTERPRET = True
+  SHAPE = (2, 75, 128, 16)
+  BLOCK_L = 32
+
+  def test_full_bfloat16(self):
+    self._compare(jnp.bfloat16, FULL, 1, block_l=64)
+
+  def test_seq_idx_matches_separate_segments_no_races(self):
+    """Packed rows against separate segments, under the interpreter's race detector (TMA
+    loads / stores against the threads' reads and writes of the same buffers)."""
+    l = 40
+    seq_idx = np.zeros((2, l), np.int32)
+    seq_idx[0, 5:] = 1
+    seq_idx[0, 17:] = 2
+    seq_idx[1, :] = 1
+    seq_idx[1, l - 9:] = 2
+    params = plgpu.InterpretGPUParams(detect_races=True)
+    self._compare_seq_idx(seq_idx, shape=(2, l, 128, 16), interpret=params)
+    assert not gpu_callbacks.get_races().races_found
+
+  def test_wrapper_backend_mosaic(self):
+    """selective_scan_pallas_gpu(backend="mosaic") runs this forward: its outputs equal the
+    kernel's, and equal the default (Triton-lowered) forward's to float32 rounding."""
+    b, l, d, n = 1, 21, 128, 16
+    primals = _inputs(jax.random.key(6), jnp.float32, b, l, d, n, **FULL)
+    blocks = ScanGpuBlockSizes(block_d=32, block_l=8, sub_l=4)
+    run = lambda backend: selective_scan_pallas_gpu(
+        *primals[:8], True, primals[8], None, True, blocks=blocks, interpret=True,
+        backend=backend)
+    y, final = run("mosaic")
+    y_k, final_k, _ = scan_fwd_mgpu(*_kernel_args(primals, None, 8), length=l,
+                                    delta_softplus=True, save_states=True, blocks=blocks,
+                                    interpret=True)
+    np.testing.assert_array_equal(y, y_k[:, :l])
+    np.testing.assert_array_equal(final, final_k)
+    y_t, final_t = run(None)
+    assert_close(y, y_t, 1e-6, "mosaic vs triton y")
+    assert_close(final, final_t, 1e-6, "mosaic vs triton final state")
+
+
+def test_lowers_for_hopper():
+  """Mosaic GPU's layout inference and lowering for an H100 (no GPU needed), for every option
+  and input dtype: bf16 with everything (keep, D, z, bias, initial state, saved states every
+  two load chunks), float32 and float16 plain."""
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=1,
+                                       platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+  b, l, d, n = 2, 250, 256, 16
+  seq_idx = jnp.zeros((b, l), jnp.int32)
+  for dtype, flags, seq, save in [(jnp.bfloat16, FULL, seq_idx, True),
+                                  (jnp.float32, PLAIN, None, False),
+                                  (jnp.float16, PLAIN, None, True)]:
+    primals = _inputs(jax.random.key(0), dtype, b, l, d, n, **flags)
+    args = _kernel_args(primals, seq, 64)
+    fwd = lambda *a: scan_fwd_mgpu(*a, length=l, delta_softplus=True, save_states=save,
+                                   blocks=ScanGpuBlockSizes(block_l=64))
+    with jax.sharding.use_abstract_mesh(mesh):
+      lowered = jax.jit(fwd).trace(*args).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
