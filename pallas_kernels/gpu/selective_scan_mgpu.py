@@ -26,6 +26,14 @@ lanes: the state dimension never crosses a warp) and writes the y row into a dou
 shared-memory tile that is TMA-stored once per chunk, together with the state entering each
 ``block_l`` chunk (the residual). The expanded state (b, l, d, n) never reaches memory.
 
+Small batches of long sequences give too few CTAs (b · d / 64: 32 at b = 1, d = 2048, for
+132 SMs), and each CTA walks its whole sequence serially. ``scan_fwd_mgpu`` then splits every
+sequence into ``segment_count`` consecutive segments (whole block_l chunks, >= 256 positions)
+and runs two launches (``scan_fwd_mgpu_segments``): the segments' end states from a zero state
+(no y), the states entering the segments by a short float32 recurrence in XLA over the segment
+decays Π keep_t · exp(A Σ Δ_t), then the full kernel from those states: twice the arithmetic,
+``segments`` times the parallelism.
+
 Compiled, the kernel runs without Pallas' automatic warpgroup barriers around every shared
 memory access (``unsafe_no_auto_barriers``): no thread reads a buffer that it writes (inputs
 are TMA-written and read; y rows and states are written and TMA-read; the initial and final
@@ -68,6 +76,8 @@ STATE_COLUMNS = 8     # d_state must be a multiple of the wgmma layout's column 
 SMEM_BYTES = 227 * 1024 - 4096   # Hopper's 227 KiB per CTA, less barriers and slack
 UNROLL = 4            # positions per unrolled step block when compiled (ILP across steps)
 LOG2_E = 1.4426950408889634
+TARGET_CTAS = 2 * 132  # split sequences into segments below two CTAs per SM of an H100
+MIN_SEGMENT = 256      # ... but into no segment shorter than this many positions
 
 STATE = plgpu.Layout.WGMMA                  # (BLOCK_D, n): one row per channel
 CHANNEL = plgpu.Layout.WGMMA.reduce(1)      # (BLOCK_D,): one value per channel
@@ -127,9 +137,12 @@ def check_supported(d_inner: int, groups: int, d_state: int, dtype) -> None:
 
 
 def _kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool, has_keep: bool,
-            save_states: bool, length: int, padded: bool, delta_softplus: bool, rows: int,
-            chunks_per_state: int, chunks: int, depth: int, per_group: int, unroll: int):
-  """One (channel block, batch row) CTA; refs in the order built by ``scan_fwd_mgpu``.
+            with_y: bool, save_states: bool, length: int, padded: bool, segments: int,
+            delta_softplus: bool, rows: int, chunks_per_state: int, chunks: int, depth: int,
+            per_group: int, unroll: int):
+  """One (channel block, row) CTA; refs in the order built by ``_launch``. A row is one of the
+  ``segments`` consecutive pieces of a batch row's length (row bi = batch · segments + s), so
+  its position t is the padded sequence's s · l_row + t (only for the padding mask).
 
   GMEM: u_ref, delta_ref, z_ref, y_ref (b, l, d); a_ref (d, n) float32; b_ref, c_ref
   (b, l, g, n); d_ref, bias_ref (d,) float32; init_ref, final_ref (b, d, n) float32; keep_ref
@@ -145,8 +158,8 @@ def _kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool, has
   bias_ref = refs.pop(0) if has_bias else None
   init_ref = refs.pop(0) if has_init else None
   keep_ref = refs.pop(0) if has_keep else None
-  y_ref, final_ref = refs[:2]
-  del refs[:2]
+  y_ref = refs.pop(0) if with_y else None
+  final_ref = refs.pop(0)
   states_ref = refs.pop(0) if save_states else None
   (u_s, dl_s, z_s, b_s, c_s, keep_s, y_s, h_s, a_s, h0_s, hf_s, d_s, bias_s,
    ring_bar, const_bar) = refs
@@ -161,7 +174,7 @@ def _kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool, has
   streams = [(u_ref, u_s), (delta_ref, dl_s)]
   if has_z:
     streams.append((z_ref, z_s))
-  group_streams = [(b_ref, b_s), (c_ref, c_s)]
+  group_streams = [(b_ref, b_s), (c_ref, c_s)] if with_y else [(b_ref, b_s)]   # C: y only
 
   def issue(c, slot):
     """Start the TMA loads of load chunk c into ring slot ``slot`` (one barrier per stream)."""
@@ -177,7 +190,7 @@ def _kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool, has
       plgpu.copy_gmem_to_smem(keep_ref.at[bi, pos], keep_s.at[slot, pl.ds(0, rows)],
                               ring_bar.at[k, slot])
 
-  num_streams = len(streams) + 2 + has_keep
+  num_streams = len(streams) + len(group_streams) + has_keep
   for c in range(min(depth, chunks)):
     issue(jnp.int32(c), c)
   consts = [(a_ref.at[chans], a_s)]
@@ -195,6 +208,7 @@ def _kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool, has
   a2 = plgpu.load(a_s, layout=STATE) * LOG2_E   # exp(Δ A) = 2^(Δ A log2 e): one ex2 each
   d_skip = plgpu.load(d_s, layout=CHANNEL) if has_d else None
   bias = plgpu.load(bias_s, layout=CHANNEL) if has_bias else None
+  row_start = lax.rem(bi, jnp.int32(segments)) * (chunks * rows)   # position of the row's t = 0
   if has_init:
     h = plgpu.load(h0_s, layout=STATE)
   else:
@@ -224,12 +238,14 @@ def _kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool, has
         x = x + bias
       dt = _softplus(x) if delta_softplus else x
       if padded:
-        dt = dt * (c * rows + i < length).astype(jnp.float32)   # Δ = 0 on padding
+        dt = dt * (row_start + c * rows + i < length).astype(jnp.float32)   # Δ = 0: padding
       decay = jnp.exp2(by_channel(dt) * a2)
       if has_keep:
         decay = decay * keep_s[slot, i]
       b_t = plgpu.load(b_s.at[slot, i], layout=STATE_COL).astype(jnp.float32)
       h = decay * h + by_channel(dt * u) * by_state(b_t)
+      if not with_y:
+        return h
       c_t = plgpu.load(c_s.at[slot, i], layout=STATE_COL).astype(jnp.float32)
       y = jnp.sum(h * by_state(c_t), axis=1)
       if has_d:
@@ -247,8 +263,9 @@ def _kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool, has
     def _():
       issue(c + depth, slot)
 
-    plgpu.copy_smem_to_gmem(y_s.at[out], y_ref.at[bi, pl.ds(c * rows, rows), chans],
-                            commit_group=False)
+    if with_y:
+      plgpu.copy_smem_to_gmem(y_s.at[out], y_ref.at[bi, pl.ds(c * rows, rows), chans],
+                              commit_group=False)
     if save_states:
       if chunks_per_state == 1:
         plgpu.copy_smem_to_gmem(h_s.at[state_slot], states_ref.at[bi, c, chans],
@@ -260,7 +277,8 @@ def _kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool, has
               h_s.at[state_slot],
               states_ref.at[bi, lax.div(c, jnp.int32(chunks_per_state)), chans],
               commit_group=False)
-    plgpu.commit_smem_to_gmem_group()
+    if with_y or save_states:
+      plgpu.commit_smem_to_gmem_group()
     return h
 
   h = lax.fori_loop(jnp.int32(0), jnp.int32(chunks), chunk, h)
@@ -268,6 +286,101 @@ def _kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool, has
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(hf_s, final_ref.at[bi, chans])
   plgpu.wait_smem_to_gmem(0)
+
+
+def _launch(u, delta, a, B, C, d, z, bias, init, keep, *, length: int, segments: int,
+            delta_softplus: bool, with_y: bool, save_states: bool, block_l: int, interpret):
+  """One kernel launch over rows (b', l', d) that are ``segments`` consecutive pieces of each
+  padded sequence (b' = b · segments; 1: whole sequences). Returns [y (b', l', d)], the final
+  state (b', d, n) and [the states entering each block_l chunk, (b', l' / block_l, d, n)]."""
+  rows_total, row_length, d_inner = u.shape
+  groups, d_state = B.shape[2], B.shape[3]
+  rows = load_rows(block_l)
+  chunks = row_length // rows
+  dtype = u.dtype
+  itemsize = max(x.dtype.itemsize for x in (u, delta, B, C, z) if x is not None)
+  depth = ring_depth(rows, d_state, itemsize, has_z=z is not None, has_keep=keep is not None,
+                     save_states=save_states)
+  args = [u, delta, a, B, C]
+  for x in (d, z, bias, init, keep):
+    if x is not None:
+      args.append(x)
+  f32 = jnp.float32
+  out_type = [jax.ShapeDtypeStruct((rows_total, d_inner, d_state), f32)]
+  if with_y:
+    out_type.insert(0, jax.ShapeDtypeStruct(u.shape, dtype))
+  if save_states:
+    out_type.append(jax.ShapeDtypeStruct((rows_total, row_length // block_l, d_inner, d_state),
+                                         f32))
+  num_streams = 3 + with_y + (z is not None) + (keep is not None)
+  num_consts = 1 + (init is not None) + (d is not None) + (bias is not None)
+  scratch = [
+      plgpu.SMEM((depth, rows, BLOCK_D), dtype),                    # u ring
+      plgpu.SMEM((depth, rows, BLOCK_D), delta.dtype),              # delta ring
+      None if z is None else plgpu.SMEM((depth, rows, BLOCK_D), z.dtype),
+      plgpu.SMEM((depth, rows, d_state), B.dtype),                  # B ring
+      plgpu.SMEM((depth, rows, d_state), C.dtype) if with_y else None,   # C ring
+      None if keep is None else plgpu.SMEM((depth, LOAD_ROWS), f32),
+      plgpu.SMEM((2, rows, BLOCK_D), dtype) if with_y else None,    # y rows (double-buffered)
+      plgpu.SMEM((2, BLOCK_D, d_state), f32) if save_states else None,
+      plgpu.SMEM((BLOCK_D, d_state), f32),                          # A
+      plgpu.SMEM((BLOCK_D, d_state), f32) if init is not None else None,
+      plgpu.SMEM((BLOCK_D, d_state), f32),                          # final state
+      None if d is None else plgpu.SMEM((BLOCK_D,), f32),
+      None if bias is None else plgpu.SMEM((BLOCK_D,), f32),
+      plgpu.Barrier(num_barriers=(num_streams, depth)),
+      plgpu.Barrier(num_barriers=num_consts),
+  ]
+  kernel = functools.partial(
+      _kernel, has_d=d is not None, has_z=z is not None, has_bias=bias is not None,
+      has_init=init is not None, has_keep=keep is not None, with_y=with_y,
+      save_states=save_states, length=length,
+      padded=length != row_length * segments, segments=segments,
+      delta_softplus=delta_softplus, rows=rows, chunks_per_state=block_l // rows,
+      chunks=chunks, depth=depth, per_group=d_inner // groups,
+      unroll=1 if interpret else min(UNROLL, rows))
+  if interpret:
+    params = interpret if isinstance(interpret, plgpu.InterpretGPUParams) else (
+        plgpu.InterpretGPUParams())
+    options = dict(interpret=params)
+  else:
+    options = dict(compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True))
+  return plgpu.kernel(
+      kernel,
+      out_type=out_type,
+      scratch_types=scratch,
+      grid=(d_inner // BLOCK_D, rows_total),
+      grid_names=("d", "b"),
+      kernel_name="selective_scan_fwd_mgpu" if with_y else "selective_scan_ends_mgpu",
+      **options,
+  )(*args)
+
+
+def segment_count(batch: int, d_inner: int, padded_length: int, block_l: int) -> int:
+  """How many consecutive segments each sequence is split into (a power of two): doubled while
+  the grid has fewer than ``TARGET_CTAS`` CTAs, the segments stay a whole number of block_l
+  chunks and at least ``MIN_SEGMENT`` positions long. 1 (no split) whenever batch · d / 64 CTAs
+  already fill the GPU."""
+  ctas = batch * (d_inner // BLOCK_D)
+  chunks = padded_length // block_l
+  segments = 1
+  while (ctas * segments < TARGET_CTAS and chunks % (2 * segments) == 0
+         and padded_length // (2 * segments) >= MIN_SEGMENT):
+    segments *= 2
+  return segments
+
+
+def _check(u, B, blocks: ScanGpuBlockSizes) -> None:
+  """The sizes the kernel takes (``check_supported``) and block_l's constraints."""
+  _, padded_length, d_inner = u.shape
+  check_supported(d_inner, B.shape[2], B.shape[3], u.dtype)
+  block_l = blocks.block_l
+  if block_l % MIN_BLOCK_L:
+    raise ValueError(f"block_l={block_l} must be a multiple of {MIN_BLOCK_L} for the Mosaic GPU "
+                     "selective scan (TMA rows of at least 32 bytes); use backend=\"triton\"")
+  if padded_length % block_l:
+    raise ValueError(f"the padded length {padded_length} must be a multiple of block_l="
+                     f"{block_l}")
 
 
 @functools.partial(jax.jit, static_argnames=("length", "delta_softplus", "save_states",
@@ -281,6 +394,9 @@ def scan_fwd_mgpu(u: jax.Array, delta: jax.Array, a: jax.Array, B: jax.Array, C:
 
       Δ_t = softplus(delta_t + bias),  h_t = exp(Δ_t A) ⊙ keep_t h_{t−1} + Δ_t u_t B_t,
       y_t = (C_t · h_t + D u_t) · silu(z_t)
+
+  One launch over (d / 64 channel blocks, b) CTAs when that fills the GPU; otherwise (small
+  batches of long sequences) ``scan_fwd_mgpu_segments`` with ``segment_count`` segments.
 
   Args:
     u, delta: (b, l, d) float32 / bf16 / fp16, l a multiple of ``blocks.block_l``.
@@ -305,71 +421,77 @@ def scan_fwd_mgpu(u: jax.Array, delta: jax.Array, a: jax.Array, B: jax.Array, C:
 
   Raises:
     ValueError: for sizes or dtypes the kernel does not take (``check_supported``,
-      ``ring_depth``); the message names the ``backend="triton"`` fallback.
+      ``ring_depth``, block_l not a multiple of 8); the message names the
+      ``backend="triton"`` fallback.
   """
+  _check(u, B, blocks)
   batch, padded_length, d_inner = u.shape
-  groups, d_state = B.shape[2], B.shape[3]
-  check_supported(d_inner, groups, d_state, u.dtype)
-  block_l = blocks.block_l
-  if block_l % MIN_BLOCK_L:
-    raise ValueError(f"block_l={block_l} must be a multiple of {MIN_BLOCK_L} for the Mosaic GPU "
-                     "selective scan (TMA rows of at least 32 bytes); use backend=\"triton\"")
-  if padded_length % block_l:
-    raise ValueError(f"the padded length {padded_length} must be a multiple of block_l="
-                     f"{block_l}")
-  rows = load_rows(block_l)
-  chunks = padded_length // rows
-  dtype = u.dtype
-  itemsize = max(x.dtype.itemsize for x in (u, delta, B, C, z) if x is not None)
-  depth = ring_depth(rows, d_state, itemsize, has_z=z is not None, has_keep=keep is not None,
-                     save_states=save_states)
-  args = [u, delta, a, B, C]
-  for x in (d, z, bias, init, keep):
-    if x is not None:
-      args.append(x)
-  out_type = [jax.ShapeDtypeStruct(u.shape, dtype),
-              jax.ShapeDtypeStruct((batch, d_inner, d_state), jnp.float32)]
-  if save_states:
-    out_type.append(jax.ShapeDtypeStruct((batch, padded_length // block_l, d_inner, d_state),
-                                         jnp.float32))
-  num_streams = 4 + (z is not None) + (keep is not None)
-  num_consts = 1 + (init is not None) + (d is not None) + (bias is not None)
-  f32 = jnp.float32
-  scratch = [
-      plgpu.SMEM((depth, rows, BLOCK_D), dtype),                    # u ring
-      plgpu.SMEM((depth, rows, BLOCK_D), delta.dtype),              # delta ring
-      None if z is None else plgpu.SMEM((depth, rows, BLOCK_D), z.dtype),
-      plgpu.SMEM((depth, rows, d_state), B.dtype),                  # B ring
-      plgpu.SMEM((depth, rows, d_state), C.dtype),                  # C ring
-      None if keep is None else plgpu.SMEM((depth, LOAD_ROWS), f32),
-      plgpu.SMEM((2, rows, BLOCK_D), dtype),                        # y rows (double-buffered)
-      plgpu.SMEM((2, BLOCK_D, d_state), f32) if save_states else None,
-      plgpu.SMEM((BLOCK_D, d_state), f32),                          # A
-      plgpu.SMEM((BLOCK_D, d_state), f32) if init is not None else None,
-      plgpu.SMEM((BLOCK_D, d_state), f32),                          # final state
-      None if d is None else plgpu.SMEM((BLOCK_D,), f32),
-      None if bias is None else plgpu.SMEM((BLOCK_D,), f32),
-      plgpu.Barrier(num_barriers=(num_streams, depth)),
-      plgpu.Barrier(num_barriers=num_consts),
-  ]
-  kernel = functools.partial(
-      _kernel, has_d=d is not None, has_z=z is not None, has_bias=bias is not None,
-      has_init=init is not None, has_keep=keep is not None, save_states=save_states,
-      length=length, padded=length != padded_length, delta_softplus=delta_softplus, rows=rows,
-      chunks_per_state=block_l // rows, chunks=chunks, depth=depth,
-      per_group=d_inner // groups, unroll=1 if interpret else min(UNROLL, rows))
-  if interpret:
-    params = interpret if isinstance(interpret, plgpu.InterpretGPUParams) else (
-        plgpu.InterpretGPUParams())
-    options = dict(interpret=params)
-  else:
-    options = dict(compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True))
-  return plgpu.kernel(
-      kernel,
-      out_type=out_type,
-      scratch_types=scratch,
-      grid=(d_inner // BLOCK_D, batch),
-      grid_names=("d", "b"),
-      kernel_name="selective_scan_fwd_mgpu",
-      **options,
-  )(*args)
+  segments = segment_count(batch, d_inner, padded_length, blocks.block_l)
+  return scan_fwd_mgpu_segments(u, delta, a, B, C, d, z, bias, init, keep, length=length,
+                                delta_softplus=delta_softplus, save_states=save_states,
+                                blocks=blocks, segments=segments, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("length", "delta_softplus", "save_states",
+                                             "blocks", "segments", "interpret"))
+def scan_fwd_mgpu_segments(u, delta, a, B, C, d, z, bias, init, keep, *, length: int,
+                           delta_softplus: bool, save_states: bool,
+                           blocks: ScanGpuBlockSizes, segments: int,
+                           interpret: bool | plgpu.InterpretGPUParams = False):
+  """``scan_fwd_mgpu`` with each sequence split into ``segments`` consecutive segments of
+  l_s = l / segments positions (a multiple of block_l), which multiplies the CTAs by
+  ``segments`` at the price of a second pass:
+
+    1. a launch over the (b · segments) segments from a zero state, without y: each segment's
+       end state E_s;
+    2. in XLA, the state entering segment s: H_0 = h0, H_{s+1} = P_s ⊙ H_s + E_s with the
+       segment's decay P_s = Π_t keep_t · exp(A Σ_t Δ_t) (float32; Δ as the kernel computes it,
+       0 on padding);
+    3. the full launch over the segments from H_s: y, the saved chunk states, the final state.
+
+  ``segments`` = 1 is the single launch. Arguments and results are ``scan_fwd_mgpu``'s.
+  """
+  _check(u, B, blocks)
+  batch, padded_length, d_inner = u.shape
+  d_state = a.shape[1]
+  if padded_length % (segments * blocks.block_l):
+    raise ValueError(f"segments={segments} must split the padded length {padded_length} into "
+                     f"whole chunks of block_l={blocks.block_l}")
+  seg_length = padded_length // segments
+  launch = functools.partial(_launch, length=length, segments=segments,
+                             delta_softplus=delta_softplus, block_l=blocks.block_l,
+                             interpret=interpret)
+  if segments == 1:
+    return tuple(launch(u, delta, a, B, C, d, z, bias, init, keep, with_y=True,
+                        save_states=save_states))
+  split = lambda x: None if x is None else x.reshape(batch * segments, seg_length,
+                                                     *x.shape[2:])
+  (ends,) = launch(split(u), split(delta), a, split(B), split(C), None, None, bias, None,
+                   split(keep), with_y=False, save_states=False)
+  x = delta.astype(jnp.float32)
+  if bias is not None:
+    x = x + bias
+  dt = _softplus(x) if delta_softplus else x
+  dt = jnp.where(jnp.arange(padded_length)[None, :, None] < length, dt, 0.0)
+  dt_sum = dt.reshape(batch, segments, seg_length, d_inner).sum(2)              # (b, s, d)
+  decay = jnp.exp(dt_sum[..., None] * a)                                          # (b, s, d, n)
+  if keep is not None:
+    decay = decay * jnp.prod(keep.reshape(batch, segments, seg_length), 2)[..., None, None]
+  h0 = jnp.zeros((batch, d_inner, d_state), jnp.float32) if init is None else init
+
+  def enter(h, decay_and_end):
+    decay_s, end_s = decay_and_end
+    return decay_s * h + end_s, h
+
+  _, entering = lax.scan(enter, h0, (jnp.swapaxes(decay, 0, 1),
+                                     jnp.swapaxes(ends.reshape(batch, segments, d_inner,
+                                                               d_state), 0, 1)))
+  outs = launch(split(u), split(delta), a, split(B), split(C), d, split(z), bias,
+                jnp.swapaxes(entering, 0, 1).reshape(batch * segments, d_inner, d_state),
+                split(keep), with_y=True, save_states=save_states)
+  y = outs[0].reshape(u.shape)
+  final = outs[1].reshape(batch, segments, d_inner, d_state)[:, -1]
+  if not save_states:
+    return y, final
+  states = outs[2].reshape(batch, padded_length // blocks.block_l, d_inner, d_state)
+  return y, final, states

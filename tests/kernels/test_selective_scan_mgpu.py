@@ -26,7 +26,8 @@ from mamba_jax.ops.selective_scan import selective_scan
 from pallas_kernels.gpu.selective_scan import selective_scan_pallas_gpu
 from pallas_kernels.gpu.selective_scan_args import decay_keep
 from pallas_kernels.gpu.selective_scan_fwd import ScanGpuBlockSizes
-from pallas_kernels.gpu.selective_scan_mgpu import scan_fwd_mgpu
+from pallas_kernels.gpu.selective_scan_mgpu import (scan_fwd_mgpu, scan_fwd_mgpu_segments,
+                                                    segment_count)
 from tests.kernels.test_selective_scan_gpu import (FULL, PLAIN, TOLERANCES, _compare_grads,
                                                    _inputs, _upcast)
 from tests.numerics import assert_close
@@ -92,42 +93,57 @@ class ScanMosaicCases:
   BLOCK_L = 64
 
   def _forward(self, dtype, flags, seed, *, shape=None, block_l=None, softplus=True,
-               seq_idx=None, interpret=None):
+               seq_idx=None, interpret=None, segments=None):
+    """The kernel's (inputs, y, final state, saved states); ``segments`` None lets
+    ``scan_fwd_mgpu`` choose, an int runs ``scan_fwd_mgpu_segments`` with that many."""
     b, l, d, n = shape or self.SHAPE
     block_l = block_l or self.BLOCK_L
     primals = _inputs(jax.random.key(seed), dtype, b, l, d, n, **flags)
-    y, final, states = scan_fwd_mgpu(
-        *_kernel_args(primals, seq_idx, block_l), length=l, delta_softplus=softplus,
-        save_states=True, blocks=ScanGpuBlockSizes(block_l=block_l, sub_l=block_l // 4),
-        interpret=self.INTERPRET if interpret is None else interpret)
+    kwargs = dict(length=l, delta_softplus=softplus, save_states=True,
+                  blocks=ScanGpuBlockSizes(block_l=block_l, sub_l=block_l // 4),
+                  interpret=self.INTERPRET if interpret is None else interpret)
+    args = _kernel_args(primals, seq_idx, block_l)
+    if segments is None:
+      y, final, states = scan_fwd_mgpu(*args, **kwargs)
+    else:
+      y, final, states = scan_fwd_mgpu_segments(*args, segments=segments, **kwargs)
     assert y.dtype == dtype and y.shape == (b, -(-l // block_l) * block_l, d)
     assert final.dtype == jnp.float32 and final.shape == (b, d, n)
     assert states.dtype == jnp.float32 and states.shape == (b, -(-l // block_l), d, n)
     return primals, y[:, :l], final, states
 
-  def _compare(self, dtype, flags, seed, *, shape=None, block_l=None, softplus=True):
-    """y, the final state and every saved chunk state against the float64 oracle."""
+  def _compare(self, dtype, flags, seed, *, shape=None, block_l=None, softplus=True,
+               segments=None):
+    """y, the final state and saved chunk states against the float64 oracle."""
     primals, y, final, states = self._forward(dtype, flags, seed, shape=shape,
-                                              block_l=block_l, softplus=softplus)
+                                              block_l=block_l, softplus=softplus,
+                                              segments=segments)
     name = jnp.dtype(dtype).name
     tol = TOLERANCES[dtype]
-    y_ref, final_ref = _oracle(primals, softplus)
+    block_l = block_l or self.BLOCK_L
+    chunks = states.shape[1]
+    checked = sorted({1, 2, chunks // 2, chunks - 1} & set(range(1, chunks)))
+
+    @jax.jit
+    def oracle(primals):   # one program: y, the final state, the prefixes' final states
+      return (*_oracle(primals, softplus),
+              [_oracle(primals, softplus, stop=k * block_l)[1] for k in checked])
+
+    y_ref, final_ref, prefix_finals = oracle(primals)
     assert_close(y, y_ref, tol, f"{name} y")
     assert_close(final, final_ref, tol, f"{name} final state")
     init = primals[-1]
     first = jnp.zeros_like(final) if init is None else init
     assert_close(states[:, 0], first, 0.0, f"{name} state entering chunk 0")
-    block_l = block_l or self.BLOCK_L
-    chunks = states.shape[1]
-    for k in sorted({1, 2, chunks // 2, chunks - 1} & set(range(1, chunks))):
-      _, want = _oracle(primals, softplus, stop=k * block_l)
+    for k, want in zip(checked, prefix_finals):
       assert_close(states[:, k], want, tol, f"{name} state entering chunk {k}")
 
-  def _compare_seq_idx(self, seq_idx, *, shape, interpret=None):
+  def _compare_seq_idx(self, seq_idx, *, shape, interpret=None, segments=None):
     """float32, all options, packed rows against each segment scanned alone."""
     primals, y, final, _ = self._forward(jnp.float32, FULL, 5, shape=shape,
-                                         seq_idx=jnp.asarray(seq_idx), interpret=interpret)
-    y_ref, final_ref = _segments_oracle(primals, seq_idx)
+                                         seq_idx=jnp.asarray(seq_idx), interpret=interpret,
+                                         segments=segments)
+    y_ref, final_ref = jax.jit(lambda p: _segments_oracle(p, seq_idx))(primals)
     assert_close(y, y_ref, TOLERANCES[jnp.float32], "seq_idx y")
     assert_close(final, final_ref, TOLERANCES[jnp.float32], "seq_idx final state")
 
@@ -173,6 +189,7 @@ class TestScanMosaicGPU(ScanMosaicCases):
   """The compiled kernel on a Hopper GPU at real sizes (d_inner 2048, lengths with a tail)."""
   STATE_SIZES_SHAPE = (2, 300, 1024)
   VJP_SHAPE = (2, 700, 512, 16)
+  LONG_SHAPE = (1, 8165, 2048, 16)
 
   def test_seq_idx_matches_separate_segments(self):
     """Row 0: two segments; row 1: ids start at 1 (its initial state is unused), then a
@@ -187,6 +204,14 @@ class TestScanMosaicGPU(ScanMosaicCases):
   @pytest.mark.parametrize("n", [32, 64])
   def test_state_sizes_bfloat16(self, n):
     self._compare(jnp.bfloat16, FULL, 3, shape=(*self.STATE_SIZES_SHAPE, n))
+
+  @pytest.mark.parametrize("segments", [None, 1], ids=["auto", "one_launch"])
+  def test_long_sequence_bfloat16(self, segments):
+    """Batch 1, l = 8165 (padded 8192): 32 CTAs of 64 channels, which scan_fwd_mgpu splits
+    into 16 segments (two launches); also the single launch."""
+    b, l, d, _ = self.LONG_SHAPE
+    assert segment_count(b, d, -(-l // self.BLOCK_L) * self.BLOCK_L, self.BLOCK_L) > 1
+    self._compare(jnp.bfloat16, FULL, 8, shape=self.LONG_SHAPE, segments=segments)
 
   @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
   def test_wrapper_vjp(self, dtype):
@@ -218,32 +243,42 @@ class TestScanMosaicInterpret(ScanMosaicCases):
   BLOCK_L = 16
 
   def test_full_bfloat16(self):
-    self._compare(jnp.bfloat16, FULL, 1, shape=(1, 75, 128, 16), block_l=64)
+    """One group, d_inner 64 (one CTA per row)."""
+    self._compare(jnp.bfloat16, dict(FULL, groups=1), 1, shape=(1, 75, 64, 16), block_l=64)
+
+  def test_plain_float16(self):
+    """Batch 1, 3-D B / C, no D / z / bias / softplus / initial state; the sequence split into
+    3 segments of 16 (``scan_fwd_mgpu_segments``: two launches and the XLA combination)."""
+    _, l, d, n = self.SHAPE
+    self._compare(jnp.float16, PLAIN, 2, shape=(1, l, d, n), softplus=False, segments=3)
 
   def test_seq_idx_matches_separate_segments_no_races(self):
-    """Packed rows against separate segments, under the interpreter's race detector (TMA
-    loads / stores against the threads' reads and writes of the same buffers)."""
+    """Packed rows against separate segments, split into 3 kernel segments (resets inside and
+    at the segment bounds: keep products), under the interpreter's race detector (TMA loads /
+    stores against the threads' reads and writes of the same buffers)."""
     l = 40
     seq_idx = np.zeros((2, l), np.int32)
     seq_idx[0, 5:] = 1
-    seq_idx[0, 17:] = 2
+    seq_idx[0, 16:] = 2
     seq_idx[1, :] = 1
     seq_idx[1, l - 9:] = 2
     params = plgpu.InterpretGPUParams(detect_races=True)
-    self._compare_seq_idx(seq_idx, shape=(2, l, 128, 16), interpret=params)
+    self._compare_seq_idx(seq_idx, shape=(2, l, 128, 16), interpret=params, segments=3)
     assert not gpu_callbacks.get_races().races_found
 
   def test_wrapper_backend_mosaic(self):
-    """selective_scan_pallas_gpu(backend="mosaic") runs this forward: its outputs equal the
-    kernel's, and equal the default (Triton-lowered) forward's to float32 rounding."""
-    b, l, d, n = 1, 21, 128, 16
-    primals = _inputs(jax.random.key(6), jnp.float32, b, l, d, n, **FULL)
+    """selective_scan_pallas_gpu(backend="mosaic") runs this forward (one launch, with a
+    seq_idx reset): its outputs equal the kernel's, and equal the default (Triton-lowered)
+    forward's to float32 rounding."""
+    b, l, d, n = 1, 21, 64, 16
+    primals = _inputs(jax.random.key(6), jnp.float32, b, l, d, n, **dict(FULL, groups=1))
+    seq_idx = jnp.asarray(np.arange(l) >= 11, jnp.int32)[None]
     blocks = ScanGpuBlockSizes(block_d=32, block_l=8, sub_l=4)
     run = lambda backend: selective_scan_pallas_gpu(
-        *primals[:8], True, primals[8], None, True, blocks=blocks, interpret=True,
+        *primals[:8], True, primals[8], seq_idx, True, blocks=blocks, interpret=True,
         backend=backend)
     y, final = run("mosaic")
-    y_k, final_k, _ = scan_fwd_mgpu(*_kernel_args(primals, None, 8), length=l,
+    y_k, final_k, _ = scan_fwd_mgpu(*_kernel_args(primals, seq_idx, 8), length=l,
                                     delta_softplus=True, save_states=True, blocks=blocks,
                                     interpret=True)
     np.testing.assert_array_equal(y, y_k[:, :l])
@@ -253,21 +288,27 @@ class TestScanMosaicInterpret(ScanMosaicCases):
     assert_close(final, final_t, 1e-6, "mosaic vs triton final state")
 
 
+def test_segment_count():
+  """Sequences are split only while the grid is below TARGET_CTAS, into whole block_l chunks
+  of at least MIN_SEGMENT positions."""
+  assert segment_count(64, 2048, 1024, 64) == 1      # 2048 CTAs
+  assert segment_count(1, 2048, 65536, 64) == 16     # 32 CTAs -> 512
+  assert segment_count(1, 2048, 320, 64) == 1        # 5 chunks of 64
+  assert segment_count(1, 2048, 1024, 64) == 4       # segments of 256 positions
+
+
 def test_lowers_for_hopper():
   """Mosaic GPU's layout inference and lowering for an H100 (no GPU needed): bf16 with every
-  option (keep, D, z, bias, initial state, saved states every two load chunks), float32
-  plain without saved states."""
+  option (keep, D, z, bias, initial state, saved states every two load chunks) in two segments
+  (the end-state launch without y, then the full one)."""
   device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=1,
                                        platform="cuda")
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
   b, l, d, n = 2, 250, 256, 16
-  seq_idx = jnp.zeros((b, l), jnp.int32)
-  for dtype, flags, seq, save in [(jnp.bfloat16, FULL, seq_idx, True),
-                                  (jnp.float32, PLAIN, None, False)]:
-    primals = _inputs(jax.random.key(0), dtype, b, l, d, n, **flags)
-    args = _kernel_args(primals, seq, 64)
-    fwd = lambda *a: scan_fwd_mgpu(*a, length=l, delta_softplus=True, save_states=save,
-                                   blocks=ScanGpuBlockSizes(block_l=64))
-    with jax.sharding.use_abstract_mesh(mesh):
-      lowered = jax.jit(fwd).trace(*args).lower(lowering_platforms=("cuda",))
-    assert "mosaic_gpu" in lowered.as_text()
+  primals = _inputs(jax.random.key(0), jnp.bfloat16, b, l, d, n, **FULL)
+  args = _kernel_args(primals, jnp.zeros((b, l), jnp.int32), 64)
+  fwd = lambda *a: scan_fwd_mgpu_segments(*a, length=l, delta_softplus=True, save_states=True,
+                                          segments=2, blocks=ScanGpuBlockSizes(block_l=64))
+  with jax.sharding.use_abstract_mesh(mesh):
+    lowered = jax.jit(fwd).trace(*args).lower(lowering_platforms=("cuda",))
+  assert lowered.as_text().count("custom_call @mosaic_gpu") == 2   # the two launches
