@@ -144,11 +144,12 @@ def _kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool, has
   ``segments`` consecutive pieces of a batch row's length (row bi = batch · segments + s), so
   its position t is the padded sequence's s · l_row + t (only for the padding mask).
 
-  GMEM: u_ref, delta_ref, z_ref, y_ref (b, l, d); a_ref (d, n) float32; b_ref, c_ref
-  (b, l, g, n); d_ref, bias_ref (d,) float32; init_ref, final_ref (b, d, n) float32; keep_ref
-  (b, l) float32; states_ref (b, l / block_l, d, n) float32.
+  GMEM (b' rows of l' positions): u_ref, delta_ref, z_ref, y_ref (b', l', d); a_ref (d, n)
+  float32; b_ref, c_ref (b', l', g, n); d_ref, bias_ref (d,) float32; init_ref, final_ref
+  (b', d, n) float32; keep_ref (b', l') float32; states_ref (b', l' / block_l, d, n) float32.
   SMEM: ring slots u_s, dl_s, z_s (depth, rows, 64), b_s, c_s (depth, rows, n), keep_s
-  (depth, rows); y_s (2, rows, 64); h_s (2, 64, n); a_s, h0_s, hf_s (64, n); d_s, bias_s (64,).
+  (depth, LOAD_ROWS); y_s (2, rows, 64); h_s (2, 64, n); a_s, h0_s, hf_s (64, n); d_s, bias_s
+  (64,). Without y (``with_y`` False: the segments' end states) there are no C, z, D, y.
   """
   refs = list(refs)
   u_ref, delta_ref, a_ref, b_ref, c_ref = refs[:5]

@@ -4,11 +4,12 @@
 the final state and the float32 state entering every chunk of ``block_l`` positions (the
 backward's residual). Every check compares with ``mamba_jax.ops.selective_scan(...,
 impl="sequential")`` in float64 on the same (upcast) inputs: y and the final state; the saved
-chunk states (the first, the second, a middle and the last) against the oracle's final
-states of the length prefixes; seq_idx (which the
-oracle lacks) against running each segment separately.
+chunk states (the first, the second, a middle and the last) against the oracle's final states
+of the length prefixes; seq_idx (which the oracle lacks) against running each segment alone.
 
-The GPU class compiles the kernel (sm_90 only) at real sizes and also runs the vjp of
+Both the single launch and the split into sequence segments (``scan_fwd_mgpu_segments``: an
+end-state launch, an XLA recurrence over the segments, the full launch) are checked. The GPU
+class compiles the kernel (sm_90 only) at real sizes and also runs the vjp of
 ``selective_scan_pallas_gpu(..., backend="mosaic")`` (this forward, the Triton-lowered backward).
 Its interpret twin runs the same kernel in Mosaic GPU's interpreter on CPU with tiny shapes
 (64 channels per CTA, so d_inner 64-128), once with the interpreter's race detector on; a
