@@ -175,14 +175,16 @@ def bench_stages(inp, chunk: int, reps: int, inner: int) -> dict[str, float]:
   all_states = state_passing_fwd(states.reshape(batch, chunks, heads, p * n), lam, init,
                                  blocks=blocks).reshape(batch, chunks + 1, heads, p, n)
   flat_states = states.reshape(batch, chunks, heads, p * n)
-  prev = state_passing_fwd_mgpu(flat_states, lam, init, low_dtype=x.dtype)[1].reshape(
-      batch, chunks + 1, heads, p, n)
+  prev = state_passing_fwd_mgpu(flat_states, lam, None, low_dtype=x.dtype,
+                                keep_all=False)[1].reshape(batch, chunks, heads, p, n)
   runs = {
       "chunk_state triton": lambda: chunk_state(x, b, w, chunk_size=chunk, blocks=blocks),
       "chunk_state mosaic": lambda: chunk_state_mgpu(x, b, w, chunk_size=chunk),
       "state_passing triton": lambda: state_passing_fwd(flat_states, lam, init, blocks=blocks),
-      "state_passing mosaic (+ x-dtype copy)": lambda: state_passing_fwd_mgpu(
-          flat_states, lam, init, low_dtype=x.dtype),
+      "state_passing mosaic (+ x-dtype copy, all float32 states)": lambda:
+          state_passing_fwd_mgpu(flat_states, lam, None, low_dtype=x.dtype),
+      "state_passing mosaic (x-dtype copy + final state)": lambda: state_passing_fwd_mgpu(
+          flat_states, lam, None, low_dtype=x.dtype, keep_all=False),
       "chunk_scan triton": lambda: chunk_scan_fwd(x, b, c, dt, cs, w_off, all_states, d,
                                                   chunk_size=chunk, blocks=blocks),
       "chunk_scan mosaic": lambda: chunk_scan_fwd_mgpu(x, b, c, dt, cs, w_off, prev, d,

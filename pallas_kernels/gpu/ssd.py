@@ -67,14 +67,18 @@ def _decays(dt, a, seq_idx, chunk_size):
   return flat(cs), flat(dte), flat(w_off), lam
 
 
-def _forward(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret, backend):
+def _forward(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret, backend,
+             keep_all):
+  """(y, all_states (b, c + 1, h, p, n) float32), or with ``keep_all=False`` (y, the final
+  state (b, h, p, n)): a forward alone need not keep the other chunk-boundary states."""
   batch, length, heads, head_dim = x.shape
   state = b.shape[-1]
   chunks = length // chunk_size
   cs, dte, w_off, lam = _decays(dt, a, seq_idx, chunk_size)
   if backend == "mosaic":
     return ssd_mgpu.forward_mgpu(x, b, c, dt, cs, dte, w_off, lam, d, z, init, seq_idx,
-                                 chunk_size=chunk_size, interpret=interpret)
+                                 chunk_size=chunk_size, keep_all=keep_all,
+                                 interpret=interpret)
   states = chunk_state(x, b, dte * dt, chunk_size=chunk_size, blocks=blocks,
                        interpret=interpret)
   if init is None:
@@ -85,19 +89,18 @@ def _forward(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret,
   ).reshape(batch, chunks + 1, heads, head_dim, state)
   y = chunk_scan_fwd(x, b, c, dt, cs, w_off, all_states, d, z, seq_idx,
                      chunk_size=chunk_size, blocks=blocks, interpret=interpret)
-  return y, all_states
+  return y, (all_states if keep_all else all_states[:, -1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
 def _ssd_core(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret, backend):
-  y, all_states = _forward(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret,
-                           backend)
-  return y, all_states[:, -1]
+  return _forward(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret, backend,
+                  keep_all=False)
 
 
 def _ssd_core_fwd(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret, backend):
   y, all_states = _forward(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret,
-                           backend)
+                           backend, keep_all=True)
   return (y, all_states[:, -1]), (x, dt, a, b, c, d, z, init, seq_idx, all_states)
 
 

@@ -22,11 +22,16 @@ states. float32 inputs are not: wgmma would multiply them in TF32 (10-bit mantis
 breaks the float32 tolerance of ~1e-5, so they take the Triton kernels (IEEE float32 products).
 
 Measured on an H100 (bf16, 32 heads x 64, groups 1, N = 128, chunk 256, 65,536 tokens, one
-scripts/bench_ssd.py call): forward 1.41-1.52 ms at L = 1K..64K against 1.47-1.60 ms for the
-Triton-lowered kernels and 1.52-1.64 ms for mamba_ssm's Triton (1.0-1.16x); its kernels: chunk
-state 0.38-0.41 ms, state passing (+ bf16 copy) 0.32-0.37 ms, chunk scan 0.78-0.81 ms (Triton-
-lowered chunk scan 1.01 ms). The chunk scan streams B and x blocks per head from L2; sharing
-them across heads and row blocks (two consumer warpgroups) is the next step.
+scripts/bench_ssd.py call, docs/results/ssd_h100.json): forward 1.31-1.33 ms at L = 1K..64K
+against 1.51-1.71 ms for mamba_ssm's Triton (1.14-1.30x); forward+backward 5.35-5.73 ms against
+6.14-6.47 (1.13-1.16x). At N = 64 1.23x / 1.43x; at N = 256 1.00x / 0.75x (the Triton-lowered
+backward's tiles). Its kernels at L = 1K: chunk state 0.38 ms, state passing 0.25 ms (0.32 ms
+when it also writes every float32 state for the backward), chunk scan 0.76 ms (Triton-lowered
+0.98 ms). Tried and dropped: computing C B^T once for the 4 heads of a CTA, each head with
+its own accumulator, gave 0.81-0.89 ms against 0.86-0.89 ms for one head per CTA, and the
+chunk scan above was faster than either in the same session: the kernel is bound by latency,
+not by its matmuls. Next: two consumer warpgroups with the loads in a producer warp, and a
+Mosaic GPU backward.
 """
 
 from __future__ import annotations
@@ -86,8 +91,8 @@ def resolve_backend(backend: str | None, dtype, head_dim: int, state: int, chunk
 
 
 def forward_mgpu(x, b, c, dt, cs, dte, w_off, lam, d, z, init, seq_idx, *, chunk_size: int,
-                 interpret: bool):
-  """The SSD forward from preprocessed inputs (as ``ssd._forward``): (y, all_states).
+                 keep_all: bool, interpret: bool):
+  """The SSD forward from preprocessed inputs (as ``ssd._forward``): (y, states).
 
   Args:
     x: (b, l, h, p) bf16/f16, l a multiple of ``chunk_size``; b, c: (b, l, g, n) in x's dtype.
@@ -96,22 +101,24 @@ def forward_mgpu(x, b, c, dt, cs, dte, w_off, lam, d, z, init, seq_idx, *, chunk
     d: (h, p) float32 or None; z: (b, l, h, p) or None; init: (b, h, p, n) float32 or None.
     seq_idx: (b, l) int32 or None.
     chunk_size: q; interpret: run in Mosaic GPU's interpreter (CPU).
+    keep_all: return every chunk-boundary state (the backward's residuals) rather than only
+      the final one; a forward alone skips writing the others in float32.
 
   Returns:
-    y (b, l, h, p) in x's dtype, and all_states (b, c + 1, h, p, n) float32 (index 0 the
-    initial state, index c + 1 the state leaving chunk c).
+    y (b, l, h, p) in x's dtype, and with ``keep_all`` all_states (b, c + 1, h, p, n) float32
+    (index 0 the initial state, index c + 1 the state leaving chunk c), else the final state
+    (b, h, p, n) float32.
   """
   batch, length, heads, head_dim = x.shape
   state = b.shape[-1]
   chunks = length // chunk_size
   states = chunk_state_mgpu(x, b, dte * dt, chunk_size=chunk_size, interpret=interpret)
-  if init is None:
-    init = jnp.zeros((batch, heads, head_dim, state), jnp.float32)
-  all_states, low = state_passing_fwd_mgpu(
-      states.reshape(batch, chunks, heads, head_dim * state), lam,
-      init.reshape(batch, heads, head_dim * state), low_dtype=x.dtype, interpret=interpret)
-  shape = (batch, chunks + 1, heads, head_dim, state)
-  y = chunk_scan_fwd_mgpu(x, b, c, dt, cs, w_off, low.reshape(shape), d, z, seq_idx,
+  flat_init = None if init is None else init.reshape(batch, heads, head_dim * state)
+  kept, low = state_passing_fwd_mgpu(
+      states.reshape(batch, chunks, heads, head_dim * state), lam, flat_init,
+      low_dtype=x.dtype, keep_all=keep_all, interpret=interpret)
+  y = chunk_scan_fwd_mgpu(x, b, c, dt, cs, w_off,
+                          low.reshape(batch, chunks, heads, head_dim, state), d, z, seq_idx,
                           chunk_size=chunk_size, interpret=interpret)
-  return y, all_states.reshape(shape)
-
+  kept_shape = (batch, chunks + 1) if keep_all else (batch,)
+  return y, kept.reshape(*kept_shape, heads, head_dim, state)

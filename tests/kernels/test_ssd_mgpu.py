@@ -121,6 +121,10 @@ class TestSSDMosaicGPU(SSDMosaicCases):
   def test_shapes(self, p, n, q):
     self._run(jnp.bfloat16, "full", 11, (2, 3 * q + 37, 4, p, 1, n, q), grads=False)
 
+  def test_forward_alone_without_initial_state(self):
+    """A forward with no vjp keeps only the final state and reads no initial state."""
+    self._run(jnp.bfloat16, "plain", 12, (3, 2 * 256 + 37, 4, 64, 1, 128, 256), grads=False)
+
   def test_default_backend_is_mosaic(self):
     assert resolve_backend(None, jnp.bfloat16, 64, 128, 256, False) == "mosaic"
     assert resolve_backend(None, jnp.float32, 64, 128, 256, False) == "triton"
@@ -132,10 +136,11 @@ class TestSSDMosaicInterpret(SSDMosaicCases):
   INTERPRET = True
   SHAPE = (1, 150, 2, 64, 2, 64, 64)
 
-  @pytest.mark.parametrize("case", ["full"])
+  @pytest.mark.parametrize("case", ["full", "plain"])
   @pytest.mark.parametrize("dtype", [jnp.bfloat16], ids=["bf16"])
   def test_matches_oracle(self, dtype, case):
-    """Forward and final states: two row blocks, two heads per CTA, a chunk and a tail."""
+    """Forward and final states: two row blocks, two heads per CTA, a chunk and a tail (with
+    and without an initial state, D, z, seq_idx)."""
     self._run(dtype, case, 3, (1, 200, 2, 64, 1, 64, 128), grads=False)
 
   @pytest.mark.slow
