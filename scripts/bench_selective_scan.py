@@ -3,6 +3,8 @@
 Compares, at d_state 16, a fixed token count (batch x length), for each d_inner:
   pallas       ``pallas_kernels.gpu.selective_scan.selective_scan_pallas_gpu`` (fused Pallas
                kernels, Triton lowering)
+  pallas_mosaic  the same with ``backend="mosaic"``: the Mosaic GPU (Hopper) forward
+               (``selective_scan_mgpu``), the Triton-lowered backward
   chunked      ``mamba_jax.ops.selective_scan.selective_scan(..., impl="chunked")`` (XLA)
   associative  ``selective_scan(..., impl="associative")`` (XLA, materializes (b, l, d, n))
   cuda         mamba_ssm's CUDA ``selective_scan_fn`` kernels (``selective_scan_cuda.fwd`` /
@@ -116,6 +118,7 @@ def bench_cuda(ext, inp, reps: int, inner: int, warmup: int) -> tuple[float, flo
   channels_first = lambda a: to_t(a).transpose(1, 2).contiguous()
   bf = torch.bfloat16
   u, delta, B, C, dy = (channels_first(inp[k]).to(bf) for k in ("u", "delta", "B", "C", "dy"))
+  B, C = B.unsqueeze(1), C.unsqueeze(1)   # (b, groups 1, n, l), as selective_scan_fn passes them
   z = None if inp["z"] is None else channels_first(inp["z"]).to(bf)
   A, D, bias = (to_t(inp[k]) for k in ("A", "D", "delta_bias"))
 
@@ -163,9 +166,11 @@ def main():
   if cuda is None:
     impls = [i for i in impls if i != "cuda"]
 
-  def pallas(u, delta, A, B, C, D, z, delta_bias):
-    return selective_scan_pallas_gpu(u, delta, A, B, C, D, z, delta_bias, True,
-                                     interpret=args.interpret)
+  def pallas_backend(backend):
+    def scan(u, delta, A, B, C, D, z, delta_bias):
+      return selective_scan_pallas_gpu(u, delta, A, B, C, D, z, delta_bias, True,
+                                       interpret=args.interpret, backend=backend)
+    return scan
 
   def xla(impl):
     def scan(u, delta, A, B, C, D, z, delta_bias):
@@ -183,8 +188,9 @@ def main():
       fl = floor(args.tokens, d_inner, args.d_state, args.gate)
       for impl in impls:
         try:
-          if impl == "pallas":
-            t = bench_jax(pallas, inp, args.reps, args.inner, args.warmup)
+          if impl in ("pallas", "pallas_mosaic"):
+            backend = "mosaic" if impl == "pallas_mosaic" else "triton"
+            t = bench_jax(pallas_backend(backend), inp, args.reps, args.inner, args.warmup)
           elif impl in ("chunked", "associative"):
             t = bench_jax(xla(impl), inp, args.reps, args.inner, args.warmup)
           elif impl == "cuda":
