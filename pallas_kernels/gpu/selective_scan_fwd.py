@@ -19,8 +19,9 @@ Padding: the wrapper pads the length to a multiple of ``block_l`` with zero inpu
 sets Δ = 0 beyond ``length`` (decay 1, input 0), so padding carries the final state unchanged.
 
 Backend: Pallas with the Triton lowering; ``interpret=True`` runs it on CPU. The Triton backend
-is deprecated since JAX 0.11; the next step is a Mosaic GPU port (``plgpu.kernel`` with one
-warpgroup per block of channels): the per-step rows of u, Δ, z, B, C would be staged through
+is deprecated since JAX 0.11; ``selective_scan_mgpu`` is the Mosaic GPU port of this forward
+(``plgpu.kernel`` with one warpgroup per block of channels), and what a port of the backward
+would change: the per-step rows of u, Δ, z, B, C would be staged through
 shared memory by ``plgpu.emit_pipeline`` in chunks of positions (TMA copies instead of one
 global load per step), the chunk-boundary states and the backward's sub-chunk states would live
 in shared memory instead of registers / recomputation, and dB / dC would be reduced across the
