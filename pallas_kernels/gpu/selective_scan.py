@@ -15,9 +15,10 @@ every chunk of ``block_l`` positions, (b, l / block_l, d, n) float32; the expand
 (b, l, d, n) is never written to memory.
 
 Backend: Pallas with the Triton lowering (``interpret=True`` runs it on CPU). The Triton backend
-is deprecated since JAX 0.11; ``backend="mosaic"`` (opt-in; tested and timed on an H100) runs the
-forward in the Mosaic GPU kernel of ``selective_scan_mgpu`` instead (Hopper; its residuals are
-the Triton forward's, so the backward is the same Triton-lowered kernel).
+is deprecated since JAX 0.11; ``backend="mosaic"`` (opt-in, Hopper) runs the forward in the
+Mosaic GPU kernel of ``selective_scan_mgpu`` (tested and timed on an H100; its residuals are the
+Triton forward's) and the backward in the Mosaic GPU kernel of ``selective_scan_mgpu_bwd``
+(so far run only in Mosaic GPU's CPU interpreter and lowered for sm_90 without a GPU).
 
 Shape legend: b batch, l length, d d_inner, n d_state, g groups.
 """
@@ -34,9 +35,14 @@ from pallas_kernels.gpu.selective_scan_bwd import scan_bwd
 from pallas_kernels.gpu.selective_scan_fwd import (ScanGpuBlockSizes, default_block_sizes,
                                                    scan_fwd)
 from pallas_kernels.gpu.selective_scan_mgpu import check_supported, scan_fwd_mgpu
+from pallas_kernels.gpu.selective_scan_mgpu_bwd import scan_bwd_mgpu
 
 # The forward kernel of each ``backend``; both return scan_fwd's outputs and residuals.
 FORWARDS = {"triton": scan_fwd, "mosaic": scan_fwd_mgpu}
+# The backward kernel of each ``backend``; both take those residuals and return scan_bwd's
+# results (dB / dC as partial sums per channel block: block_d channels for Triton, 64 for
+# Mosaic GPU), which ``_scan_core_bwd`` reduces the same way.
+BACKWARDS = {"triton": scan_bwd, "mosaic": scan_bwd_mgpu}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13, 14))
@@ -57,16 +63,15 @@ def _scan_core_fwd(u, delta, a, B, C, d, z, bias, init, keep, length, delta_soft
 
 
 def _scan_core_bwd(length, delta_softplus, blocks, interpret, backend, res, cotangents):
-  del backend  # both forwards leave the same residuals for the one backward
   u, delta, a, B, C, d, z, bias, init, keep, states = res
   dout, dfinal = cotangents
-  du, ddelta, dz, db, dc, da, dd, dbias, dinit = scan_bwd(
+  du, ddelta, dz, db, dc, da, dd, dbias, dinit = BACKWARDS[backend](
       u, delta, a, B, C, d, z, bias, keep, states, dout.astype(u.dtype),
       dfinal.astype(jnp.float32), length=length, delta_softplus=delta_softplus, blocks=blocks,
       interpret=interpret)
   batch, padded_length, groups, d_state = B.shape
 
-  def group_sum(partial, like):  # (b, l, d / block_d, n) -> (b, l, g, n)
+  def group_sum(partial, like):  # (b, l, d / channel block, n) -> (b, l, g, n)
     return partial.reshape(batch, padded_length, groups, -1, d_state).sum(3).astype(like.dtype)
 
   return (du, ddelta, jnp.sum(da, 0), group_sum(db, B), group_sum(dc, C),
@@ -110,11 +115,11 @@ def selective_scan_pallas_gpu(u: jax.Array, delta: jax.Array, A: jax.Array, B: j
       where they change, with a virtual seq_idx[−1] = 0.
     return_final_state: also return the state after the last position.
     blocks: block sizes; None picks ``default_block_sizes(d, g, b)``.
-    interpret: run the kernels in the Pallas interpreter (CPU; the Mosaic GPU forward in
+    interpret: run the kernels in the Pallas interpreter (CPU; the Mosaic GPU kernels in
       Mosaic GPU's interpreter).
-    backend: the forward kernel: None or "triton" (the default, Triton lowering) or "mosaic"
-      (``selective_scan_mgpu.scan_fwd_mgpu``, Hopper only, opt-in; tested on an H100). The
-      backward is the Triton-lowered kernel either way.
+    backend: the kernels: None or "triton" (the default, Triton lowering) or "mosaic" (Hopper
+      only, opt-in: the forward ``selective_scan_mgpu.scan_fwd_mgpu``, tested on an H100, and
+      the backward ``selective_scan_mgpu_bwd.scan_bwd_mgpu``, not yet run on a GPU).
 
   Returns:
     out (b, l, d) in u's dtype; with ``return_final_state`` also the final state (b, d, n)
@@ -123,7 +128,9 @@ def selective_scan_pallas_gpu(u: jax.Array, delta: jax.Array, A: jax.Array, B: j
   Raises:
     ValueError: on malformed arguments (complex A names the ``impl="chunked"`` fallback),
       blocks that do not tile d_inner / groups, an unknown backend, or sizes the Mosaic GPU
-      forward does not take (naming the ``backend="triton"`` fallback).
+      kernels do not take (naming the ``backend="triton"`` fallback; the backward's limits,
+      ``selective_scan_mgpu_bwd.check_supported_bwd`` and its shared-memory budget, are checked
+      when the gradient is traced).
   """
   if backend not in (None, *FORWARDS):
     raise ValueError(f"backend={backend!r} must be None, \"triton\" or \"mosaic\"")

@@ -8,12 +8,18 @@ chunk states (the first, the second, a middle and the last) against the oracle's
 of the length prefixes; seq_idx (which the oracle lacks) against running each segment alone.
 
 Both the single launch and the split into sequence segments (``scan_fwd_mgpu_segments``: an
-end-state launch, an XLA recurrence over the segments, the full launch) are checked. The GPU
-class compiles the kernel (sm_90 only) at real sizes and also runs the vjp of
-``selective_scan_pallas_gpu(..., backend="mosaic")`` (this forward, the Triton-lowered backward).
-Its interpret twin runs the same kernel in Mosaic GPU's interpreter on CPU with tiny shapes
-(64 channels per CTA, so d_inner 64-128), once with the interpreter's race detector on; a
-lowering test runs Mosaic GPU's layout inference and lowering for an H100 without a GPU.
+end-state launch, an XLA recurrence over the segments, the full launch) are checked.
+
+The backward ``scan_bwd_mgpu`` (pallas_kernels/gpu/selective_scan_mgpu_bwd.py) is checked through
+the wrapper: the vjp of ``selective_scan_pallas_gpu(..., backend="mosaic")`` (the Mosaic forward
+and the Mosaic backward) for every differentiable input (u, delta, A, B, C, D, z, delta_bias,
+initial_state) against the vjp of the float64 oracle (of each seq_idx segment scanned alone where
+seq_idx is given), with a random cotangent for y and the final state.
+
+The GPU class compiles the kernels (sm_90 only) at real sizes (d_inner 2048). Its interpret twin
+runs the same kernels in Mosaic GPU's interpreter on CPU with tiny shapes (64 channels per CTA,
+so d_inner 64-128), once each with the interpreter's race detector on; lowering tests run Mosaic
+GPU's layout inference and lowering for an H100 without a GPU.
 """
 
 import jax
@@ -29,6 +35,7 @@ from pallas_kernels.gpu.selective_scan_args import decay_keep
 from pallas_kernels.gpu.selective_scan_fwd import ScanGpuBlockSizes
 from pallas_kernels.gpu.selective_scan_mgpu import (scan_fwd_mgpu, scan_fwd_mgpu_segments,
                                                     segment_count)
+from pallas_kernels.gpu.selective_scan_mgpu_bwd import scan_bwd_mgpu, sub_rows
 from tests.kernels.test_selective_scan_gpu import (FULL, PLAIN, TOLERANCES, _compare_grads,
                                                    _inputs, _upcast)
 from tests.numerics import assert_close
@@ -148,6 +155,35 @@ class ScanMosaicCases:
     assert_close(y, y_ref, TOLERANCES[jnp.float32], "seq_idx y")
     assert_close(final, final_ref, TOLERANCES[jnp.float32], "seq_idx final state")
 
+  def _compare_vjp(self, dtype, flags, seed, *, shape, block_l=None, sub_l=None,
+                   softplus=True, seq_idx=None, interpret=None):
+    """selective_scan_pallas_gpu(backend="mosaic") (the Mosaic GPU forward and backward): y, the
+    final state and the vjp of every input against the float64 oracle's (with ``seq_idx``:
+    each segment scanned alone, softplus on)."""
+    b, l, d, n = shape
+    block_l = block_l or self.BLOCK_L
+    blocks = ScanGpuBlockSizes(block_l=block_l, sub_l=sub_l or block_l // 4)
+    primals = _inputs(jax.random.key(seed), dtype, b, l, d, n, **flags)
+    seq = None if seq_idx is None else jnp.asarray(seq_idx)
+
+    def kernel(*args):
+      return selective_scan_pallas_gpu(
+          *args[:8], softplus, args[8], seq, True, blocks=blocks, backend="mosaic",
+          interpret=self.INTERPRET if interpret is None else interpret)
+
+    if seq_idx is None:
+      oracle = lambda *args: selective_scan(*args[:8], softplus, args[8], True,
+                                            impl="sequential")
+    else:
+      oracle = lambda *args: _segments_oracle(args, seq_idx)
+    out, vjp = jax.vjp(kernel, *primals)
+    want, oracle_vjp = jax.vjp(jax.jit(oracle), *_upcast(primals))
+    name = jnp.dtype(dtype).name
+    assert out[0].dtype == dtype and out[0].shape == (b, l, d)
+    for what, got, expected in zip(("y", "final_state"), out, want):
+      assert_close(got, expected, TOLERANCES[dtype], f"{name} {what}")
+    _compare_grads(vjp, oracle_vjp, out, primals, dtype, seed + 1, "mosaic vjp")
+
   def test_full_float32(self):
     """Groups 2, D, z, delta_bias + softplus, initial state; a tail after the last chunk."""
     self._compare(jnp.float32, FULL, 0)
@@ -189,7 +225,6 @@ class ScanMosaicCases:
 class TestScanMosaicGPU(ScanMosaicCases):
   """The compiled kernel on a Hopper GPU at real sizes (d_inner 2048, lengths with a tail)."""
   STATE_SIZES_SHAPE = (2, 300, 1024)
-  VJP_SHAPE = (2, 700, 512, 16)
   LONG_SHAPE = (1, 8165, 2048, 16)
 
   def test_seq_idx_matches_separate_segments(self):
@@ -215,24 +250,35 @@ class TestScanMosaicGPU(ScanMosaicCases):
     self._compare(jnp.bfloat16, FULL, 8, shape=self.LONG_SHAPE, segments=segments)
 
   @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-  def test_wrapper_vjp(self, dtype):
-    """selective_scan_pallas_gpu(backend="mosaic"): outputs and the vjp of every input (the
-    Triton-lowered backward on this forward's residuals) against the oracle's."""
-    b, l, d, n = self.VJP_SHAPE
-    primals = _inputs(jax.random.key(4), dtype, b, l, d, n, **FULL)
+  def test_vjp_full(self, dtype):
+    """The Mosaic forward and backward: every option, groups 2, l = 1100 (a tail after the
+    last chunk of 64), d_inner 2048."""
+    self._compare_vjp(dtype, FULL, 4, shape=self.SHAPE)
 
-    def kernel(*args):
-      return selective_scan_pallas_gpu(*args[:8], True, args[8], None, True,
-                                       interpret=self.INTERPRET, backend="mosaic")
+  def test_vjp_plain_float16(self):
+    """Batch 1, 3-D B / C, no D / z / bias / softplus / initial state."""
+    _, l, d, n = self.SHAPE
+    self._compare_vjp(jnp.float16, PLAIN, 9, shape=(1, l, d, n), softplus=False)
 
-    def oracle(*args):
-      return selective_scan(*args[:8], True, args[8], True, impl="sequential")
+  def test_vjp_seq_idx(self):
+    """Packed rows (row 1's ids start at 1: a zero initial-state gradient) against each
+    segment scanned alone, forward and every gradient."""
+    _, l, d, n = self.SHAPE
+    seq_idx = np.zeros((2, l), np.int32)
+    seq_idx[0, l // 2:] = 1
+    seq_idx[1, :] = 1
+    seq_idx[1, l - l // 3:] = 2
+    self._compare_vjp(jnp.float32, FULL, 10, shape=(2, l, d, n), seq_idx=seq_idx)
 
-    out, vjp = jax.vjp(kernel, *primals)
-    want, oracle_vjp = jax.vjp(jax.jit(oracle), *_upcast(primals))
-    for name, got, expected in zip(("y", "final_state"), out, want):
-      assert_close(got, expected, TOLERANCES[dtype], f"{jnp.dtype(dtype).name} {name}")
-    _compare_grads(vjp, oracle_vjp, out, primals, dtype, 5, "mosaic vjp")
+  def test_vjp_long_sequence_bfloat16(self):
+    """Batch 1, l = 8165: the forward in segments (two launches), the backward over 32 CTAs."""
+    self._compare_vjp(jnp.bfloat16, FULL, 11, shape=self.LONG_SHAPE)
+
+  def test_vjp_state_size_32_bfloat16(self):
+    """d_state 32 with block_l = 32 (at block_l = 64 the backward's buffers exceed shared
+    memory): sub-chunks of sub_rows(32, 32, 8) = 4 positions."""
+    assert sub_rows(32, 32, 8) == 4
+    self._compare_vjp(jnp.bfloat16, FULL, 12, shape=(*self.STATE_SIZES_SHAPE, 32), block_l=32)
 
 
 class TestScanMosaicInterpret(ScanMosaicCases):
@@ -266,6 +312,36 @@ class TestScanMosaicInterpret(ScanMosaicCases):
     params = plgpu.InterpretGPUParams(detect_races=True)
     self._compare_seq_idx(seq_idx, shape=(2, l, 128, 16), interpret=params, segments=3)
     assert not gpu_callbacks.get_races().races_found
+
+  def test_vjp_seq_idx_float32_no_races(self):
+    """Mosaic forward and backward, float32: groups 2 (two CTAs, one per group), D, z,
+    delta_bias + softplus, initial state, l = 29 (two chunks of 16, the last one mostly
+    padding; sub-chunks of 4: two levels of recomputation) and seq_idx (row 0: resets inside a
+    chunk and at a chunk bound; row 1: ids start at 1, so a zero initial-state gradient),
+    against each segment scanned alone, under the interpreter's race detector (TMA loads /
+    stores against the threads' reads and writes)."""
+    l = 29
+    assert sub_rows(self.BLOCK_L, 16, self.BLOCK_L // 4) == 4
+    seq_idx = np.zeros((2, l), np.int32)
+    seq_idx[0, 5:] = 1
+    seq_idx[0, 16:] = 2
+    seq_idx[1, :] = 1
+    seq_idx[1, l - 9:] = 2
+    params = plgpu.InterpretGPUParams(detect_races=True)
+    self._compare_vjp(jnp.float32, FULL, 20, shape=(2, l, 128, 16), seq_idx=seq_idx,
+                      interpret=params)
+    assert not gpu_callbacks.get_races().races_found
+
+  def test_vjp_full_bfloat16(self):
+    """bf16 inputs and gradients, every option, no seq_idx, batch 1, one group of 64."""
+    self._compare_vjp(jnp.bfloat16, dict(FULL, groups=1), 21, shape=(1, 37, 64, 16))
+
+  def test_vjp_plain_float16(self):
+    """Batch 1, 3-D B / C, no D / z / bias / softplus / initial state; block_l = sub = 8 (one
+    sub-chunk per chunk: no sub-chunk states in shared memory), l = 21."""
+    assert sub_rows(8, 16, 8) == 8
+    self._compare_vjp(jnp.float16, PLAIN, 22, shape=(1, 21, 64, 16), softplus=False,
+                      block_l=8, sub_l=8)
 
   def test_wrapper_backend_mosaic(self):
     """selective_scan_pallas_gpu(backend="mosaic") runs this forward (one launch, with a
@@ -313,3 +389,48 @@ def test_lowers_for_hopper():
   with jax.sharding.use_abstract_mesh(mesh):
     lowered = jax.jit(fwd).trace(*args).lower(lowering_platforms=("cuda",))
   assert lowered.as_text().count("custom_call @mosaic_gpu") == 2   # the two launches
+
+
+def test_bwd_rejects_unsupported():
+  """Sizes outside the backward raise ValueError naming the Triton fallback (before any kernel
+  runs): block_l above one TMA box, buffers beyond shared memory, the forward's limits."""
+  for d, n, block_l, match in [
+      (64, 16, 512, "block_l=512 must be a multiple of 8 and at most 256.*backend=\"triton\""),
+      (64, 64, 64, "shared memory.*smaller block_l.*backend=\"triton\""),
+      (96, 16, 64, "d_inner / groups = 96.*backend=\"triton\""),
+  ]:
+    seq = jnp.zeros((1, block_l, d), jnp.float32)
+    bc = jnp.zeros((1, block_l, 1, n), jnp.float32)
+    state = jnp.zeros((1, d, n), jnp.float32)
+    with pytest.raises(ValueError, match=match):
+      scan_bwd_mgpu(seq, seq, -jnp.ones((d, n), jnp.float32), bc, bc, None, None, None, None,
+                    state[:, None], seq, state, length=block_l, delta_softplus=False,
+                    blocks=ScanGpuBlockSizes(block_l=block_l, sub_l=block_l // 4),
+                    interpret=True)
+
+
+def test_bwd_lowers_for_hopper():
+  """The gradient of selective_scan_pallas_gpu(backend="mosaic") lowers for an H100 without a
+  GPU: bf16 with every option (seq_idx, D, z, bias + softplus, initial state, groups 2) is two
+  Mosaic GPU kernels (the forward saving its chunk states, the backward) and no Triton one.
+  Sub-chunks of 4 positions (the default 8 unrolls twice the code: the same operations, twice
+  the lowering time; the GPU class compiles the default blocks)."""
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=1,
+                                       platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+  b, l, d, n = 2, 250, 256, 16
+  primals = _inputs(jax.random.key(0), jnp.bfloat16, b, l, d, n, **FULL)
+  seq_idx = jnp.zeros((b, l), jnp.int32)
+
+  def loss(*args):
+    y, final = selective_scan_pallas_gpu(*args[:8], True, args[8], seq_idx, True,
+                                         blocks=ScanGpuBlockSizes(block_l=64, sub_l=4),
+                                         backend="mosaic")
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(final)
+
+  with jax.sharding.use_abstract_mesh(mesh):
+    lowered = jax.jit(jax.grad(loss, argnums=tuple(range(9)))).trace(*primals).lower(
+        lowering_platforms=("cuda",))
+  text = lowered.as_text()
+  assert text.count("custom_call @mosaic_gpu") == 2
+  assert "xla.gpu.triton" not in text
