@@ -2,11 +2,9 @@
 
 Batch 1, float32 parameters, bfloat16 compute, random tokens. A train step is the loss, its
 gradient and an AdamW update (``mamba_jax.training.optimizer.make_optimizer``) with:
-  * rematerialization per block: each residual block's forward is wrapped in
-    ``jax.checkpoint`` (MambaLM has no remat option of its own: the blocks are called here
-    one by one, as ``MambaLM.__call__`` calls them), so the backward keeps only each block's
-    inputs (hidden in the compute dtype, the residual stream in float32) and recomputes the
-    rest one block at a time;
+  * rematerialization per block (``MambaLM.hidden_states(..., remat=True)``, i.e.
+    ``lm.run_block``): the backward keeps only each block's inputs (hidden in the compute
+    dtype, the residual stream in float32) and recomputes the rest one block at a time;
   * a chunked LM-head loss: the final hidden states are cut into ``--loss_chunk`` tokens, and
     logits + cross-entropy are computed (and recomputed in the backward) one chunk at a time
     in a ``lax.scan``, so the (L, vocab) logits never exist whole.
@@ -40,45 +38,16 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 from bench_timing import environment, write_json  # noqa: E402
 
 
-def backbone_hidden(model, input_ids, remat: bool):
-  """The final normed hidden states (b, l, d) float32 of ``model``, blocks optionally remat'd."""
-  import jax
-  from flax import nnx
-  backbone = model.backbone
-  hidden, residual = backbone.embedding(input_ids), None
-  for layer in backbone.layers:
-    graphdef, state = nnx.split(layer)
-
-    def block(state, hidden, residual, graphdef=graphdef):
-      return nnx.merge(graphdef, state)(hidden, residual)
-
-    if remat:
-      block = jax.checkpoint(block)
-    hidden, residual = block(state, hidden, residual)
-  return backbone._final(hidden, residual)
-
-
 def chunked_loss(model, hidden, targets, chunk: int):
   """Mean next-token cross-entropy of hidden (1, l, d) against targets (1, l), ``chunk``
-  tokens of logits at a time (recomputed in the backward)."""
-  import jax
+  tokens of logits at a time (recomputed in the backward;
+  ``train_step.chunked_masked_loss_and_accuracy``)."""
   import jax.numpy as jnp
-  import optax
-  _, length, d = hidden.shape
-  if length % chunk:
-    raise ValueError(f"length={length} must be a multiple of --loss_chunk={chunk}")
-  vocab = model.config.vocab_size
-
-  @jax.checkpoint
-  def body(total, xs):
-    h, t = xs
-    logits = model._logits(h)[:, :vocab]
-    return total + optax.softmax_cross_entropy_with_integer_labels(logits, t).sum(), None
-
-  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                          (hidden.reshape(length // chunk, chunk, d),
-                           targets.reshape(length // chunk, chunk)))
-  return total / length
+  from mamba_jax.training.train_step import chunked_masked_loss_and_accuracy
+  sums = chunked_masked_loss_and_accuracy(model.logits_from_hidden, hidden, targets,
+                                          jnp.ones(targets.shape, bool),
+                                          model.config.vocab_size, chunk)
+  return sums["loss_sum"] / sums["count"]
 
 
 def model_config(name: str, smoke: bool, on_gpu: bool):
@@ -123,7 +92,7 @@ def attempt(name: str, mode: str, length: int, args) -> dict:
 
     def loss_fn(params):
       m = nnx.merge(graphdef, params, rest)
-      return chunked_loss(m, backbone_hidden(m, inputs, args.remat), targets, chunk)
+      return chunked_loss(m, m.hidden_states(inputs, remat=args.remat), targets, chunk)
 
     @jax.jit
     def step(params, opt_state):
@@ -136,7 +105,7 @@ def attempt(name: str, mode: str, length: int, args) -> dict:
     @jax.jit
     def forward(params):
       m = nnx.merge(graphdef, params, rest)
-      return m._logits(backbone_hidden(m, inputs, remat=False)[:, -1])
+      return m.logits_from_hidden(m.hidden_states(inputs)[:, -1])
 
     run = lambda: forward(params)
   del model

@@ -33,6 +33,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_batches = 8
   config.max_eval_length = 0  # 0: no limit
   config.compute_dtype = "float32"
+  # Training memory (mamba_jax.training.train_step): rematerialize each block in the backward;
+  # take the LM head and loss loss_chunk positions at a time (0: the whole logits).
+  config.remat = False
+  config.loss_chunk = 0
   config.log_every_steps = 50
   config.eval_every_steps = 1000
   config.checkpoint_every_steps = 1000

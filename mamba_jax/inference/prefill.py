@@ -68,7 +68,7 @@ def _piece(model: MambaLM, ids: jax.Array, layers: tuple[Any, ...], fresh: bool,
     hidden, residual, state = _layer(block, hidden, residual, state, fresh, mask, max_length)
     states.append(state)
   last = lambda a: None if a is None else a[:, -1]
-  return model._logits(model.backbone._final(last(hidden), last(residual))), tuple(states)
+  return model.logits_from_hidden(model.backbone._final(last(hidden), last(residual))), tuple(states)
 
 
 def _like(state: Any, template: Any) -> Any:

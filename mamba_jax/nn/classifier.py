@@ -55,11 +55,12 @@ class SequenceClassifier(nnx.Module):
                            kernel_init=torch_default_init(config.d_model),
                            bias_metadata={NO_WEIGHT_DECAY: True}, rngs=rngs)
 
-  def __call__(self, input_ids: jax.Array) -> jax.Array:
-    """input_ids (b, l) int -> logits (b, 1, k) float32."""
+  def __call__(self, input_ids: jax.Array, *, remat: bool = False) -> jax.Array:
+    """input_ids (b, l) int -> logits (b, 1, k) float32; ``remat`` rematerializes every
+    backbone block in the backward (``lm.run_block``)."""
     check_rank("input_ids", input_ids, 2, "(batch, length)")
     check_integer("input_ids", input_ids)
     with jax.named_scope("sequence_classifier"):
-      hidden = self.lm.backbone(input_ids).astype(jnp.float32)
+      hidden = self.lm.backbone(input_ids, remat=remat).astype(jnp.float32)
       pooled = hidden.mean(axis=1) if self.pooling == "mean" else hidden[:, -1]
       return self.head(pooled)[:, None, :]

@@ -68,6 +68,21 @@ def _mixer(config: MambaConfig, layer_idx: int, dtype: Any, param_dtype: Any,
                       param_dtype=param_dtype, rngs=rngs, **kwargs)
 
 
+def run_block(layer: nnx.Module, hidden: jax.Array, residual: Optional[jax.Array], *,
+              remat: bool, **kwargs) -> tuple[jax.Array, jax.Array]:
+  """One residual block: (hidden, residual) -> (hidden, residual), ``kwargs`` passed on.
+
+  With ``remat`` the block is rematerialized (``nnx.remat``, i.e. ``jax.checkpoint``): its
+  backward keeps only the block's inputs and recomputes the rest, so training memory holds
+  two (b, l, d) arrays per layer instead of every intermediate of the mixer (for a Mamba-2
+  block about ten arrays of up to (b, l, 2·d_inner), several in float32), at the cost of
+  one more forward of the block in the backward. Values and gradients are unchanged.
+  """
+  if not remat:
+    return layer(hidden, residual, **kwargs)[:2]
+  return nnx.remat(lambda block, h, r: block(h, r, **kwargs)[:2])(layer, hidden, residual)
+
+
 class MixerModel(nnx.Module):
   """The backbone (mamba_ssm ``MixerModel``): embedding, blocks, final norm -> (b, l, d)."""
 
@@ -93,17 +108,17 @@ class MixerModel(nnx.Module):
     self.norm_f = Norm(d, rms=config.rms_norm, eps=config.norm_epsilon,
                        param_dtype=param_dtype)
 
-  def __call__(self, input_ids: jax.Array, *, seq_idx: Optional[jax.Array] = None
-               ) -> jax.Array:
+  def __call__(self, input_ids: jax.Array, *, seq_idx: Optional[jax.Array] = None,
+               remat: bool = False) -> jax.Array:
     """Final hidden states: input_ids (b, l) int -> norm_f(hidden + residual) (b, l, d).
 
     What :class:`MambaLM` feeds its LM head (float32, or wider); for heads of other tasks
-    (``mamba_jax.nn.classifier``).
+    (``mamba_jax.nn.classifier``). ``remat``: see :func:`run_block`.
     """
     with jax.named_scope("mixer_model"):
       hidden, residual = self.embedding(input_ids), None
       for layer in self.layers:
-        hidden, residual = layer(hidden, residual, seq_idx=seq_idx)[:2]
+        hidden, residual = run_block(layer, hidden, residual, remat=remat, seq_idx=seq_idx)
       return self._final(hidden, residual)
 
   def _final(self, hidden: jax.Array, residual: Optional[jax.Array]) -> jax.Array:
@@ -159,8 +174,18 @@ class MambaLM(nnx.Module):
           kernel[...] = torch_default_init(fan_in, scale)(rngs.params(), kernel.shape,
                                                           kernel.dtype)
 
-  def _logits(self, x: jax.Array) -> jax.Array:
-    """x (..., d) -> (..., v_pad) in float32 (wider for float64), matmul in the compute dtype."""
+  def hidden_states(self, input_ids: jax.Array, *, seq_idx: Optional[jax.Array] = None,
+                    remat: bool = False) -> jax.Array:
+    """The final normed hidden states (b, l, d) float32 that the LM head reads: ``self(ids)``
+    is ``self.logits_from_hidden(self.hidden_states(ids))``. For losses that take the head
+    a piece at a time (``train_step.chunked_masked_loss_and_accuracy``); ``remat``: see
+    :func:`run_block`."""
+    self._check_ids("input_ids", input_ids, 2, "(batch, length)")
+    return self.backbone(input_ids, seq_idx=seq_idx, remat=remat)
+
+  def logits_from_hidden(self, x: jax.Array) -> jax.Array:
+    """LM head: x (..., d) -> logits (..., v_pad) in float32 (wider for float64), the
+    matmul in the compute dtype."""
     out_dtype = jnp.promote_types(self.dtype, jnp.float32)
     x = x.astype(self.dtype)
     if self.lm_head is None:
@@ -188,7 +213,7 @@ class MambaLM(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, *, attention_mask: Optional[jax.Array] = None,
                seq_idx: Optional[jax.Array] = None, return_state: bool = False,
-               max_length: Optional[int] = None):
+               max_length: Optional[int] = None, remat: bool = False):
     """Logits of every position: input_ids (b, l) int -> (b, l, v_pad) float32.
 
     Args:
@@ -205,6 +230,8 @@ class MambaLM(nnx.Module):
       return_state: also return the per-layer state after the last token (prefill).
       max_length: KV-cache length for the prefill of a model with attention layers
         (≥ l; the prompt plus the tokens to generate).
+      remat: rematerialize every block in the backward (training memory; see
+        :func:`run_block`); not with ``return_state``.
 
     Returns:
       logits, or (logits, state) with ``return_state``.
@@ -212,16 +239,23 @@ class MambaLM(nnx.Module):
     self._check_ids("input_ids", input_ids, 2, "(batch, length)")
     if attention_mask is not None:
       check_token_mask("attention_mask", attention_mask, *input_ids.shape)
+    if remat and return_state:
+      raise ValueError("remat=True is for training (a backward to rematerialize); a prefill "
+                       "with return_state=True takes remat=False")
     with jax.named_scope("mamba_lm"):
       hidden, residual = self.backbone.embedding(input_ids), None
       states = []
       for layer in self.backbone.layers:
+        if remat:
+          hidden, residual = run_block(layer, hidden, residual, remat=True, seq_idx=seq_idx,
+                                       mask=attention_mask)
+          continue
         out = layer(hidden, residual, seq_idx=seq_idx, mask=attention_mask,
                     return_state=return_state, max_length=max_length)
         hidden, residual = out[:2]
         if return_state:
           states.append(out[2])
-      logits = self._logits(self.backbone._final(hidden, residual))
+      logits = self.logits_from_hidden(self.backbone._final(hidden, residual))
     return (logits, tuple(states)) if return_state else logits
 
   def step(self, token_ids: jax.Array, state: tuple[Any, ...]
@@ -239,7 +273,7 @@ class MambaLM(nnx.Module):
       for layer, layer_state in zip(layers, state):
         hidden, residual, layer_state = layer.step(hidden, residual, layer_state)
         new_states.append(layer_state)
-      logits = self._logits(self.backbone._final(hidden, residual))
+      logits = self.logits_from_hidden(self.backbone._final(hidden, residual))
     return logits, tuple(new_states)
 
 

@@ -25,6 +25,10 @@ Config fields read here (besides ``optimizer``, ``model``, ``task``; see the con
                                   the update and count it
   profile_steps                   () or (first, last): jax.profiler trace of those micro-steps
   compute_dtype                   "float32" | "bfloat16" (the model's dtype; params float32)
+  remat                           rematerialize every residual block in the backward
+                                  (activation memory; train_step.make_train_step)
+  loss_chunk                      0, or the LM head and loss taken this many positions at
+                                  a time (language models; logits memory)
   classifier                      absent, or {"num_classes", "pooling"}: a sequence classifier
                                   (models.build_model) scored on its (b, 1, classes) logits
   data_threads                    grain reader threads
@@ -293,10 +297,12 @@ def train_row(cfg: ml_collections.ConfigDict, workdir: str,
   data_shardings = batch_shardings(mesh, train_task[0])
   train_step = make_train_step(graphdef, rest, tx, vocab, mesh=mesh,
                                state_shardings=shardings, batch_shardings=data_shardings,
-                               parallel=parallel)
+                               parallel=parallel, remat=cfg.get("remat", False),
+                               loss_chunk=cfg.get("loss_chunk", 0))
   eval_step = make_eval_step(graphdef, rest, vocab, mesh=mesh,
                              param_shardings=shardings["params"],
-                             batch_shardings=data_shardings, parallel=parallel)
+                             batch_shardings=data_shardings, parallel=parallel,
+                             loss_chunk=cfg.get("loss_chunk", 0))
   del model
   param_bytes = _bytes_per_device(abstract["params"], shardings["params"])
   total_bytes = sum(x.size * np.dtype(x.dtype).itemsize

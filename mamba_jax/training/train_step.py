@@ -55,6 +55,79 @@ def masked_loss_and_accuracy(logits: jax.Array, targets: jax.Array, mask: jax.Ar
           "count": jnp.sum(weights)}
 
 
+def chunked_masked_loss_and_accuracy(head: Callable[[jax.Array], jax.Array],
+                                     hidden: jax.Array, targets: jax.Array, mask: jax.Array,
+                                     vocab_size: int, chunk: int) -> dict[str, jax.Array]:
+  """:func:`masked_loss_and_accuracy` of ``head(hidden)``, ``chunk`` positions at a time.
+
+  The logits of a chunk are made, scored and dropped inside ``jax.checkpoint`` under a
+  ``lax.scan``, so neither the forward nor the backward holds more than (b, chunk, v) of them
+  (against (b, l, v) float32 plus its gradient for the whole sequence: 13 GB at 32K tokens
+  and a 50K vocabulary); the backward recomputes each chunk's logits. The sums are the same
+  as the unchunked ones up to float32 summation order.
+
+  Args:
+    head: hidden (b, chunk, d) -> logits (b, chunk, v_padded) float32 (the LM head).
+    hidden: (b, l, d) final hidden states; targets (b, l) int; mask (b, l) bool.
+    vocab_size: real vocabulary entries of the logits.
+    chunk: positions per piece, >= 1; a length not a multiple of it is padded (unscored).
+
+  Returns:
+    {"loss_sum", "correct", "count"}: float32 scalars.
+  """
+  if not isinstance(chunk, int) or chunk < 1:
+    raise ValueError(f"chunk must be a positive int (positions of logits at a time), "
+                     f"got {chunk!r}")
+  batch, length, d = hidden.shape
+  if targets.shape != (batch, length) or mask.shape != (batch, length):
+    raise ValueError(f"targets {targets.shape} and mask {mask.shape} must have hidden's "
+                     f"(batch, length) = {(batch, length)}")
+  chunk = min(chunk, length)
+  pad = -length % chunk
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    mask = jnp.pad(mask, ((0, 0), (0, pad)))   # padding is not scored
+  pieces = (length + pad) // chunk
+  by_piece = lambda v: jnp.swapaxes(v.reshape(batch, pieces, chunk, *v.shape[2:]), 0, 1)
+
+  @jax.checkpoint
+  def piece(h, t, m):
+    return masked_loss_and_accuracy(head(h), t, m, vocab_size)
+
+  def body(total, xs):
+    return jax.tree.map(jnp.add, total, piece(*xs)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  total, _ = jax.lax.scan(body, {"loss_sum": zero, "correct": zero, "count": zero},
+                          (by_piece(hidden), by_piece(targets), by_piece(mask)))
+  return total
+
+
+def _loss_sums(model: nnx.Module, batch: Batch, vocab_size: int, remat: bool,
+               loss_chunk: int) -> dict[str, jax.Array]:
+  """The masked sums of ``model`` on ``batch``: whole logits, or the LM head ``loss_chunk``
+  positions at a time (language models only); blocks rematerialized with ``remat``."""
+  if loss_chunk:
+    if not hasattr(model, "hidden_states"):
+      raise ValueError(f"loss_chunk={loss_chunk} needs a language model (MambaLM) whose "
+                       f"logits cover every position; {type(model).__name__} has none: use "
+                       "loss_chunk=0")
+    hidden = model.hidden_states(batch["inputs"], remat=remat)
+    return chunked_masked_loss_and_accuracy(model.logits_from_hidden, hidden,
+                                            batch["targets"], batch["mask"], vocab_size,
+                                            loss_chunk)
+  logits = model(batch["inputs"], remat=True) if remat else model(batch["inputs"])
+  return masked_loss_and_accuracy(logits, batch["targets"], batch["mask"], vocab_size)
+
+
+def _check_memory_options(remat: bool, loss_chunk: int) -> None:
+  if not isinstance(remat, bool):
+    raise ValueError(f"remat must be a bool, got {remat!r}")
+  if not isinstance(loss_chunk, int) or loss_chunk < 0:
+    raise ValueError(f"loss_chunk must be an int >= 0 (0: whole logits), got {loss_chunk!r}")
+
+
 def init_train_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
           "nonfinite_count": jnp.zeros((), jnp.int32)}
@@ -91,8 +164,8 @@ def _jit(fn: Callable, donate: bool, mesh: Mesh | None, in_shardings: Any,
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
                     vocab_size: int, *, mesh: Mesh | None = None,
                     state_shardings: Any = None, batch_shardings: Any = None,
-                    parallel: bool = False) -> Callable[[TrainState, Batch],
-                                                        tuple[TrainState, dict[str, jax.Array]]]:
+                    parallel: bool = False, remat: bool = False, loss_chunk: int = 0
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """A jitted ``(state, batch) -> (state, metrics)``; the input state's buffers are donated.
 
   metrics: loss (mean over scored positions), accuracy, grad_norm (before clipping), finite
@@ -104,12 +177,16 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
       ``batch_shardings`` ({key: NamedSharding} of the (b, l) batch arrays) are required and
       become the jit in/out shardings (the state keeps its layout; metrics are replicated).
     parallel: run the SSM mixers' tensor / sequence-parallel forwards over ``mesh``.
+    remat: rematerialize every residual block in the backward (``lm.run_block``): activation
+      memory of two (b, l, d) arrays per layer, one more forward of compute.
+    loss_chunk: 0 (whole logits), or the LM head and loss taken this many positions at a time
+      (:func:`chunked_masked_loss_and_accuracy`; language models).
   """
+  _check_memory_options(remat, loss_chunk)
 
   def loss_fn(params, batch):
     model = _merge(graphdef, params, rest, mesh, parallel)
-    logits = model(batch["inputs"])
-    sums = masked_loss_and_accuracy(logits, batch["targets"], batch["mask"], vocab_size)
+    sums = _loss_sums(model, batch, vocab_size, remat, loss_chunk)
     count = jnp.maximum(sums["count"], 1.0)
     return sums["loss_sum"] / count, sums["correct"] / count
 
@@ -139,19 +216,20 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
 
 def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, vocab_size: int, *,
                    mesh: Mesh | None = None, param_shardings: Any = None,
-                   batch_shardings: Any = None, parallel: bool = False
+                   batch_shardings: Any = None, parallel: bool = False, loss_chunk: int = 0
                    ) -> Callable[[nnx.State, Batch], dict[str, jax.Array]]:
   """A jitted ``(params, batch) -> {"loss_sum", "correct", "count"}`` (sums, for exact means).
 
-  ``mesh``, ``param_shardings`` (the state shardings' "params"), ``batch_shardings`` and
-  ``parallel`` as in :func:`make_train_step`; the sums come back replicated.
+  ``mesh``, ``param_shardings`` (the state shardings' "params"), ``batch_shardings``,
+  ``parallel`` and ``loss_chunk`` as in :func:`make_train_step`; the sums come back
+  replicated.
   """
+  _check_memory_options(False, loss_chunk)
 
   def step(params: nnx.State, batch: Batch):
     with jax.named_scope("eval_step"):
       model = _merge(graphdef, params, rest, mesh, parallel)
-      logits = model(batch["inputs"])
-      return masked_loss_and_accuracy(logits, batch["targets"], batch["mask"], vocab_size)
+      return _loss_sums(model, batch, vocab_size, False, loss_chunk)
 
   replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
   return _jit(step, False, mesh, (param_shardings, batch_shardings), replicated)

@@ -1,0 +1,114 @@
+"""Training-memory options of the train step: block rematerialization and the chunked LM-head
+loss give the same loss, metrics and update as the plain step; bad options fail clearly."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mamba_jax.config import MambaConfig
+from mamba_jax.training import models, optimizer
+from mamba_jax.training.train_step import (chunked_masked_loss_and_accuracy, init_train_state,
+                                           make_eval_step, make_train_step,
+                                           masked_loss_and_accuracy)
+from tests.numerics import assert_close
+
+VOCAB = 61
+
+
+def _setup(layer: str, classifier=None, length: int = 12):
+  model = models.build_model(MambaConfig.tiny(layer), dtype_name="float32", seed=0,
+                             classifier=classifier)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optimizer.make_optimizer(optimizer.default_optimizer_config(), 100,
+                                models.weight_decay_mask(model))
+  rng = np.random.default_rng(3)
+  targets_len = 1 if classifier else length
+  batch = {"inputs": jnp.asarray(rng.integers(0, VOCAB, (2, length)), jnp.int32),
+           "targets": jnp.asarray(rng.integers(0, 2 if classifier else VOCAB,
+                                               (2, targets_len)), jnp.int32),
+           "mask": jnp.asarray(rng.random((2, targets_len)) < (2 if classifier else 0.7))}
+  # The step donates its state: every call gets its own copy of the parameters.
+  return graphdef, rest, tx, lambda: init_train_state(jax.tree.map(jnp.copy, params), tx), batch
+
+
+def test_remat_and_chunked_loss_leave_the_step_unchanged():
+  """One step of each memory option from the same state, on a hybrid (Mamba-2, attention,
+  gated MLP): the same loss, accuracy, gradient norm and new parameters (float32: up to
+  summation order); a chunk not dividing the length and one above it."""
+  graphdef, rest, tx, fresh, batch = _setup("hybrid")
+  results = {}
+  for remat, chunk in ((False, 0), (True, 0), (False, 5), (True, 100)):
+    step = make_train_step(graphdef, rest, tx, VOCAB, remat=remat, loss_chunk=chunk)
+    state, metrics = step(fresh(), batch)
+    results[(remat, chunk)] = (state["params"], metrics)
+  ref_params, ref = results[(False, 0)]
+  for key, (params, metrics) in results.items():
+    for name in ("loss", "accuracy", "grad_norm"):
+      assert_close(metrics[name], ref[name], 1e-6, f"{key} {name}")
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+      assert_close(got, want, 1e-6, f"{key} params")
+  # The options change the compiled program: rematerialization recomputes each block
+  # (one more forward's worth of ops in the step), so the options are really taken.
+  ops = {}
+  for remat in (False, True):
+    lowered = make_train_step(graphdef, rest, tx, VOCAB, remat=remat).lower(fresh(), batch)
+    ops[remat] = lowered.as_text().count("\n")
+  assert ops[True] > ops[False]
+
+
+def test_eval_step_chunked_sums_match():
+  graphdef, rest, tx, fresh, batch = _setup("Mamba1", length=11)
+  params = fresh()["params"]
+  whole = make_eval_step(graphdef, rest, VOCAB)(params, batch)
+  chunked = make_eval_step(graphdef, rest, VOCAB, loss_chunk=4)(params, batch)
+  for name in ("loss_sum", "correct", "count"):
+    assert_close(chunked[name], whole[name], 1e-6, name)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 30])
+def test_chunked_loss_against_whole_logits(chunk):
+  """Chunk sizes dividing the length, not dividing it (padding unscored) and above it."""
+  rng = np.random.default_rng(chunk)
+  hidden = jnp.asarray(rng.normal(size=(3, 14, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(8, 10)), jnp.float32)
+  head = lambda h: h @ w
+  targets = jnp.asarray(rng.integers(0, 9, (3, 14)), jnp.int32)
+  mask = jnp.asarray(rng.random((3, 14)) < 0.6)
+  want = masked_loss_and_accuracy(head(hidden), targets, mask, 9)
+  got = chunked_masked_loss_and_accuracy(head, hidden, targets, mask, 9, chunk)
+  for name in ("loss_sum", "correct", "count"):
+    assert_close(got[name], want[name], 1e-6, f"chunk {chunk} {name}")
+  # and its gradient with respect to the hidden states and the head
+  loss = lambda f, h, ww: f(lambda x: x @ ww, h)["loss_sum"]
+  g_want = jax.grad(lambda h, ww: loss(lambda hd, x: masked_loss_and_accuracy(
+      hd(x), targets, mask, 9), h, ww), argnums=(0, 1))(hidden, w)
+  g_got = jax.grad(lambda h, ww: loss(lambda hd, x: chunked_masked_loss_and_accuracy(
+      hd, x, targets, mask, 9, chunk), h, ww), argnums=(0, 1))(hidden, w)
+  for got_g, want_g in zip(g_got, g_want):
+    assert_close(got_g, want_g, 1e-6, f"chunk {chunk} gradient")
+
+
+def test_classifier_remat_and_chunk_refusal():
+  classifier = {"num_classes": 2, "pooling": "mean"}
+  graphdef, rest, tx, fresh, batch = _setup("Mamba1", classifier=classifier)
+  plain = make_train_step(graphdef, rest, tx, 2)(fresh(), batch)[1]
+  remat = make_train_step(graphdef, rest, tx, 2, remat=True)(fresh(), batch)[1]
+  assert_close(remat["loss"], plain["loss"], 1e-6, "classifier remat loss")
+  with pytest.raises(ValueError, match="loss_chunk=4 needs a language model"):
+    make_train_step(graphdef, rest, tx, 2, loss_chunk=4)(fresh(), batch)
+
+
+def test_bad_memory_options_are_refused():
+  graphdef, rest, tx, fresh, batch = _setup("Mamba1")
+  with pytest.raises(ValueError, match="loss_chunk must be an int >= 0"):
+    make_train_step(graphdef, rest, tx, VOCAB, loss_chunk=-1)
+  with pytest.raises(ValueError, match="remat must be a bool"):
+    make_train_step(graphdef, rest, tx, VOCAB, remat="yes")
+  with pytest.raises(ValueError, match="chunk must be a positive int"):
+    chunked_masked_loss_and_accuracy(lambda h: h, jnp.zeros((1, 4, 2)), jnp.zeros((1, 4), int),
+                                     jnp.ones((1, 4), bool), 2, 0)
+  model = nnx.merge(graphdef, fresh()["params"], rest)
+  with pytest.raises(ValueError, match="remat=True is for training"):
+    model(batch["inputs"], remat=True, return_state=True)
