@@ -124,11 +124,15 @@ def training_md(data: dict) -> list[str]:
          "2.3.2.post1's MambaLMHeadModel (bf16 autocast, fused AdamW, Triton SSD; torch "
          "conv1d: no causal_conv1d extension, so not its fused mem-efficient path). Peak: "
          "`peak_bytes_in_use` (JAX) / `max_memory_allocated` (torch), each case in its own "
-         "process.", ""]
-  out += table(["model", "impl", "compute", "L", "batch", "params (M)", "step ms", "tokens/s",
-                "MFU %", "peak GiB", "compile s", "vs mamba_ssm", "SSM / attention path"],
-               [[r["model"], r["impl"], r.get("dtype", "bfloat16"), length_label(r["length"]),
-                 r["batch"],
+         "process. `memory`: `remat` = each block rematerialized in the backward and the loss "
+         "taken in chunks of the given positions (after the plain step ran out of memory).", ""]
+  memory = lambda r: (f"remat, loss in {r['loss_chunk']}" if r.get("remat")
+                      else "plain" if r["impl"] == "jax" else "-")
+  out += table(["model", "impl", "compute", "memory", "L", "batch", "params (M)", "step ms",
+                "tokens/s", "MFU %", "peak GiB", "compile s", "vs mamba_ssm",
+                "SSM / attention path"],
+               [[r["model"], r["impl"], r.get("dtype", "bfloat16"), memory(r),
+                 length_label(r["length"]), r["batch"],
                  r["params"] / 1e6, r["step_ms"], r["tokens_per_s"], 100 * r["mfu"],
                  r.get("peak_gib"), r["compile_s"], r.get("jax_vs_torch"),
                  ", ".join(r.get("ops_impl") or []) or (r.get("attention") or "-")]

@@ -23,6 +23,13 @@ PaLM's appendix B; the SSM's sequence mixing is not counted, as PERF.md does).
 Every case runs in its own process (clean peak memory; an OOM ends only that case), with a
 timeout from ``--budget_s``; the JSON is rewritten after each case.
 
+Memory (``--memory``, our models only): ``plain`` keeps every activation and the whole
+logits; ``remat`` rematerializes each residual block in the backward and takes the LM head and
+loss ``--loss_chunk`` positions at a time (``make_train_step(remat=True, loss_chunk=...)``: one
+more forward of compute, a fraction of the memory); ``auto`` (default) runs ``plain`` and, if
+that runs out of device memory, the case again with ``remat``. Each row says which it ran
+(``remat``, ``loss_chunk``); MFU counts 6 · params either way, not the recomputation.
+
 Usage (GPU):
   PYTHONPATH=.:.device/training_site python scripts/bench_training.py \
       --cases mamba2-130m:2048:jax,mamba2-130m:2048:torch --out /tmp/train.json
@@ -87,7 +94,7 @@ def attention_width(config) -> tuple[int, int]:
 
 
 def jax_case(name: str, length: int, tokens: int, steps: int, warmup: int, cpu: bool,
-             dtype: str) -> dict:
+             dtype: str, remat: bool = False, loss_chunk: int = 0) -> dict:
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -104,7 +111,8 @@ def jax_case(name: str, length: int, tokens: int, steps: int, warmup: int, cpu: 
   opt = default_optimizer_config()
   opt.warmup_steps, opt.learning_rate = 10, 1e-4
   tx = make_optimizer(opt, 1000, weight_decay_mask(model))
-  step_fn = make_train_step(graphdef, rest, tx, config.vocab_size)
+  step_fn = make_train_step(graphdef, rest, tx, config.vocab_size, remat=remat,
+                            loss_chunk=loss_chunk)
   state = init_train_state(params, tx)
   del model, params
   ids = jax.random.randint(jax.random.key(1), (batch, length + 1), 0, config.vocab_size)
@@ -125,6 +133,7 @@ def jax_case(name: str, length: int, tokens: int, steps: int, warmup: int, cpu: 
               step_ms=step_ms,
               flops_per_token=train_flops_per_token(n_params, n_att, d_att, length),
               peak_bytes=peak_device_bytes(), loss_first=loss0, loss_last=loss,
+              remat=remat, loss_chunk=loss_chunk,
               attention=config.attn_cfg.get("implementation") if n_att else None)
 
 
@@ -239,10 +248,29 @@ def run_case_in_process(args) -> None:
   if impl == "torch":
     row = torch_case(name, length, args.tokens, args.steps, args.warmup, args.mamba_ssm_root)
   else:
-    row = jax_case(name, length, args.tokens, args.steps, args.warmup, args.cpu, args.dtype)
+    row = jax_case(name, length, args.tokens, args.steps, args.warmup, args.cpu, args.dtype,
+                   args.memory == "remat", args.loss_chunk if args.memory == "remat" else 0)
   row = finish(dict(model=name, length=length, **row), length)
   with open(args.out, "w") as f:
     json.dump(row, f)
+
+
+def run_case(args, case: str, tokens: int, memory: str, timeout: float
+             ) -> tuple[bool, str, str, str]:
+  """Run one case in its own process: (ok, path of its row JSON, output tail, stderr)."""
+  with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+    path = tmp.name
+  cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--out", path,
+         "--tokens", str(tokens), "--steps", str(args.steps), "--warmup",
+         str(args.warmup), "--mamba_ssm_root", args.mamba_ssm_root, "--dtype", args.dtype,
+         "--memory", memory, "--loss_chunk", str(args.loss_chunk)] + (
+             ["--cpu"] if args.cpu else [])
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    ok = proc.returncode == 0 and os.path.getsize(path) > 0
+    return ok, path, (proc.stdout + proc.stderr)[-1500:], proc.stderr
+  except subprocess.TimeoutExpired:
+    return False, path, f"timeout after {timeout:.0f} s", ""
 
 
 def main():
@@ -262,6 +290,10 @@ def main():
   parser.add_argument("--dtype", default="", choices=("", "bfloat16", "float32"),
                       help="compute dtype of our models (default bfloat16; float32 with --cpu, "
                            "where XLA's bf16 arithmetic is emulated and slow)")
+  parser.add_argument("--memory", default="auto", choices=("auto", "plain", "remat"),
+                      help="activation memory of our models (see the module docstring)")
+  parser.add_argument("--loss_chunk", type=int, default=8192,
+                      help="positions of logits at a time with --memory remat")
   parser.add_argument("--case", default="", help=argparse.SUPPRESS)
   parser.add_argument("--out", default="bench_training.json")
   args = parser.parse_args()
@@ -283,23 +315,21 @@ def main():
     if left < 20:
       result["skipped"].append(case)
       continue
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
-      path = tmp.name
-    cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--out", path,
-           "--tokens", str(tokens), "--steps", str(args.steps), "--warmup",
-           str(args.warmup), "--mamba_ssm_root", args.mamba_ssm_root, "--dtype", args.dtype] + (
-               ["--cpu"] if args.cpu else [])
     t0 = time.perf_counter()
-    try:
-      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=min(left, args.case_s))
-      ok = proc.returncode == 0 and os.path.getsize(path) > 0
-      tail = (proc.stdout + proc.stderr)[-1500:]
-    except subprocess.TimeoutExpired:
-      ok, tail = False, f"timeout after {min(left, args.case_s):.0f} s"
+    memories = ["plain", "remat"] if args.memory == "auto" and impl == "jax" else [args.memory]
+    for memory in memories:
+      ok, path, tail, stderr = run_case(args, case, tokens, memory,
+                                        min(args.budget_s - (time.perf_counter() - start),
+                                            args.case_s))
+      out_of_memory = "RESOURCE_EXHAUSTED" in tail or "out of memory" in tail.lower()
+      if ok or not out_of_memory or args.budget_s - (time.perf_counter() - start) < 20:
+        break
+      print(f"{case}: out of memory with --memory {memory}; again with remat", flush=True)
+      os.unlink(path)
     if ok:
       with open(path) as f:
         row = json.load(f)
-      row.setdefault("ops_impl", auto_choices(proc.stderr))
+      row.setdefault("ops_impl", auto_choices(stderr))
       result["rows"].append(row)
       print(json.dumps(row), flush=True)
     else:
