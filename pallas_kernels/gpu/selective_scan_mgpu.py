@@ -10,7 +10,8 @@ Mamba §3.2 Algorithm 2 with the simplified discretization (Mamba §2 eq. (4)) a
 ``scan_fwd_mgpu`` has exactly the arguments and results of the Triton-lowered
 ``selective_scan_fwd.scan_fwd`` (padded inputs, Δ = 0 beyond ``length``, the float32 state
 entering every chunk of ``blocks.block_l`` positions as the backward's residual), so the
-Triton-lowered backward ``selective_scan_bwd.scan_bwd`` consumes its residuals unchanged.
+Triton-lowered backward ``selective_scan_bwd.scan_bwd`` consumes its residuals unchanged, and
+so does the Mosaic GPU backward ``selective_scan_mgpu_bwd.scan_bwd_mgpu``.
 
 Design. One CTA = one warpgroup (128 threads) per (block of ``BLOCK_D`` = 64 channels of one
 group, batch row). The (64, n) float32 state lives in registers in the wgmma accumulator
@@ -49,7 +50,9 @@ forward 1.91 / 2.01 / 3.66 ms at L = 1K / 4K / 16K against CUDA's 2.11 / 2.16 / 
 (1.10x, 1.07x, 0.71x: at 16K the batch of 4 is split into segments, which costs a second pass)
 and the Triton-lowered forward's 3.69 / 4.90 / 11.4 ms. The tuning constants below are untuned
 first guesses. It is opt-in (``selective_scan_pallas_gpu(..., backend="mosaic")``), not the
-default: with the Triton-lowered backward, forward+backward is 0.19-0.42x CUDA's.
+default: with the Triton-lowered backward, forward+backward measured 0.19-0.42x CUDA's;
+``backend="mosaic"`` now pairs it with the Mosaic GPU backward of ``selective_scan_mgpu_bwd``
+(not yet run on a GPU).
 
 Limits (each raises ValueError naming the ``backend="triton"`` fallback): d_inner / groups a
 multiple of 64 channels; d_state a multiple of 8 (the wgmma layout's column tile; TMA rows of
