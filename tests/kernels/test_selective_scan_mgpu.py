@@ -14,7 +14,8 @@ The backward ``scan_bwd_mgpu`` (pallas_kernels/gpu/selective_scan_mgpu_bwd.py) i
 the wrapper: the vjp of ``selective_scan_pallas_gpu(..., backend="mosaic")`` (the Mosaic forward
 and the Mosaic backward) for every differentiable input (u, delta, A, B, C, D, z, delta_bias,
 initial_state) against the vjp of the float64 oracle (of each seq_idx segment scanned alone where
-seq_idx is given), with a random cotangent for y and the final state.
+seq_idx is given), with a random cotangent for y and the final state. On the GPU it is also
+compared result by result with the Triton-lowered ``scan_bwd`` on the same residuals.
 
 The GPU class compiles the kernels (sm_90 only) at real sizes (d_inner 2048). Its interpret twin
 runs the same kernels in Mosaic GPU's interpreter on CPU with tiny shapes (64 channels per CTA,
@@ -32,6 +33,7 @@ import pytest
 from mamba_jax.ops.selective_scan import selective_scan
 from pallas_kernels.gpu.selective_scan import selective_scan_pallas_gpu
 from pallas_kernels.gpu.selective_scan_args import decay_keep
+from pallas_kernels.gpu.selective_scan_bwd import scan_bwd
 from pallas_kernels.gpu.selective_scan_fwd import ScanGpuBlockSizes
 from pallas_kernels.gpu.selective_scan_mgpu import (scan_fwd_mgpu, scan_fwd_mgpu_segments,
                                                     segment_count)
@@ -291,6 +293,38 @@ class TestScanMosaicGPU(ScanMosaicCases):
     seq_idx[:, 640:] = 2
     seq_idx[1] += 1
     self._compare_vjp(jnp.float32, FULL, 10, shape=(2, l, d, n), seq_idx=seq_idx)
+
+  def test_bwd_matches_triton_kernel(self):
+    """scan_bwd_mgpu and the Triton-lowered scan_bwd on the same residuals (this forward's, with
+    seq_idx, every option, float32): every result equal to float32 rounding (dB / dC after
+    the wrapper's reduction over each group's channel blocks). Tells a backward bug from a
+    forward one when a vjp test fails."""
+    self._compare_bwd_kernels(self.SHAPE, ScanGpuBlockSizes(block_l=self.BLOCK_L))
+
+  def _compare_bwd_kernels(self, shape, blocks):
+    b, l, d, n = shape
+    primals = _inputs(jax.random.key(13), jnp.float32, b, l, d, n, **FULL)
+    seq_idx = jnp.asarray(np.arange(l) >= l // 3, jnp.int32)[None].repeat(b, 0)
+    args = _kernel_args(primals, seq_idx, blocks.block_l)
+    u, delta, a, B, C, D, z, bias, init, keep = args
+    interpret = self.INTERPRET
+    y, final, states = scan_fwd_mgpu(*args, length=l, delta_softplus=True, save_states=True,
+                                     blocks=blocks, interpret=interpret)
+    valid = (jnp.arange(y.shape[1]) < l)[None, :, None]
+    dout = jnp.where(valid, jax.random.normal(jax.random.key(14), y.shape, jnp.float32), 0.0)
+    dfinal = jax.random.normal(jax.random.key(15), final.shape, jnp.float32)
+    residuals = (u, delta, a, B, C, D, z, bias, keep, states, dout, dfinal)
+    kwargs = dict(length=l, delta_softplus=True, blocks=blocks, interpret=interpret)
+    got = scan_bwd_mgpu(*residuals, **kwargs)
+    want = scan_bwd(*residuals, **kwargs)
+    groups = B.shape[2]
+    for name, x, x_ref in zip(("du", "ddelta", "dz", "dB", "dC", "dA", "dD", "ddelta_bias",
+                               "dinitial_state"), got, want):
+      if name in ("dB", "dC"):
+        x = x.reshape(*x.shape[:2], groups, -1, n).sum(3)
+        x_ref = x_ref.reshape(*x_ref.shape[:2], groups, -1, n).sum(3)
+      assert x.shape == x_ref.shape and x.dtype == x_ref.dtype, name
+      assert_close(x, x_ref, 1e-5, f"mosaic vs triton backward {name}")
 
   def test_vjp_long_sequence_bfloat16(self):
     """Batch 1, l = 8165: the forward in segments (two launches), the backward over 32 CTAs."""
