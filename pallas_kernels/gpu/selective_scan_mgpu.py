@@ -440,6 +440,26 @@ def scan_fwd_mgpu(u: jax.Array, delta: jax.Array, a: jax.Array, B: jax.Array, C:
                                 blocks=blocks, segments=segments, interpret=interpret)
 
 
+def segment_decays(delta, a, bias, keep, *, length: int, delta_softplus: bool,
+                   segments: int) -> jax.Array:
+  """The decay across each of ``segments`` consecutive segments of the padded sequences,
+  P_s = Π_{t in s} keep_t exp(Δ_t A) = Π_t keep_t · exp(A Σ_t Δ_t), (b, segments, d, n) float32
+  (Δ as the kernels compute it, 0 on padding; delta (b, l, d), a (d, n), bias (d,) or None,
+  keep (b, l) or None)."""
+  batch, padded_length, d_inner = delta.shape
+  seg_length = padded_length // segments
+  x = delta.astype(jnp.float32)
+  if bias is not None:
+    x = x + bias
+  dt = _softplus(x) if delta_softplus else x
+  dt = jnp.where(jnp.arange(padded_length)[None, :, None] < length, dt, 0.0)
+  dt_sum = dt.reshape(batch, segments, seg_length, d_inner).sum(2)              # (b, s, d)
+  decay = jnp.exp(dt_sum[..., None] * a)                                          # (b, s, d, n)
+  if keep is not None:
+    decay = decay * jnp.prod(keep.reshape(batch, segments, seg_length), 2)[..., None, None]
+  return decay
+
+
 @functools.partial(jax.jit, static_argnames=("length", "delta_softplus", "save_states",
                                              "blocks", "segments", "interpret"))
 def scan_fwd_mgpu_segments(u, delta, a, B, C, d, z, bias, init, keep, *, length: int,
@@ -476,15 +496,8 @@ def scan_fwd_mgpu_segments(u, delta, a, B, C, d, z, bias, init, keep, *, length:
                                                      *x.shape[2:])
   (ends,) = launch(split(u), split(delta), a, split(B), split(C), None, None, bias, None,
                    split(keep), with_y=False, save_states=False)
-  x = delta.astype(jnp.float32)
-  if bias is not None:
-    x = x + bias
-  dt = _softplus(x) if delta_softplus else x
-  dt = jnp.where(jnp.arange(padded_length)[None, :, None] < length, dt, 0.0)
-  dt_sum = dt.reshape(batch, segments, seg_length, d_inner).sum(2)              # (b, s, d)
-  decay = jnp.exp(dt_sum[..., None] * a)                                          # (b, s, d, n)
-  if keep is not None:
-    decay = decay * jnp.prod(keep.reshape(batch, segments, seg_length), 2)[..., None, None]
+  decay = segment_decays(delta, a, bias, keep, length=length, delta_softplus=delta_softplus,
+                         segments=segments)
   h0 = jnp.zeros((batch, d_inner, d_state), jnp.float32) if init is None else init
 
   def enter(h, decay_and_end):

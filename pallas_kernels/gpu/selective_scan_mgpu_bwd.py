@@ -16,7 +16,8 @@ the final state:
   dΔ_t    = Σ_k g_tk (ā_tk A_k h_{t−1,k} + B_tk u_t),  ddelta_t = dΔ_t σ(delta_t + delta_bias)
             (softplus' = σ; without the softplus ddelta_t = dΔ_t; 0 on padding)
   dA_k    = Σ_{b,t} g_tk ā_tk Δ_t h_{t−1,k}     ddelta_bias = Σ_{b,t} ddelta_t
-  dD      = Σ_{b,t} dy_t u_t                    dB_tk = Σ_i g_tik Δ_ti u_ti,  dC_tk = Σ_i dy_ti h_tik
+  dD      = Σ_{b,t} dy_t u_t
+  dB_tk   = Σ_i g_tik Δ_ti u_ti                 dC_tk = Σ_i dy_ti h_tik
 
 (the sums over i run over the channels of B's / C's group). Where seq_idx cuts the decay
 (keep_t = 0), ā_t = 0: neither the adjoint nor dΔ, dA cross the boundary.
@@ -54,6 +55,14 @@ dA, dD, dbias, dinitial_state once per CTA at the end. Like the Triton kernel, t
 evaluations of exp(Δ A) per (position, channel, state); the expanded state (b, l, d, n) never
 reaches memory.
 
+Small batches of long sequences give too few CTAs (b · d / 64: 32 at b = 1, d = 2048), and each
+walks its whole sequence serially. As the forward does (with the same ``segment_count``),
+``scan_bwd_mgpu`` then splits every sequence into segments of whole block_l chunks
+(``scan_bwd_mgpu_segments``): the adjoint recurrence is linear, so a cheap launch computes each
+segment's adjoint entering it from a zero cotangent at its end (no states, no outputs but that),
+an XLA recurrence over the segment decays gives the cotangent of the state leaving every
+segment, and the full launch runs the segments in parallel from those.
+
 Compiled, the kernel runs without Pallas' automatic barriers (``unsafe_no_auto_barriers``), as
 the forward: no thread reads a buffer that another thread writes except through TMA, and every
 hand-over (input slots, output tiles) goes through ``barrier_wait`` / ``commit_smem`` /
@@ -63,15 +72,12 @@ Status: run only in Mosaic GPU's CPU interpreter and lowered for sm_90 without a
 compiled or run on a Hopper GPU (tests/kernels/test_selective_scan_mgpu.py holds the GPU tests
 to run). In the interpreter every gradient matches the float64 oracle's to float32 rounding
 (norm-relative errors 1e-7 to 3e-7 in float32; 1e-3 to 2e-3 in bf16, from rounding the
-per-position gradients to bf16), with groups, seq_idx resets, an initial state, padding, and
-the interpreter's race detector finding no race. Untuned: at the default blocks (block_l 64,
-sub-chunks of 8) one CTA needs about 196 KiB of shared memory in bf16 (one CTA per SM; in
-float32 the ring is single-buffered); block_l 32 halves that to about 111 KiB (two CTAs per SM)
-at the price of saving twice as many chunk states in the forward. Every position does two
-cross-warp reductions (dB_t, dC_t), each with two warpgroup barriers. Not implemented:
-splitting small batches of long sequences into segments (the forward does; the adjoint
-recurrence is linear too, so the same two-launch scheme applies), so b · d / 64 CTAs is all the
-parallelism (32 at b = 1, d = 2048).
+per-position gradients to bf16), with groups, seq_idx resets, an initial state, padding and
+segments, and the interpreter's race detector finding no race. Untuned: at the default blocks
+(block_l 64, sub-chunks of 8) one CTA needs about 196 KiB of shared memory in bf16 (one CTA per
+SM; in float32 the ring is single-buffered); block_l 32 halves that to about 111 KiB (two CTAs
+per SM) at the price of saving twice as many chunk states in the forward. Every position does
+two cross-warp reductions (dB_t, dC_t), each with two warpgroup barriers.
 
 Limits (each raises ValueError naming the ``backend="triton"`` fallback): the forward's
 (``selective_scan_mgpu.check_supported``: d_inner / groups a multiple of 64, d_state a multiple
@@ -97,7 +103,8 @@ from pallas_kernels.gpu.selective_scan_args import sigmoid, silu_and_grad
 from pallas_kernels.gpu.selective_scan_fwd import ScanGpuBlockSizes
 from pallas_kernels.gpu.selective_scan_mgpu import (BLOCK_D, CHANNEL, LOG2_E, MIN_BLOCK_L,
                                                     SMEM_BYTES, STATE, STATE_COL, _softplus,
-                                                    check_supported)
+                                                    check_supported, segment_count,
+                                                    segment_decays)
 
 MAX_BLOCK_L = 256           # one TMA box per chunk: box dimensions are at most 256
 SUB_REGISTERS = 64          # float32 registers per thread for a sub-chunk's states
@@ -161,9 +168,11 @@ def check_supported_bwd(d_inner: int, groups: int, d_state: int, dtype, block_l:
 
 
 def _bwd_kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_keep: bool, length: int,
-                padded: bool, delta_softplus: bool, block_l: int, sub: int, chunks: int,
-                in_depth: int, out_depth: int, per_group: int):
-  """One (channel block, batch row) CTA; refs in the order built by ``scan_bwd_mgpu``.
+                padded: bool, segments: int, delta_softplus: bool, block_l: int, sub: int,
+                chunks: int, in_depth: int, out_depth: int, per_group: int):
+  """One (channel block, row) CTA; refs in the order built by ``_launch``. A row is one of the
+  ``segments`` consecutive pieces of a batch row's length (row bi = batch · segments + s), so
+  its position t is the padded sequence's s · l_row + t (only for the padding mask).
 
   GMEM: u_ref, delta_ref, z_ref, dout_ref, du_ref, ddelta_ref, dz_ref (b, l, d); a_ref (d, n)
   float32; b_ref, c_ref (b, l, g, n); d_ref, bias_ref (d,) float32; keep_ref (b, l) float32;
@@ -231,6 +240,7 @@ def _bwd_kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_keep: bool,
 
   a = plgpu.load(a_s, layout=STATE)
   a2 = a * LOG2_E                      # exp(Δ A) = 2^(Δ A log2 e)
+  row_start = lax.rem(bi, jnp.int32(segments)) * (chunks * block_l)   # position of t = 0
   d_skip = plgpu.load(d_s, layout=CHANNEL) if has_d else None
   bias = plgpu.load(bias_s, layout=CHANNEL) if has_bias else None
   by_channel = lambda v: lax.broadcast_in_dim(v, (BLOCK_D, n), [0])
@@ -244,7 +254,7 @@ def _bwd_kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_keep: bool,
       x = x + bias
     dt = _softplus(x) if delta_softplus else x
     if padded:
-      dt = dt * (c * block_l + row < length).astype(jnp.float32)   # Δ = 0 on padding
+      dt = dt * (row_start + c * block_l + row < length).astype(jnp.float32)  # padding
     decay = jnp.exp2(by_channel(dt) * a2)
     if has_keep:
       decay = decay * keep_s[slot, row]
@@ -284,7 +294,7 @@ def _bwd_kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_keep: bool,
       du = du + d_skip * dy
       dd = dd + dy * u
     if padded:
-      ddt = ddt * (c * block_l + row < length).astype(jnp.float32)
+      ddt = ddt * (row_start + c * block_l + row < length).astype(jnp.float32)
     if delta_softplus:
       ddt = ddt * sigmoid(x)
     if has_bias:
@@ -355,59 +365,25 @@ def _bwd_kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_keep: bool,
   plgpu.wait_smem_to_gmem(0)
 
 
-@functools.partial(jax.jit, static_argnames=("length", "delta_softplus", "blocks",
-                                             "interpret"))
-def scan_bwd_mgpu(u: jax.Array, delta: jax.Array, a: jax.Array, B: jax.Array, C: jax.Array,
-                  d: jax.Array | None, z: jax.Array | None, bias: jax.Array | None,
-                  keep: jax.Array | None, states: jax.Array, dout: jax.Array,
-                  dfinal: jax.Array, *, length: int, delta_softplus: bool,
-                  blocks: ScanGpuBlockSizes,
-                  interpret: bool | plgpu.InterpretGPUParams = False):
-  """The fused backward over the padded length on Hopper (Mosaic GPU), ``scan_bwd``'s contract
-  (equations in the module docstring).
+def _options(interpret, d_state: int) -> dict:
+  """``plgpu.kernel``'s interpreter or compiler options."""
+  if interpret:
+    params = interpret if isinstance(interpret, plgpu.InterpretGPUParams) else (
+        plgpu.InterpretGPUParams())
+    return dict(interpret=params)
+  return dict(compiler_params=plgpu.CompilerParams(
+      unsafe_no_auto_barriers=True, reduction_scratch_bytes=_reduction_scratch(d_state)))
 
-  Args:
-    u, delta: (b, l, d) float32 / bf16 / fp16, l a multiple of ``blocks.block_l``.
-    a: (d, n) float32, A.
-    B, C: (b, l, g, n) float32 / bf16 / fp16; channel i reads group i // (d / g).
-    d: optional (d,) float32 skip D.
-    z: optional (b, l, d) gate.
-    bias: optional (d,) float32 delta_bias.
-    keep: optional (b, l) float32 decay mask from ``selective_scan_args.decay_keep``.
-    states: (b, l / block_l, d, n) float32, the chunk-entering states the forward saved.
-    dout: (b, l, d) cotangent of the output in u's dtype, zero in the padding.
-    dfinal: (b, d, n) float32 cotangent of the final state.
-    length: the true length (positions at or beyond it are padding: Δ = 0, ddelta = 0).
-    delta_softplus: Δ = softplus(delta + bias) instead of delta + bias.
-    blocks: the GPU block sizes; ``block_l`` (the interval of the saved states) and ``sub_l``
-      are used: the channel block is ``BLOCK_D`` = 64 and the sub-chunk
-      ``sub_rows(block_l, n, sub_l)`` positions.
-    interpret: run in Mosaic GPU's interpreter (CPU); True uses the default
-      ``plgpu.InterpretGPUParams()``, an instance is used as given (e.g. ``detect_races=True``).
 
-  Returns:
-    du (b, l, d) in u's dtype, ddelta (b, l, d) in delta's dtype, dz (b, l, d) in z's dtype or
-    None, dB and dC partial sums per block of 64 channels (b, l, d / 64, n) float32, dA
-    partials (b, d, n) float32, dD and ddelta_bias partials (b, d) float32 or None (sums over
-    the rows' positions), dinitial_state (b, d, n) float32.
-
-  Raises:
-    ValueError: for sizes or dtypes the kernel does not take (``check_supported_bwd``,
-      ``buffer_depths``); the message names the ``backend="triton"`` fallback.
-  """
+def _launch(u, delta, a, B, C, d, z, bias, keep, states, dout, dfinal, *, length: int,
+            segments: int, delta_softplus: bool, block_l: int, sub: int, interpret):
+  """One launch of ``_bwd_kernel`` over rows (b', l', d) that are ``segments`` consecutive
+  pieces of each padded sequence (b' = b · segments; 1: whole sequences), each with its own
+  dfinal (b', d, n) and states (b', l' / block_l, d, n). Returns scan_bwd's results per row."""
   batch, padded_length, d_inner = u.shape
   groups, d_state = B.shape[2], B.shape[3]
-  block_l = blocks.block_l
-  check_supported_bwd(d_inner, groups, d_state, u.dtype, block_l)
-  if padded_length % block_l:
-    raise ValueError(f"the padded length {padded_length} must be a multiple of block_l="
-                     f"{block_l}")
   chunks = padded_length // block_l
-  if states.shape != (batch, chunks, d_inner, d_state):
-    raise ValueError(f"states must have shape (b, l / block_l, d, n) = "
-                     f"{(batch, chunks, d_inner, d_state)}, got {states.shape}")
   itemsize = max(x.dtype.itemsize for x in (u, delta, B, C, z, dout) if x is not None)
-  sub = sub_rows(block_l, d_state, blocks.sub_l)
   in_depth, out_depth = buffer_depths(block_l, sub, d_state, itemsize, has_z=z is not None,
                                       has_keep=keep is not None)
   nblk = d_inner // BLOCK_D
@@ -416,7 +392,7 @@ def scan_bwd_mgpu(u: jax.Array, delta: jax.Array, a: jax.Array, B: jax.Array, C:
   for x in (d, z, bias, keep):
     if x is not None:
       args.append(x)
-  args += [states, dout.astype(u.dtype), dfinal]
+  args += [states, dout, dfinal]
   f32 = jnp.float32
   out_type = [jax.ShapeDtypeStruct(u.shape, u.dtype),
               jax.ShapeDtypeStruct(delta.shape, delta.dtype)]
@@ -456,16 +432,9 @@ def scan_bwd_mgpu(u: jax.Array, delta: jax.Array, a: jax.Array, B: jax.Array, C:
   ]
   kernel = functools.partial(
       _bwd_kernel, has_d=d is not None, has_z=z is not None, has_bias=bias is not None,
-      has_keep=keep is not None, length=length, padded=length != padded_length,
-      delta_softplus=delta_softplus, block_l=block_l, sub=sub, chunks=chunks,
+      has_keep=keep is not None, length=length, padded=length != padded_length * segments,
+      segments=segments, delta_softplus=delta_softplus, block_l=block_l, sub=sub, chunks=chunks,
       in_depth=in_depth, out_depth=out_depth, per_group=d_inner // groups)
-  if interpret:
-    params = interpret if isinstance(interpret, plgpu.InterpretGPUParams) else (
-        plgpu.InterpretGPUParams())
-    options = dict(interpret=params)
-  else:
-    options = dict(compiler_params=plgpu.CompilerParams(
-        unsafe_no_auto_barriers=True, reduction_scratch_bytes=_reduction_scratch(d_state)))
   outs = list(plgpu.kernel(
       kernel,
       out_type=out_type,
@@ -473,7 +442,7 @@ def scan_bwd_mgpu(u: jax.Array, delta: jax.Array, a: jax.Array, B: jax.Array, C:
       grid=(nblk, batch),
       grid_names=("d", "b"),
       kernel_name="selective_scan_bwd_mgpu",
-      **options,
+      **_options(interpret, d_state),
   )(*args))
   du, ddelta = outs[:2]
   del outs[:2]
@@ -483,4 +452,266 @@ def scan_bwd_mgpu(u: jax.Array, delta: jax.Array, a: jax.Array, B: jax.Array, C:
   dd = outs.pop(0) if d is not None else None
   dbias = outs.pop(0) if bias is not None else None
   (dinit,) = outs
-  return du, ddelta, dz, db, dc, da, dd, dbias, dinit
+  return [du, ddelta, dz, db, dc, da, dd, dbias, dinit]
+
+
+def _adjoint_kernel(*refs, has_z: bool, has_bias: bool, has_keep: bool, length: int,
+                    padded: bool, segments: int, delta_softplus: bool, block_l: int, chunks: int,
+                    in_depth: int, per_group: int):
+  """One (channel block, row) CTA of the segments' adjoint launch: from a zero cotangent at the
+  row's end, g ← g + C_t dy_t, g ← ā_t ⊙ g over its positions in reverse; writes the adjoint
+  entering the row, E (64, n). Refs: delta_ref, dout_ref, z_ref (b', l', d); a_ref (d, n);
+  c_ref (b', l', g, n); bias_ref (d,); keep_ref (b', l'); ends_ref (b', d, n); SMEM ring slots
+  dl_s, do_s, z_s (in_depth, block_l, 64), c_s (in_depth, block_l, n), keep_s; a_s, e_s
+  (64, n); bias_s (64,).
+  """
+  refs = list(refs)
+  delta_ref, a_ref, c_ref = refs[:3]
+  del refs[:3]
+  z_ref = refs.pop(0) if has_z else None
+  bias_ref = refs.pop(0) if has_bias else None
+  keep_ref = refs.pop(0) if has_keep else None
+  dout_ref, ends_ref = refs[:2]
+  del refs[:2]
+  dl_s, do_s, z_s, c_s, keep_s, a_s, e_s, bias_s, ring_bar, const_bar = refs
+
+  j = lax.axis_index("d")
+  bi = lax.axis_index("b")
+  c0 = j * BLOCK_D
+  chans = pl.ds(c0, BLOCK_D)
+  g = lax.div(c0, jnp.int32(per_group))
+  n = a_s.shape[1]
+  streams = [(delta_ref, dl_s), (dout_ref, do_s)] + ([(z_ref, z_s)] if has_z else [])
+
+  def issue(c, slot):
+    pos = pl.ds(c * block_l, block_l)
+    copies = [(src.at[bi, pos, chans], dst.at[slot]) for src, dst in streams]
+    copies.append((c_ref.at[bi, pos, g], c_s.at[slot]))
+    if has_keep:
+      copies.append((keep_ref.at[bi, pos], keep_s.at[slot, pl.ds(0, block_l)]))
+    for k, (src, dst) in enumerate(copies):
+      plgpu.copy_gmem_to_smem(src, dst, ring_bar.at[k, slot])
+
+  num_streams = len(streams) + 1 + has_keep
+  for i in range(min(in_depth, chunks)):
+    issue(jnp.int32(chunks - 1 - i), i)
+  consts = [(a_ref.at[chans], a_s)] + ([(bias_ref.at[chans], bias_s)] if has_bias else [])
+  for k, (src, dst) in enumerate(consts):
+    plgpu.copy_gmem_to_smem(src, dst, const_bar.at[k])
+  for k in range(len(consts)):
+    plgpu.barrier_wait(const_bar.at[k])
+  a2 = plgpu.load(a_s, layout=STATE) * LOG2_E
+  bias = plgpu.load(bias_s, layout=CHANNEL) if has_bias else None
+  row_start = lax.rem(bi, jnp.int32(segments)) * (chunks * block_l)
+  by_channel = lambda v: lax.broadcast_in_dim(v, (BLOCK_D, n), [0])
+  by_state = lambda v: lax.broadcast_in_dim(v, (BLOCK_D, n), [1])
+
+  def chunk(i, gs):
+    c = chunks - 1 - i
+    slot = lax.rem(i, jnp.int32(in_depth))
+    for k in range(num_streams):
+      plgpu.barrier_wait(ring_bar.at[k, slot])
+
+    def step(k, gs):
+      row = block_l - 1 - k
+      x = plgpu.load(dl_s.at[slot, row], layout=CHANNEL).astype(jnp.float32)
+      if has_bias:
+        x = x + bias
+      dt = _softplus(x) if delta_softplus else x
+      if padded:
+        dt = dt * (row_start + c * block_l + row < length).astype(jnp.float32)
+      decay = jnp.exp2(by_channel(dt) * a2)
+      if has_keep:
+        decay = decay * keep_s[slot, row]
+      dy = plgpu.load(do_s.at[slot, row], layout=CHANNEL).astype(jnp.float32)
+      if has_z:
+        dy = dy * silu_and_grad(plgpu.load(z_s.at[slot, row],
+                                           layout=CHANNEL).astype(jnp.float32))[0]
+      c_t = plgpu.load(c_s.at[slot, row], layout=STATE_COL).astype(jnp.float32)
+      return (gs + by_channel(dy) * by_state(c_t)) * decay
+
+    gs = lax.fori_loop(0, block_l, step, gs)
+    plgpu.commit_smem()   # every thread has read the ring slot
+
+    @pl.when(c - in_depth >= 0)
+    def _():
+      issue(c - in_depth, slot)
+
+    return gs
+
+  gs = plgpu.layout_cast(jnp.zeros((BLOCK_D, n), jnp.float32), STATE)
+  gs = lax.fori_loop(jnp.int32(0), jnp.int32(chunks), chunk, gs)
+  e_s[...] = gs
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(e_s, ends_ref.at[bi, chans])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _launch_adjoint(delta, a, C, z, bias, keep, dout, *, length: int, segments: int,
+                    delta_softplus: bool, block_l: int, interpret):
+  """One launch of ``_adjoint_kernel`` over the (b · segments) rows: E (b', d, n) float32."""
+  rows_total, row_length, d_inner = delta.shape
+  groups, d_state = C.shape[2], C.shape[3]
+  chunks = row_length // block_l
+  itemsize = max(x.dtype.itemsize for x in (delta, C, z, dout) if x is not None)
+  per_slot = (block_l * ((2 + (z is not None)) * BLOCK_D + d_state) * itemsize
+              + 4 * _round_up(block_l, KEEP_ALIGN) * (keep is not None))
+  in_depth = 2 if 2 * per_slot + 2 * BLOCK_D * d_state * 4 <= SMEM_BYTES else 1
+  args = [delta, a, C] + [x for x in (z, bias, keep) if x is not None] + [dout]
+  f32 = jnp.float32
+  row_tile = lambda dtype: plgpu.SMEM((in_depth, block_l, BLOCK_D), dtype)
+  scratch = [
+      row_tile(delta.dtype), row_tile(dout.dtype),
+      None if z is None else row_tile(z.dtype),
+      plgpu.SMEM((in_depth, block_l, d_state), C.dtype),
+      None if keep is None else plgpu.SMEM((in_depth, _round_up(block_l, KEEP_ALIGN)), f32),
+      plgpu.SMEM((BLOCK_D, d_state), f32), plgpu.SMEM((BLOCK_D, d_state), f32),
+      None if bias is None else plgpu.SMEM((BLOCK_D,), f32),
+      plgpu.Barrier(num_barriers=(3 + (z is not None) + (keep is not None), in_depth)),
+      plgpu.Barrier(num_barriers=1 + (bias is not None)),
+  ]
+  kernel = functools.partial(
+      _adjoint_kernel, has_z=z is not None, has_bias=bias is not None,
+      has_keep=keep is not None, length=length, padded=length != row_length * segments,
+      segments=segments, delta_softplus=delta_softplus, block_l=block_l, chunks=chunks,
+      in_depth=in_depth, per_group=d_inner // groups)
+  (ends,) = plgpu.kernel(
+      kernel,
+      out_type=[jax.ShapeDtypeStruct((rows_total, d_inner, d_state), f32)],
+      scratch_types=scratch,
+      grid=(d_inner // BLOCK_D, rows_total),
+      grid_names=("d", "b"),
+      kernel_name="selective_scan_bwd_ends_mgpu",
+      **_options(interpret, d_state),
+  )(*args)
+  return ends
+
+
+@functools.partial(jax.jit, static_argnames=("length", "delta_softplus", "blocks",
+                                             "interpret"))
+def scan_bwd_mgpu(u: jax.Array, delta: jax.Array, a: jax.Array, B: jax.Array, C: jax.Array,
+                  d: jax.Array | None, z: jax.Array | None, bias: jax.Array | None,
+                  keep: jax.Array | None, states: jax.Array, dout: jax.Array,
+                  dfinal: jax.Array, *, length: int, delta_softplus: bool,
+                  blocks: ScanGpuBlockSizes,
+                  interpret: bool | plgpu.InterpretGPUParams = False):
+  """The fused backward over the padded length on Hopper (Mosaic GPU), ``scan_bwd``'s contract
+  (equations in the module docstring).
+
+  One launch over (d / 64 channel blocks, b) CTAs when that fills the GPU; otherwise (small
+  batches of long sequences) ``scan_bwd_mgpu_segments`` with the forward's ``segment_count``.
+
+  Args:
+    u, delta: (b, l, d) float32 / bf16 / fp16, l a multiple of ``blocks.block_l``.
+    a: (d, n) float32, A.
+    B, C: (b, l, g, n) float32 / bf16 / fp16; channel i reads group i // (d / g).
+    d: optional (d,) float32 skip D.
+    z: optional (b, l, d) gate.
+    bias: optional (d,) float32 delta_bias.
+    keep: optional (b, l) float32 decay mask from ``selective_scan_args.decay_keep``.
+    states: (b, l / block_l, d, n) float32, the chunk-entering states the forward saved.
+    dout: (b, l, d) cotangent of the output (used in u's dtype), zero in the padding.
+    dfinal: (b, d, n) float32 cotangent of the final state.
+    length: the true length (positions at or beyond it are padding: Δ = 0, ddelta = 0).
+    delta_softplus: Δ = softplus(delta + bias) instead of delta + bias.
+    blocks: the GPU block sizes; ``block_l`` (the interval of the saved states) and ``sub_l``
+      are used: the channel block is ``BLOCK_D`` = 64 and the sub-chunk
+      ``sub_rows(block_l, n, sub_l)`` positions.
+    interpret: run in Mosaic GPU's interpreter (CPU); True uses the default
+      ``plgpu.InterpretGPUParams()``, an instance is used as given (e.g. ``detect_races=True``).
+
+  Returns:
+    du (b, l, d) in u's dtype, ddelta (b, l, d) in delta's dtype, dz (b, l, d) in z's dtype or
+    None, dB and dC partial sums per block of 64 channels (b, l, d / 64, n) float32, dA
+    partials (b, d, n) float32, dD and ddelta_bias partials (b, d) float32 or None (sums over
+    the rows' positions), dinitial_state (b, d, n) float32.
+
+  Raises:
+    ValueError: for sizes or dtypes the kernel does not take (``check_supported_bwd``,
+      ``buffer_depths``); the message names the ``backend="triton"`` fallback.
+  """
+  batch, padded_length, d_inner = u.shape
+  _check(u, B, states, blocks)
+  segments = segment_count(batch, d_inner, padded_length, blocks.block_l)
+  return scan_bwd_mgpu_segments(u, delta, a, B, C, d, z, bias, keep, states, dout, dfinal,
+                                length=length, delta_softplus=delta_softplus, blocks=blocks,
+                                segments=segments, interpret=interpret)
+
+
+def _check(u, B, states, blocks: ScanGpuBlockSizes) -> None:
+  """``check_supported_bwd``, whole chunks and the states' shape."""
+  batch, padded_length, d_inner = u.shape
+  groups, d_state = B.shape[2], B.shape[3]
+  block_l = blocks.block_l
+  check_supported_bwd(d_inner, groups, d_state, u.dtype, block_l)
+  if padded_length % block_l:
+    raise ValueError(f"the padded length {padded_length} must be a multiple of block_l="
+                     f"{block_l}")
+  chunks = padded_length // block_l
+  if states.shape != (batch, chunks, d_inner, d_state):
+    raise ValueError(f"states must have shape (b, l / block_l, d, n) = "
+                     f"{(batch, chunks, d_inner, d_state)}, got {states.shape}")
+
+
+@functools.partial(jax.jit, static_argnames=("length", "delta_softplus", "blocks", "segments",
+                                             "interpret"))
+def scan_bwd_mgpu_segments(u, delta, a, B, C, d, z, bias, keep, states, dout, dfinal, *,
+                           length: int, delta_softplus: bool, blocks: ScanGpuBlockSizes,
+                           segments: int, interpret: bool | plgpu.InterpretGPUParams = False):
+  """``scan_bwd_mgpu`` with each sequence split into ``segments`` consecutive segments of
+  l_s = l / segments positions (a multiple of block_l), which multiplies the CTAs by
+  ``segments`` at the price of a second (cheaper) pass. The adjoint recurrence is linear, as
+  the forward's, so with P_s = Π_{t in s} ā_t (``segment_decays``):
+
+    1. a launch over the (b · segments) segments from a zero cotangent at each segment's end
+       (``_adjoint_kernel``: g ← g + C_t dy_t, g ← ā_t ⊙ g only): E_s, the adjoint entering
+       segment s from its own positions;
+    2. in XLA, the cotangent of the state leaving segment s: G_{S−1} = dfinal,
+       G_{s−1} = P_s ⊙ G_s + E_s (float32);
+    3. the full launch over the segments with dfinal = G_s and each segment's saved chunk
+       states; the per-position results are the segments' side by side, the dA, dD, dbias
+       partials are summed over the segments, dinitial_state is segment 0's.
+
+  ``segments`` = 1 is the single launch. Arguments and results are ``scan_bwd_mgpu``'s.
+  """
+  _check(u, B, states, blocks)
+  batch, padded_length, d_inner = u.shape
+  d_state = a.shape[1]
+  block_l = blocks.block_l
+  if padded_length % (segments * block_l):
+    raise ValueError(f"segments={segments} must split the padded length {padded_length} into "
+                     f"whole chunks of block_l={block_l}")
+  seg_length = padded_length // segments
+  dout = dout.astype(u.dtype)
+  sub = sub_rows(block_l, d_state, blocks.sub_l)
+  launch = functools.partial(_launch, length=length, segments=segments,
+                             delta_softplus=delta_softplus, block_l=block_l, sub=sub,
+                             interpret=interpret)
+  if segments == 1:
+    return tuple(launch(u, delta, a, B, C, d, z, bias, keep, states, dout, dfinal))
+  split = lambda x: None if x is None else x.reshape(batch * segments, seg_length,
+                                                     *x.shape[2:])
+  ends = _launch_adjoint(split(delta), a, split(C), split(z), bias, split(keep), split(dout),
+                         length=length, segments=segments, delta_softplus=delta_softplus,
+                         block_l=block_l, interpret=interpret)
+  decay = segment_decays(delta, a, bias, keep, length=length, delta_softplus=delta_softplus,
+                         segments=segments)                                   # (b, s, d, n)
+
+  def leave(g, decay_and_end):   # g: the cotangent of the state leaving segment s
+    decay_s, end_s = decay_and_end
+    return decay_s * g + end_s, g
+
+  _, leaving = lax.scan(leave, dfinal,
+                        (jnp.swapaxes(decay, 0, 1),
+                         jnp.swapaxes(ends.reshape(batch, segments, d_inner, d_state), 0, 1)),
+                        reverse=True)
+  rows_states = states.reshape(batch * segments, seg_length // block_l, d_inner, d_state)
+  outs = launch(split(u), split(delta), a, split(B), split(C), d, split(z), bias, split(keep),
+                rows_states, split(dout),
+                jnp.swapaxes(leaving, 0, 1).reshape(batch * segments, d_inner, d_state))
+  du, ddelta, dz, db, dc, da, dd, dbias, dinit = outs
+  whole = lambda x: None if x is None else x.reshape(batch, padded_length, *x.shape[2:])
+  summed = lambda x: None if x is None else x.reshape(batch, segments, *x.shape[1:]).sum(1)
+  dinit = dinit.reshape(batch, segments, d_inner, d_state)[:, 0]
+  return (whole(du), whole(ddelta), whole(dz), whole(db), whole(dc), summed(da), summed(dd),
+          summed(dbias), dinit)

@@ -14,13 +14,15 @@ The backward ``scan_bwd_mgpu`` (pallas_kernels/gpu/selective_scan_mgpu_bwd.py) i
 the wrapper: the vjp of ``selective_scan_pallas_gpu(..., backend="mosaic")`` (the Mosaic forward
 and the Mosaic backward) for every differentiable input (u, delta, A, B, C, D, z, delta_bias,
 initial_state) against the vjp of the float64 oracle (of each seq_idx segment scanned alone where
-seq_idx is given), with a random cotangent for y and the final state. On the GPU it is also
-compared result by result with the Triton-lowered ``scan_bwd`` on the same residuals.
+seq_idx is given), with a random cotangent for y and the final state, in one launch and split
+into segments (``scan_bwd_mgpu_segments``). On the GPU it is also compared result by result with
+the Triton-lowered ``scan_bwd`` on the same residuals.
 
 The GPU class compiles the kernels (sm_90 only) at real sizes (d_inner 2048). Its interpret twin
 runs the same kernels in Mosaic GPU's interpreter on CPU with tiny shapes (64 channels per CTA,
-so d_inner 64-128), once each with the interpreter's race detector on; lowering tests run Mosaic
-GPU's layout inference and lowering for an H100 without a GPU.
+so d_inner 64-128), forward and backward each once with the interpreter's race detector on; a
+lowering test runs Mosaic GPU's layout inference and lowering of the forward and the backward
+for an H100 without a GPU.
 """
 
 import jax
@@ -32,12 +34,14 @@ import pytest
 
 from mamba_jax.ops.selective_scan import selective_scan
 from pallas_kernels.gpu.selective_scan import selective_scan_pallas_gpu
+from pallas_kernels.gpu import selective_scan_mgpu, selective_scan_mgpu_bwd
 from pallas_kernels.gpu.selective_scan_args import decay_keep
 from pallas_kernels.gpu.selective_scan_bwd import scan_bwd
 from pallas_kernels.gpu.selective_scan_fwd import ScanGpuBlockSizes
 from pallas_kernels.gpu.selective_scan_mgpu import (scan_fwd_mgpu, scan_fwd_mgpu_segments,
                                                     segment_count)
-from pallas_kernels.gpu.selective_scan_mgpu_bwd import scan_bwd_mgpu, sub_rows
+from pallas_kernels.gpu.selective_scan_mgpu_bwd import (scan_bwd_mgpu, scan_bwd_mgpu_segments,
+                                                        sub_rows)
 from tests.kernels.test_selective_scan_gpu import (FULL, PLAIN, TOLERANCES, _compare_grads,
                                                    _inputs, _upcast)
 from tests.numerics import assert_close
@@ -207,6 +211,40 @@ class ScanMosaicCases:
       assert_close(got, expected, TOLERANCES[dtype], f"{name} {what}")
     _compare_grads(vjp, oracle_vjp, out, primals, dtype, seed + 1, "mosaic vjp")
 
+  def _compare_bwd_kernels(self, shape, blocks, *, flags=FULL, segments=None, interpret=None):
+    """scan_bwd_mgpu (``segments`` None: its own choice; an int: scan_bwd_mgpu_segments with
+    that many) against the Triton-lowered scan_bwd on the same residuals (float32, every
+    option, a seq_idx reset at l / 3): every result to float32 rounding, dB / dC after the
+    wrapper's reduction over each group's channel blocks, dA / dD / dbias summed over rows."""
+    b, l, d, n = shape
+    primals = _inputs(jax.random.key(13), jnp.float32, b, l, d, n, **flags)
+    seq_idx = jnp.asarray(np.arange(l) >= l // 3, jnp.int32)[None].repeat(b, 0)
+    args = _kernel_args(primals, seq_idx, blocks.block_l)
+    u, delta, a, B, C, D, z, bias, init, keep = args
+    interpret = self.INTERPRET if interpret is None else interpret
+    y, final, states = scan_fwd_mgpu(*args, length=l, delta_softplus=True, save_states=True,
+                                     blocks=blocks, interpret=interpret)
+    valid = (jnp.arange(y.shape[1]) < l)[None, :, None]
+    dout = jnp.where(valid, jax.random.normal(jax.random.key(14), y.shape, jnp.float32), 0.0)
+    dfinal = jax.random.normal(jax.random.key(15), final.shape, jnp.float32)
+    residuals = (u, delta, a, B, C, D, z, bias, keep, states, dout, dfinal)
+    kwargs = dict(length=l, delta_softplus=True, blocks=blocks, interpret=interpret)
+    if segments is None:
+      got = scan_bwd_mgpu(*residuals, **kwargs)
+    else:
+      got = scan_bwd_mgpu_segments(*residuals, segments=segments, **kwargs)
+    want = scan_bwd(*residuals, **dict(kwargs, interpret=bool(interpret)))
+    groups = B.shape[2]
+    for name, x, x_ref in zip(("du", "ddelta", "dz", "dB", "dC", "dA", "dD", "ddelta_bias",
+                               "dinitial_state"), got, want):
+      if name in ("dB", "dC"):
+        x = x.reshape(*x.shape[:2], groups, -1, n).sum(3)
+        x_ref = x_ref.reshape(*x_ref.shape[:2], groups, -1, n).sum(3)
+      assert x.shape == x_ref.shape and x.dtype == x_ref.dtype, name
+      if name in ("dA", "dD", "ddelta_bias"):
+        x, x_ref = x.sum(0), x_ref.sum(0)
+      assert_close(x, x_ref, 1e-5, f"mosaic vs triton backward {name}")
+
   def test_full_float32(self):
     """Groups 2, D, z, delta_bias + softplus, initial state; a tail after the last chunk."""
     self._compare(jnp.float32, FULL, 0)
@@ -301,33 +339,15 @@ class TestScanMosaicGPU(ScanMosaicCases):
     forward one when a vjp test fails."""
     self._compare_bwd_kernels(self.SHAPE, ScanGpuBlockSizes(block_l=self.BLOCK_L))
 
-  def _compare_bwd_kernels(self, shape, blocks):
-    b, l, d, n = shape
-    primals = _inputs(jax.random.key(13), jnp.float32, b, l, d, n, **FULL)
-    seq_idx = jnp.asarray(np.arange(l) >= l // 3, jnp.int32)[None].repeat(b, 0)
-    args = _kernel_args(primals, seq_idx, blocks.block_l)
-    u, delta, a, B, C, D, z, bias, init, keep = args
-    interpret = self.INTERPRET
-    y, final, states = scan_fwd_mgpu(*args, length=l, delta_softplus=True, save_states=True,
-                                     blocks=blocks, interpret=interpret)
-    valid = (jnp.arange(y.shape[1]) < l)[None, :, None]
-    dout = jnp.where(valid, jax.random.normal(jax.random.key(14), y.shape, jnp.float32), 0.0)
-    dfinal = jax.random.normal(jax.random.key(15), final.shape, jnp.float32)
-    residuals = (u, delta, a, B, C, D, z, bias, keep, states, dout, dfinal)
-    kwargs = dict(length=l, delta_softplus=True, blocks=blocks, interpret=interpret)
-    got = scan_bwd_mgpu(*residuals, **kwargs)
-    want = scan_bwd(*residuals, **kwargs)
-    groups = B.shape[2]
-    for name, x, x_ref in zip(("du", "ddelta", "dz", "dB", "dC", "dA", "dD", "ddelta_bias",
-                               "dinitial_state"), got, want):
-      if name in ("dB", "dC"):
-        x = x.reshape(*x.shape[:2], groups, -1, n).sum(3)
-        x_ref = x_ref.reshape(*x_ref.shape[:2], groups, -1, n).sum(3)
-      assert x.shape == x_ref.shape and x.dtype == x_ref.dtype, name
-      assert_close(x, x_ref, 1e-5, f"mosaic vs triton backward {name}")
+  def test_bwd_segments_match_triton_kernel(self):
+    """Batch 1, l = 8165: scan_bwd_mgpu splits the sequence into 16 segments (the adjoint
+    launch, the XLA recurrence, the full launch); against the Triton-lowered scan_bwd."""
+    b, l, d, n = self.LONG_SHAPE
+    assert segment_count(b, d, -(-l // self.BLOCK_L) * self.BLOCK_L, self.BLOCK_L) == 16
+    self._compare_bwd_kernels(self.LONG_SHAPE, ScanGpuBlockSizes(block_l=self.BLOCK_L))
 
   def test_vjp_long_sequence_bfloat16(self):
-    """Batch 1, l = 8165: the forward in segments (two launches), the backward over 32 CTAs."""
+    """Batch 1, l = 8165: the forward and the backward in 16 segments (two launches each)."""
     self._compare_vjp(jnp.bfloat16, FULL, 11, shape=self.LONG_SHAPE)
 
   def test_vjp_state_size_32_bfloat16(self):
@@ -369,22 +389,32 @@ class TestScanMosaicInterpret(ScanMosaicCases):
     self._compare_seq_idx(seq_idx, shape=(2, l, 128, 16), interpret=params, segments=3)
     assert not gpu_callbacks.get_races().races_found
 
-  def test_vjp_seq_idx_float32_no_races(self):
+  def test_vjp_seq_idx_segments_float32_no_races(self, monkeypatch):
     """Mosaic forward and backward, float32: groups 2 (two CTAs, one per group), D, z,
     delta_bias + softplus, initial state, l = 29 (two chunks of 16, the last one mostly
-    padding; sub-chunks of 4: two levels of recomputation) and seq_idx with resets inside a
-    chunk (11) and at a chunk bound (16) (row 1's ids start at 1: a zero initial-state
-    gradient), against each segment scanned alone, under the interpreter's race detector (TMA
-    loads / stores against the threads' reads and writes)."""
+    padding; sub-chunks of 4: two levels of recomputation) and seq_idx with a reset inside the
+    first chunk (11; row 1's ids start at 1: a zero initial-state gradient), against each
+    segment scanned alone, under the interpreter's race detector (TMA loads / stores against
+    the threads' reads and writes). Both kernels split each sequence into 2 segments of 16
+    (``segment_count`` patched: sequences shorter than 2 · ``MIN_SEGMENT`` are not split
+    otherwise): the forward's end-state and full launches, the backward's adjoint and full
+    launches (``scan_bwd_mgpu_segments``). No reset in segment 1, so both terms of the
+    cotangent leaving segment 0, P_1 ⊙ G_1 + E_1, are nonzero."""
     l = 29
     assert sub_rows(self.BLOCK_L, 16, self.BLOCK_L // 4) == 4
+    chosen = set()
+    for module in (selective_scan_mgpu, selective_scan_mgpu_bwd):
+      def two_segments(*args, name=module.__name__):
+        chosen.add(name)
+        return 2
+      monkeypatch.setattr(module, "segment_count", two_segments)
     seq_idx = np.zeros((2, l), np.int32)
     seq_idx[:, 11:] = 1
-    seq_idx[:, 16:] = 2
     seq_idx[1] += 1
     params = plgpu.InterpretGPUParams(detect_races=True)
     self._compare_vjp(jnp.float32, FULL, 20, shape=(2, l, 128, 16), seq_idx=seq_idx,
                       interpret=params)
+    assert chosen == {selective_scan_mgpu.__name__, selective_scan_mgpu_bwd.__name__}, chosen
     assert not gpu_callbacks.get_races().races_found
 
   def test_vjp_plain_bfloat16(self):
@@ -426,23 +456,6 @@ def test_segment_count():
   assert segment_count(1, 2048, 1024, 64) == 4       # segments of 256 positions
 
 
-def test_lowers_for_hopper():
-  """Mosaic GPU's layout inference and lowering for an H100 (no GPU needed): bf16 with every
-  option (keep, D, z, bias, initial state, saved states every two load chunks) in two segments
-  (the end-state launch without y, then the full one)."""
-  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=1,
-                                       platform="cuda")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-  b, l, d, n = 2, 250, 256, 16
-  primals = _inputs(jax.random.key(0), jnp.bfloat16, b, l, d, n, **FULL)
-  args = _kernel_args(primals, jnp.zeros((b, l), jnp.int32), 64)
-  fwd = lambda *a: scan_fwd_mgpu_segments(*a, length=l, delta_softplus=True, save_states=True,
-                                          segments=2, blocks=ScanGpuBlockSizes(block_l=64))
-  with jax.sharding.use_abstract_mesh(mesh):
-    lowered = jax.jit(fwd).trace(*args).lower(lowering_platforms=("cuda",))
-  assert lowered.as_text().count("custom_call @mosaic_gpu") == 2   # the two launches
-
-
 def test_bwd_rejects_unsupported():
   """Sizes outside the backward raise ValueError naming the Triton fallback (before any kernel
   runs): block_l above one TMA box, buffers beyond shared memory, the forward's limits."""
@@ -461,16 +474,20 @@ def test_bwd_rejects_unsupported():
                     interpret=True)
 
 
-def test_bwd_lowers_for_hopper():
-  """The gradient of selective_scan_pallas_gpu(backend="mosaic") lowers for an H100 without a
-  GPU: bf16 with every option (seq_idx, D, z, bias + softplus, initial state, groups 2) is two
-  Mosaic GPU kernels (the forward saving its chunk states, the backward) and no Triton one.
-  Sub-chunks of 4 positions (the default 8 unrolls twice the code: the same operations, twice
-  the lowering time; the GPU class compiles the default blocks)."""
+def test_lowers_for_hopper():
+  """Mosaic GPU's layout inference and lowering for an H100 (no GPU needed) of the gradient of
+  selective_scan_pallas_gpu(backend="mosaic"): bf16 with every option (seq_idx, D, z, bias +
+  softplus, initial state, groups 2), batch 1 of l = 500 (padded 512), which both the forward
+  and the backward split into 2 segments: four Mosaic GPU kernels (the forward's end-state
+  launch without y and its full launch saving the states every two load chunks, the backward's
+  adjoint and full launches) and no Triton one, within Hopper's shared memory (checked by the
+  lowering). Backward sub-chunks of 4 positions (the default 8 unrolls twice the code: the
+  same operations, twice the lowering time; the GPU class compiles the default blocks)."""
   device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=1,
                                        platform="cuda")
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-  b, l, d, n = 2, 250, 256, 16
+  b, l, d, n = 1, 500, 256, 16
+  assert segment_count(b, d, 512, 64) == 2
   primals = _inputs(jax.random.key(0), jnp.bfloat16, b, l, d, n, **FULL)
   seq_idx = jnp.zeros((b, l), jnp.int32)
 
@@ -484,5 +501,5 @@ def test_bwd_lowers_for_hopper():
     lowered = jax.jit(jax.grad(loss, argnums=tuple(range(9)))).trace(*primals).lower(
         lowering_platforms=("cuda",))
   text = lowered.as_text()
-  assert text.count("custom_call @mosaic_gpu") == 2
+  assert text.count("custom_call @mosaic_gpu") == 4
   assert "xla.gpu.triton" not in text
