@@ -159,7 +159,8 @@ def buffer_depths(block_l: int, sub: int, n: int, itemsize: int, *, has_z: bool,
 
 def check_supported_bwd(d_inner: int, groups: int, d_state: int, dtype, block_l: int) -> None:
   """Raises ValueError (naming ``backend="triton"``) unless the backward takes these sizes: the
-  forward's limits, block_l a multiple of 8 and at most ``MAX_BLOCK_L``, buffers that fit."""
+  forward's limits, block_l a multiple of 8 and at most ``MAX_BLOCK_L``. (Whether one CTA's
+  buffers fit shared memory is ``buffer_depths``' check, at launch.)"""
   check_supported(d_inner, groups, d_state, dtype)
   if block_l % MIN_BLOCK_L or block_l > MAX_BLOCK_L:
     raise ValueError(f"block_l={block_l} must be a multiple of {MIN_BLOCK_L} and at most "
