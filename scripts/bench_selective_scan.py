@@ -5,6 +5,8 @@ Compares, at d_state 16, a fixed token count (batch x length), for each d_inner:
                kernels, Triton lowering)
   pallas_mosaic  the same with ``backend="mosaic"``: the Mosaic GPU (Hopper) forward
                (``selective_scan_mgpu``), the Triton-lowered backward
+  pallas_mosaic_full  ``backend="mosaic_full"``: the Mosaic GPU forward and backward
+               (``selective_scan_mgpu_bwd``)
   chunked      ``mamba_jax.ops.selective_scan.selective_scan(..., impl="chunked")`` (XLA)
   associative  ``selective_scan(..., impl="associative")`` (XLA, materializes (b, l, d, n))
   cuda         mamba_ssm's CUDA ``selective_scan_fn`` kernels (``selective_scan_cuda.fwd`` /
@@ -188,8 +190,8 @@ def main():
       fl = floor(args.tokens, d_inner, args.d_state, args.gate)
       for impl in impls:
         try:
-          if impl in ("pallas", "pallas_mosaic"):
-            backend = "mosaic" if impl == "pallas_mosaic" else "triton"
+          if impl in ("pallas", "pallas_mosaic", "pallas_mosaic_full"):
+            backend = impl.removeprefix("pallas_") if impl != "pallas" else "triton"
             t = bench_jax(pallas_backend(backend), inp, args.reps, args.inner, args.warmup)
           elif impl in ("chunked", "associative"):
             t = bench_jax(xla(impl), inp, args.reps, args.inner, args.warmup)

@@ -15,10 +15,12 @@ every chunk of ``block_l`` positions, (b, l / block_l, d, n) float32; the expand
 (b, l, d, n) is never written to memory.
 
 Backend: Pallas with the Triton lowering (``interpret=True`` runs it on CPU). The Triton backend
-is deprecated since JAX 0.11; ``backend="mosaic"`` (opt-in, Hopper) runs the forward in the
+is deprecated since JAX 0.11. Opt-in on Hopper: ``backend="mosaic"`` runs the forward in the
 Mosaic GPU kernel of ``selective_scan_mgpu`` (tested and timed on an H100; its residuals are the
-Triton forward's) and the backward in the Mosaic GPU kernel of ``selective_scan_mgpu_bwd``
-(so far run only in Mosaic GPU's CPU interpreter and lowered for sm_90 without a GPU).
+Triton forward's) and the Triton-lowered backward; ``backend="mosaic_full"`` also runs the
+backward in the Mosaic GPU kernel of ``selective_scan_mgpu_bwd``, which so far has run only in
+Mosaic GPU's CPU interpreter and been lowered for sm_90 without a GPU: it becomes part of
+"mosaic" once it has passed its GPU tests.
 
 Shape legend: b batch, l length, d d_inner, n d_state, g groups.
 """
@@ -38,11 +40,11 @@ from pallas_kernels.gpu.selective_scan_mgpu import check_supported, scan_fwd_mgp
 from pallas_kernels.gpu.selective_scan_mgpu_bwd import scan_bwd_mgpu
 
 # The forward kernel of each ``backend``; both return scan_fwd's outputs and residuals.
-FORWARDS = {"triton": scan_fwd, "mosaic": scan_fwd_mgpu}
+FORWARDS = {"triton": scan_fwd, "mosaic": scan_fwd_mgpu, "mosaic_full": scan_fwd_mgpu}
 # The backward kernel of each ``backend``; both take those residuals and return scan_bwd's
 # results (dB / dC as partial sums per channel block: block_d channels for Triton, 64 for
 # Mosaic GPU), which ``_scan_core_bwd`` reduces the same way.
-BACKWARDS = {"triton": scan_bwd, "mosaic": scan_bwd_mgpu}
+BACKWARDS = {"triton": scan_bwd, "mosaic": scan_bwd, "mosaic_full": scan_bwd_mgpu}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13, 14))
@@ -117,9 +119,10 @@ def selective_scan_pallas_gpu(u: jax.Array, delta: jax.Array, A: jax.Array, B: j
     blocks: block sizes; None picks ``default_block_sizes(d, g, b)``.
     interpret: run the kernels in the Pallas interpreter (CPU; the Mosaic GPU kernels in
       Mosaic GPU's interpreter).
-    backend: the kernels: None or "triton" (the default, Triton lowering) or "mosaic" (Hopper
-      only, opt-in: the forward ``selective_scan_mgpu.scan_fwd_mgpu``, tested on an H100, and
-      the backward ``selective_scan_mgpu_bwd.scan_bwd_mgpu``, not yet run on a GPU).
+    backend: the kernels: None or "triton" (the default, Triton lowering); Hopper only,
+      opt-in: "mosaic" (the forward ``selective_scan_mgpu.scan_fwd_mgpu``, tested on an H100,
+      with the Triton-lowered backward) or "mosaic_full" (that forward and the backward
+      ``selective_scan_mgpu_bwd.scan_bwd_mgpu``, not yet run on a GPU).
 
   Returns:
     out (b, l, d) in u's dtype; with ``return_final_state`` also the final state (b, d, n)
@@ -133,7 +136,8 @@ def selective_scan_pallas_gpu(u: jax.Array, delta: jax.Array, A: jax.Array, B: j
       when the gradient is traced).
   """
   if backend not in (None, *FORWARDS):
-    raise ValueError(f"backend={backend!r} must be None, \"triton\" or \"mosaic\"")
+    raise ValueError(f"backend={backend!r} must be None, \"triton\", \"mosaic\" or "
+                     "\"mosaic_full\"")
   backend = backend or "triton"
   dims = check_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                     seq_idx, return_final_state)
@@ -142,7 +146,7 @@ def selective_scan_pallas_gpu(u: jax.Array, delta: jax.Array, A: jax.Array, B: j
   if blocks is None:
     blocks = default_block_sizes(d_inner, groups, batch)
   blocks.check(d_inner, groups, d_state)
-  if backend == "mosaic":
+  if backend in ("mosaic", "mosaic_full"):
     check_supported(d_inner, groups, d_state, u.dtype)
   pad = -length % blocks.block_l
 

@@ -50,9 +50,9 @@ forward 1.91 / 2.01 / 3.66 ms at L = 1K / 4K / 16K against CUDA's 2.11 / 2.16 / 
 (1.10x, 1.07x, 0.71x: at 16K the batch of 4 is split into segments, which costs a second pass)
 and the Triton-lowered forward's 3.69 / 4.90 / 11.4 ms. The tuning constants below are untuned
 first guesses. It is opt-in (``selective_scan_pallas_gpu(..., backend="mosaic")``), not the
-default: with the Triton-lowered backward, forward+backward measured 0.19-0.42x CUDA's;
-``backend="mosaic"`` now pairs it with the Mosaic GPU backward of ``selective_scan_mgpu_bwd``
-(not yet run on a GPU).
+default: with the Triton-lowered backward (``backend="mosaic"``), forward+backward measured
+0.19-0.42x CUDA's; ``backend="mosaic_full"`` pairs it with the Mosaic GPU backward of
+``selective_scan_mgpu_bwd`` (not yet run on a GPU).
 
 Limits (each raises ValueError naming the ``backend="triton"`` fallback): d_inner / groups a
 multiple of 64 channels; d_state a multiple of 8 (the wgmma layout's column tile; TMA rows of
