@@ -139,3 +139,22 @@ def silu_and_grad(z: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(silu(z), silu'(z)) = (z σ(z), σ(z) (1 + z (1 − σ(z))))."""
   s = sigmoid(z)
   return z * s, s * (1.0 + z * (1.0 - s))
+
+
+# The refs every selective-scan backward kernel receives (Triton GPU, Mosaic GPU, TPU), in
+# order: (name, the flag that makes an optional one present, or None for always present).
+BWD_REFS = (("u", None), ("delta", None), ("a", None), ("b", None), ("c", None),
+            ("d", "has_d"), ("z", "has_z"), ("bias", "has_bias"), ("keep", "has_keep"),
+            ("states", None), ("dout", None), ("dfinal", None), ("du", None), ("ddelta", None),
+            ("dz", "has_z"), ("db", None), ("dc", None), ("da", None), ("dd", "has_d"),
+            ("dbias", "has_bias"), ("dinit", None))
+
+
+def split_bwd_refs(refs, *, has_d: bool, has_z: bool, has_bias: bool, has_keep: bool
+                   ) -> tuple[tuple, list]:
+  """A backward kernel's refs by ``BWD_REFS``: a tuple of the 21 refs in that order (None for
+  an optional one that is absent) and the refs after them (the kernel's scratch)."""
+  present = dict(has_d=has_d, has_z=has_z, has_bias=has_bias, has_keep=has_keep)
+  refs = list(refs)
+  taken = tuple(refs.pop(0) if flag is None or present[flag] else None for _, flag in BWD_REFS)
+  return taken, refs

@@ -44,7 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
-from pallas_kernels.gpu.selective_scan_args import sigmoid, silu_and_grad
+from pallas_kernels.gpu.selective_scan_args import sigmoid, silu_and_grad, split_bwd_refs
 from pallas_kernels.gpu.selective_scan_fwd import ScanGpuBlockSizes, step_inputs
 
 
@@ -57,21 +57,10 @@ def _bwd_kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_keep: bool,
   Outputs du_ref, ddelta_ref, dz_ref (l, bd); db_ref, dc_ref (l, n) partial sums;
   da_ref, dinit_ref (bd, n); dd_ref, dbias_ref (bd,) partial sums.
   """
-  refs = list(refs)
-  u_ref, delta_ref, a_ref, b_ref, c_ref = refs[:5]
-  del refs[:5]
-  d_ref = refs.pop(0) if has_d else None
-  z_ref = refs.pop(0) if has_z else None
-  bias_ref = refs.pop(0) if has_bias else None
-  keep_ref = refs.pop(0) if has_keep else None
-  states_ref, dout_ref, dfinal_ref, du_ref, ddelta_ref = refs[:5]
-  del refs[:5]
-  dz_ref = refs.pop(0) if has_z else None
-  db_ref, dc_ref, da_ref = refs[:3]
-  del refs[:3]
-  dd_ref = refs.pop(0) if has_d else None
-  dbias_ref = refs.pop(0) if has_bias else None
-  (dinit_ref,) = refs
+  (u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, keep_ref, states_ref,
+   dout_ref, dfinal_ref, du_ref, ddelta_ref, dz_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref,
+   dinit_ref), _ = split_bwd_refs(
+      refs, has_d=has_d, has_z=has_z, has_bias=has_bias, has_keep=has_keep)
 
   a = a_ref[...]
   d = d_ref[...] if has_d else None

@@ -91,6 +91,15 @@ CHANNEL = plgpu.Layout.WGMMA.reduce(1)      # (BLOCK_D,): one value per channel
 STATE_COL = plgpu.Layout.WGMMA.reduce(0)    # (n,): one value per state
 
 
+def load_constants(copies, barriers) -> None:
+  """TMA-load each (gmem src, smem dst) of ``copies`` on its own barrier of ``barriers``, all
+  in flight at once, then wait for every one (a CTA's per-channel constants: A, D, ...)."""
+  for k, (src, dst) in enumerate(copies):
+    plgpu.copy_gmem_to_smem(src, dst, barriers.at[k])
+  for k in range(len(copies)):
+    plgpu.barrier_wait(barriers.at[k])
+
+
 def _softplus(x):
   """log(1 + eˣ) = max(x, 0) + log(1 + e^−|x|) (Mosaic GPU has no log1p; the absolute error
   of the log is below float32's ulp of the result)."""
@@ -208,10 +217,7 @@ def _kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool, has
     consts.append((d_ref.at[chans], d_s))
   if has_bias:
     consts.append((bias_ref.at[chans], bias_s))
-  for k, (src, dst) in enumerate(consts):
-    plgpu.copy_gmem_to_smem(src, dst, const_bar.at[k])
-  for k in range(len(consts)):
-    plgpu.barrier_wait(const_bar.at[k])
+  load_constants(consts, const_bar)
 
   a2 = plgpu.load(a_s, layout=STATE) * LOG2_E   # exp(Δ A) = 2^(Δ A log2 e): one ex2 each
   d_skip = plgpu.load(d_s, layout=CHANNEL) if has_d else None

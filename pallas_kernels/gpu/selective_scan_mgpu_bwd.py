@@ -99,12 +99,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from pallas_kernels.gpu.selective_scan_args import sigmoid, silu_and_grad
+from pallas_kernels.gpu.selective_scan_args import sigmoid, silu_and_grad, split_bwd_refs
 from pallas_kernels.gpu.selective_scan_fwd import ScanGpuBlockSizes
 from pallas_kernels.gpu.selective_scan_mgpu import (BLOCK_D, CHANNEL, LOG2_E, MIN_BLOCK_L,
                                                     SMEM_BYTES, STATE, STATE_COL, _softplus,
-                                                    check_supported, segment_count,
-                                                    segment_decays)
+                                                    check_supported, load_constants,
+                                                    segment_count, segment_decays)
 
 MAX_BLOCK_L = 256           # one TMA box per chunk: box dimensions are at most 256
 SUB_REGISTERS = 64          # float32 registers per thread for a sub-chunk's states
@@ -185,21 +185,10 @@ def _bwd_kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_keep: bool,
   (block_l / sub, 64, n) float32; a_s, dfin_s, da_s, dinit_s (64, n); d_s, bias_s, dd_s,
   dbias_s (64,).
   """
-  refs = list(refs)
-  u_ref, delta_ref, a_ref, b_ref, c_ref = refs[:5]
-  del refs[:5]
-  d_ref = refs.pop(0) if has_d else None
-  z_ref = refs.pop(0) if has_z else None
-  bias_ref = refs.pop(0) if has_bias else None
-  keep_ref = refs.pop(0) if has_keep else None
-  states_ref, dout_ref, dfinal_ref, du_ref, ddelta_ref = refs[:5]
-  del refs[:5]
-  dz_ref = refs.pop(0) if has_z else None
-  db_ref, dc_ref, da_ref = refs[:3]
-  del refs[:3]
-  dd_ref = refs.pop(0) if has_d else None
-  dbias_ref = refs.pop(0) if has_bias else None
-  dinit_ref = refs.pop(0)
+  (u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, keep_ref, states_ref,
+   dout_ref, dfinal_ref, du_ref, ddelta_ref, dz_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref,
+   dinit_ref), refs = split_bwd_refs(
+      refs, has_d=has_d, has_z=has_z, has_bias=has_bias, has_keep=has_keep)
   (u_s, dl_s, z_s, do_s, b_s, c_s, keep_s, st_s, du_o, ddl_o, dz_o, db_o, dc_o, hsub_s, a_s,
    dfin_s, da_s, dinit_s, d_s, bias_s, dd_s, dbias_s, ring_bar, const_bar) = refs
 
@@ -234,10 +223,7 @@ def _bwd_kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_keep: bool,
     consts.append((d_ref.at[chans], d_s))
   if has_bias:
     consts.append((bias_ref.at[chans], bias_s))
-  for k, (src, dst) in enumerate(consts):
-    plgpu.copy_gmem_to_smem(src, dst, const_bar.at[k])
-  for k in range(len(consts)):
-    plgpu.barrier_wait(const_bar.at[k])
+  load_constants(consts, const_bar)
 
   a = plgpu.load(a_s, layout=STATE)
   a2 = a * LOG2_E                      # exp(Δ A) = 2^(Δ A log2 e)
@@ -497,10 +483,7 @@ def _adjoint_kernel(*refs, has_z: bool, has_bias: bool, has_keep: bool, length: 
   for i in range(min(in_depth, chunks)):
     issue(jnp.int32(chunks - 1 - i), i)
   consts = [(a_ref.at[chans], a_s)] + ([(bias_ref.at[chans], bias_s)] if has_bias else [])
-  for k, (src, dst) in enumerate(consts):
-    plgpu.copy_gmem_to_smem(src, dst, const_bar.at[k])
-  for k in range(len(consts)):
-    plgpu.barrier_wait(const_bar.at[k])
+  load_constants(consts, const_bar)
   a2 = plgpu.load(a_s, layout=STATE) * LOG2_E
   bias = plgpu.load(bias_s, layout=CHANNEL) if has_bias else None
   row_start = lax.rem(bi, jnp.int32(segments)) * (chunks * block_l)

@@ -43,7 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
-from pallas_kernels.gpu.selective_scan_args import sigmoid, silu_and_grad
+from pallas_kernels.gpu.selective_scan_args import sigmoid, silu_and_grad, split_bwd_refs
 from pallas_kernels.tpu.selective_scan_fwd import (ROWS, ScanTpuBlockSizes, col_to_row,
                                                    decay_at, load_rows, put_row, row_to_col)
 
@@ -58,21 +58,10 @@ def _bwd_kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_keep: bool,
   dinit_ref (n, bd); dd_ref, dbias_ref (1, bd). Scratch g_ref, da_acc (n, bd), vec_acc (2, bd),
   hs_ref (block_l + 1, n, bd), all float32.
   """
-  refs = list(refs)
-  u_ref, delta_ref, at_ref, b_ref, c_ref = refs[:5]
-  del refs[:5]
-  d_ref = refs.pop(0) if has_d else None
-  z_ref = refs.pop(0) if has_z else None
-  bias_ref = refs.pop(0) if has_bias else None
-  keep_ref = refs.pop(0) if has_keep else None
-  states_ref, dout_ref, dfinal_ref, du_ref, ddelta_ref = refs[:5]
-  del refs[:5]
-  dz_ref = refs.pop(0) if has_z else None
-  db_ref, dc_ref, da_ref = refs[:3]
-  del refs[:3]
-  dd_ref = refs.pop(0) if has_d else None
-  dbias_ref = refs.pop(0) if has_bias else None
-  dinit_ref, g_ref, da_acc, vec_acc, hs_ref = refs
+  (u_ref, delta_ref, at_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, keep_ref, states_ref,
+   dout_ref, dfinal_ref, du_ref, ddelta_ref, dz_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref,
+   dinit_ref), (g_ref, da_acc, vec_acc, hs_ref) = split_bwd_refs(
+      refs, has_d=has_d, has_z=has_z, has_bias=has_bias, has_keep=has_keep)
 
   step = pl.program_id(2)
   block_l = u_ref.shape[0]
