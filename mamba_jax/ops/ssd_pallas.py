@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 
@@ -54,16 +53,7 @@ def supports(x: jax.Array, B: jax.Array, C: jax.Array, z: jax.Array | None,
   for name, v in (("head_dim", p), ("d_state", n), ("chunk_size", chunk_size)):
     if not _power_of_two_at_least_16(v):
       return False, f"{name}={v} is not a power of two >= 16"
-  if not kernel_backward_supports(x, B):
-    return False, (f"heads per group = {x.shape[2] // B.shape[2]} is not a power of two (the "
-                   "backward kernels tile a group's heads in one block)")
   return True, ""
-
-
-def kernel_backward_supports(x: jax.Array, B: jax.Array) -> bool:
-  """Whether the GPU backward kernels take these shapes: heads per group a power of two."""
-  per_group = x.shape[2] // B.shape[2]
-  return not per_group & (per_group - 1)
 
 
 def _gpu_kernels(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
@@ -107,9 +97,8 @@ def ssd_pallas(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
     x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx:
       as :func:`mamba_jax.ops.ssd.ssd`.
     reference: the chunked form with the same full signature, whose VJP is the GPU backward.
-    kernel_backward: use the GPU kernels' own backward (True) or ``reference``'s VJP (False);
-      None: the kernels' own where they take the shapes (``kernel_backward_supports``), else
-      the reference's (logged). Ignored on TPU.
+    kernel_backward: use the GPU kernels' own backward (True, and None, the default) or
+      ``reference``'s VJP (False, a cross-check). Ignored on TPU.
   """
   where = platform()
   if where == "tpu":
@@ -117,13 +106,7 @@ def ssd_pallas(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
     return ssd_pallas_tpu(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
                           initial_states, seq_idx, True)
   interpret = where != "gpu"
-  if kernel_backward is None:
-    kernel_backward = kernel_backward_supports(x, B)
-    if not kernel_backward:
-      logging.warning("ssd(impl='pallas'): %d heads per group is not a power of two, which the "
-                      "GPU backward kernels need; gradients come from the chunked form's VJP",
-                      x.shape[2] // B.shape[2])
-  if kernel_backward:
+  if kernel_backward is None or kernel_backward:
     return _gpu_kernels(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
                         initial_states, seq_idx, interpret)
   run = _kernel_forward_reference_backward(reference, chunk_size, dt_softplus, dt_limit,

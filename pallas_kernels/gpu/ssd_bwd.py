@@ -10,7 +10,9 @@ cotangent of y (already through the gate) and G_ts = dy_t . x_s:
   dB kernel (rows s):   dB_s  = sum_h [ sum_{t >= s} L_ts dt_s G_ts C_t + dte_s dt_s dS^T x_s ]
   dC kernel (rows t):   dC_t  = sum_h [ sum_{s <= t} L_ts dt_s G_ts B_s + w_off_t H[c-1]^T dy_t ]
 
-The dB and dC kernels loop over the heads of one group (B and C are shared by them) and also
+The dB and dC kernels loop over the heads of one group (B and C are shared by them; a group
+whose head count is not a power of two runs as several power-of-two blocks, ``head_split``,
+whose partial sums are added after the kernel) and also
 return, per head, r_B[s] = <dB^(h)_s, B_s> and r_C[t] = <dC^(h)_t, C_t>: the gradient of the
 within-chunk cumulative log-decay is dcs_t = r_C[t] - r_B[t] (+ the chunk-end term from the
 state passing), because every decay factor exp(cs_t - cs_s) enters through exactly these dot
@@ -220,39 +222,55 @@ def ssd_bwd_dx(x, dy, b, c, dt, cs, dte, dstates, d=None, seq_idx=None, *, chunk
   return dx, ddt, jnp.sum(dd, axis=(0, 2))
 
 
+def head_split(per_group: int) -> tuple[int, int]:
+  """(heads per block, blocks per group) of the dB / dC kernels: a block is the largest power
+  of two dividing a group's heads (the Triton lowering tiles in powers of two), so 24 heads
+  per group run as 3 blocks of 8 whose partial dB / dC are summed after the kernel."""
+  sub = per_group & -per_group
+  return sub, per_group // sub
+
+
 def _grouped_call(kernel, x, dy, b, c, dt, cs, w, states, seq_idx, *, rows_of: str,
                   chunk_size: int, blocks: SSDBlockSizes, interpret: bool, name: str):
   batch, length, heads, head_dim, groups, state = _shapes(x, b, dt, chunk_size, blocks)
-  per_group = heads // groups
+  sub, split = head_split(heads // groups)
   bm, q = blocks.block_m, chunk_size
   nm, chunks = q // bm, length // q
-  heads_full = pl.BlockSpec((None, q, per_group, head_dim), lambda g, m, ci, bi: (bi, ci, g, 0))
-  full = pl.BlockSpec((None, q, None, state), lambda g, m, ci, bi: (bi, ci, g, 0))
-  rows = pl.BlockSpec((None, bm, None, state), lambda g, m, ci, bi: (bi, ci * nm + m, g, 0))
-  vec = pl.BlockSpec((None, per_group, q), lambda g, m, ci, bi: (bi, g, ci))
+  # Grid axis 0 walks head blocks v (sub heads each); block v reads B / C of group v // split.
+  heads_full = pl.BlockSpec((None, q, sub, head_dim), lambda v, m, ci, bi: (bi, ci, v, 0))
+  full = pl.BlockSpec((None, q, None, state), lambda v, m, ci, bi: (bi, ci, v // split, 0))
+  rows = pl.BlockSpec((None, bm, None, state),
+                      lambda v, m, ci, bi: (bi, ci * nm + m, v // split, 0))
+  vec = pl.BlockSpec((None, sub, q), lambda v, m, ci, bi: (bi, v, ci))
   in_specs = [heads_full, heads_full,
               rows if rows_of == "b" else full, rows if rows_of == "c" else full,
               vec, vec, vec,
-              pl.BlockSpec((None, None, per_group, head_dim, state),
-                           lambda g, m, ci, bi: (bi, ci, g, 0, 0))]
+              pl.BlockSpec((None, None, sub, head_dim, state),
+                           lambda v, m, ci, bi: (bi, ci, v, 0, 0))]
   args = [x, dy, b, c, dt, cs, w, states]
   if seq_idx is not None:
-    in_specs.append(pl.BlockSpec((None, q), lambda g, m, ci, bi: (bi, ci)))
+    in_specs.append(pl.BlockSpec((None, q), lambda v, m, ci, bi: (bi, ci)))
     args.append(seq_idx)
   out_dtype = b.dtype if rows_of == "b" else c.dtype
-  return pl.pallas_call(
-      kernel,
-      grid=(groups, nm, chunks, batch),
+  # With several blocks per group each writes its own float32 partial, summed below.
+  partial_dtype = out_dtype if split == 1 else jnp.float32
+  grad, r = pl.pallas_call(
+      functools.partial(kernel, per_group=sub),
+      grid=(groups * split, nm, chunks, batch),
       in_specs=in_specs,
-      out_specs=[rows,
-                 pl.BlockSpec((None, per_group, bm), lambda g, m, ci, bi: (bi, g, ci * nm + m))],
-      out_shape=[jax.ShapeDtypeStruct(b.shape, out_dtype),
+      out_specs=[pl.BlockSpec((None, bm, None, state),
+                              lambda v, m, ci, bi: (bi, ci * nm + m, v, 0)),
+                 pl.BlockSpec((None, sub, bm), lambda v, m, ci, bi: (bi, v, ci * nm + m))],
+      out_shape=[jax.ShapeDtypeStruct((batch, length, groups * split, state), partial_dtype),
                  jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)],
       compiler_params=pl_triton.CompilerParams(num_warps=blocks.num_warps_bwd,
                                                num_stages=blocks.num_stages),
       interpret=interpret,
       name=name,
   )(*args)
+  if split > 1:
+    grad = jnp.sum(grad.reshape(batch, length, groups, split, state), axis=3).astype(out_dtype)
+  return grad, r
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "blocks", "interpret"))
@@ -265,10 +283,8 @@ def ssd_bwd_db(x, dy, b, c, dt, cs, dte, dstates, seq_idx=None, *, chunk_size: i
   Returns:
     dB (b, l, g, n) in B's dtype; r_B (b, h, l) float32.
   """
-  per_group = x.shape[2] // b.shape[2]
   kernel = functools.partial(_db_kernel, has_seq=seq_idx is not None, chunk_size=chunk_size,
-                             block_m=blocks.block_m, block_k=blocks.block_k,
-                             per_group=per_group)
+                             block_m=blocks.block_m, block_k=blocks.block_k)
   return _grouped_call(kernel, x, dy, b, c, dt, cs, dte, dstates, seq_idx, rows_of="b",
                        chunk_size=chunk_size, blocks=blocks, interpret=interpret,
                        name="ssd_bwd_db")
@@ -287,10 +303,8 @@ def ssd_bwd_dc(x, dy, b, c, dt, cs, w_off, all_states, seq_idx=None, *, chunk_si
   Returns:
     dC (b, l, g, n) in C's dtype; r_C (b, h, l) float32.
   """
-  per_group = x.shape[2] // b.shape[2]
   kernel = functools.partial(_dc_kernel, has_seq=seq_idx is not None,
-                             block_m=blocks.block_m, block_k=blocks.block_k,
-                             per_group=per_group)
+                             block_m=blocks.block_m, block_k=blocks.block_k)
   return _grouped_call(kernel, x, dy, b, c, dt, cs, w_off, all_states, seq_idx, rows_of="c",
                        chunk_size=chunk_size, blocks=blocks, interpret=interpret,
                        name="ssd_bwd_dc")

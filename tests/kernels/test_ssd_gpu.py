@@ -126,6 +126,17 @@ class TestSSDPallasGPU(SSDCases):
   """The compiled kernels on an NVIDIA GPU: l = 700 (two chunks of 256 + a tail)."""
 
 
+@pytest.mark.gpu
+class TestSSDPallasGPU24HeadsPerGroup(SSDCases):
+  """mamba2-130m's layout, 24 heads in one group: the dB / dC backward runs 3 blocks of 8."""
+  SHAPE = (1, 700, 24, 64, 1, 128, 256, 64, 64, 1024)
+
+  @pytest.mark.parametrize("case", ["full"])
+  @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+  def test_matches_oracle(self, dtype, case):
+    self._check(dtype, case, seed=11)
+
+
 class TestSSDPallasGPUInterpret(SSDCases):
   """The same kernels in the Pallas interpreter on CPU: tiny shapes, two chunks + a tail."""
   INTERPRET = True

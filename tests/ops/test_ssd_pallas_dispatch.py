@@ -98,7 +98,7 @@ def test_pallas_gradients_match_oracle_with_either_backward(kernel_backward):
     ("gpu", True, {}, "pallas"),
     ("gpu", True, dict(p=24), "chunked"),  # head_dim the kernels do not tile
     ("gpu", True, dict(dtype=jnp.float64), "chunked"),
-    ("gpu", True, dict(h=24), "chunked"),  # 24 heads per group: not a power of two
+    ("gpu", True, dict(h=24), "pallas"),  # 24 heads per group (mamba2-130m): 3 blocks of 8
     ("gpu", False, {}, "chunked"),  # pre-Hopper GPU
     ("tpu", False, {}, "chunked"),  # TPU kernels are opt-in until timed on a TPU
     ("cpu", False, {}, "chunked"),
@@ -111,30 +111,30 @@ def test_auto_rule(monkeypatch, where, hopper, change, expected):
   assert ssd_module._auto_form(args["x"], args["B"], args["C"], None, 16) == expected
 
 
-def test_heads_per_group_not_a_power_of_two_takes_the_chunked_vjp(monkeypatch):
-  """3 heads in one group: the backward kernels can't tile them, so the reference VJP runs."""
+@pytest.mark.parametrize("h,g", [(3, 1), (12, 2)], ids=["3_per_group", "6_per_group"])
+def test_heads_per_group_not_a_power_of_two_uses_the_kernel_backward(monkeypatch, h, g):
+  """3 and 6 heads per group (mamba2-130m has 24): the dB / dC kernels run the group as
+  power-of-two blocks of heads and add their partial sums; the reference VJP is not used."""
   from mamba_jax.ops import ssd as ssd_module
-  pairings = []
-  pair = ssd_pallas._kernel_forward_reference_backward
   monkeypatch.setattr(ssd_pallas, "_kernel_forward_reference_backward",
-                      lambda *a, **k: pairings.append(a) or pair(*a, **k))
+                      lambda *a, **k: pytest.fail("the reference VJP ran"))
   rng = np.random.default_rng(7)
-  args = _inputs(rng, l=20, h=3)
-  assert not ssd_pallas.kernel_backward_supports(args["x"], args["B"])
+  args = _inputs(rng, l=20, h=h, g=g)
+  seq_idx = jnp.asarray([[0] * 7 + [1] * 13], jnp.int32)
 
-  def loss(x, B):
-    y = ssd_pallas.ssd_pallas(x, args["dt"], args["A"], B, args["C"], 16, None, None, None,
-                              True, (0.0, float("inf")), None, None,
+  def loss(x, dt, B, C):
+    y = ssd_pallas.ssd_pallas(x, dt, args["A"], B, C, 16, None, None, None, True,
+                              (0.0, float("inf")), None, seq_idx,
                               reference=ssd_module._FORMS["chunked"])[0]
     return jnp.sum(y ** 2)
 
-  def loss_ref(x, B):
-    return jnp.sum(ssd(x, args["dt"], args["A"], B, args["C"], chunk_size=16, dt_softplus=True,
-                       impl="sequential") ** 2)
+  def loss_ref(x, dt, B, C):
+    return jnp.sum(ssd(x, dt, args["A"], B, C, chunk_size=16, dt_softplus=True,
+                       seq_idx=seq_idx, impl="sequential") ** 2)
+  names = ("x", "dt", "B", "C")
   with jax.default_matmul_precision("highest"):  # no TF32 on GPUs (see above)
-    grads = jax.grad(loss, argnums=(0, 1))(args["x"], args["B"])
-  grads_ref = jax.grad(loss_ref, argnums=(0, 1))(args["x"].astype(jnp.float64),
-                                                 args["B"].astype(jnp.float64))
-  assert pairings, "the kernel-forward / reference-VJP pairing was not used"
-  for name, a, b in zip(("x", "B"), grads, grads_ref):
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3))(*(args[k] for k in names))
+  grads_ref = jax.grad(loss_ref, argnums=(0, 1, 2, 3))(
+      *(args[k].astype(jnp.float64) for k in names))
+  for name, a, b in zip(names, grads, grads_ref):
     assert_close(a, b, 1e-5, f"d{name}")
