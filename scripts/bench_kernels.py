@@ -5,8 +5,10 @@ At a fixed token count (batch x length), heads 32 x head_dim 64, groups 1, chunk
              Mosaic GPU wgmma forward, same backward), ``chunked`` (XLA); mamba_ssm's Triton
              ``mamba_chunk_scan_combined`` (``triton``), through scripts/bench_ssd.py's timers
   attention  ``jax.nn.dot_product_attention(implementation="cudnn")``, causal, 32 x 64
-  s6         ours: ``pallas`` (pallas_kernels.gpu.selective_scan), ``chunked`` (XLA), d_state 16,
-             through scripts/bench_selective_scan.py's timers
+  s6         ours: ``pallas`` (pallas_kernels.gpu.selective_scan, Triton lowering),
+             ``pallas_mgpu`` (its Mosaic GPU kernels, ``backend="mosaic"``, what
+             ``impl="pallas"`` runs on Hopper), ``chunked`` (XLA), d_state 16, through
+             scripts/bench_selective_scan.py's timers
 over sequence lengths (forward and forward+backward), then SSD time against the state size N.
 
 Roofline: every row has its FLOPs, its fewest bytes (every input read once, every output
@@ -140,7 +142,7 @@ def main():
   parser.add_argument("--ssd_impls", default="pallas,pallas_mgpu,chunked,triton",
                       help="pallas (Triton-lowered Pallas), pallas_mgpu (Mosaic GPU forward), "
                            "chunked (XLA), triton (mamba_ssm)")
-  parser.add_argument("--s6_impls", default="pallas,chunked")
+  parser.add_argument("--s6_impls", default="pallas,pallas_mgpu,chunked")
   parser.add_argument("--s6_lengths", default="1024,4096,16384,65536")
   parser.add_argument("--s6_d_inner", type=int, default=2048)
   parser.add_argument("--s6_tokens", type=int, default=65536)
@@ -240,10 +242,12 @@ def main():
     ssd_case(length, args.state, ssd_impls, with_attention=True)
   s6_fns = {impl: (lambda impl: lambda u, delta, A, B, C, D, z, delta_bias: selective_scan(
       u, delta, A, B, C, D, z, delta_bias, True, impl=impl))(impl) for impl in ("chunked",)}
-  if "pallas" in args.s6_impls.split(","):
+  if {"pallas", "pallas_mgpu"} & set(args.s6_impls.split(",")):
     from pallas_kernels.gpu.selective_scan import selective_scan_pallas_gpu
-    s6_fns["pallas"] = lambda u, delta, A, B, C, D, z, delta_bias: selective_scan_pallas_gpu(
-        u, delta, A, B, C, D, z, delta_bias, True)
+    for impl, backend in (("pallas", "triton"), ("pallas_mgpu", "mosaic")):
+      s6_fns[impl] = (lambda backend: lambda u, delta, A, B, C, D, z, delta_bias:
+                      selective_scan_pallas_gpu(u, delta, A, B, C, D, z, delta_bias, True,
+                                                backend=backend))(backend)
   d_state = 16
   for length in (int(v) for v in args.s6_lengths.split(",") if "s6" in parts):
     batch = args.s6_tokens // length

@@ -3,10 +3,14 @@
 Compares, at d_state 16, a fixed token count (batch x length), for each d_inner:
   pallas       ``pallas_kernels.gpu.selective_scan.selective_scan_pallas_gpu`` (fused Pallas
                kernels, Triton lowering)
-  pallas_mosaic  the same with ``backend="mosaic"``: the Mosaic GPU (Hopper) forward
-               (``selective_scan_mgpu``), the Triton-lowered backward
-  pallas_mosaic_full  ``backend="mosaic_full"``: the Mosaic GPU forward and backward
-               (``selective_scan_mgpu_bwd``)
+  pallas_mosaic  the same with ``backend="mosaic"``: the Mosaic GPU (Hopper) forward and
+               backward (``selective_scan_mgpu``, ``selective_scan_mgpu_bwd``)
+  pallas_mosaic_fwd  ``backend="mosaic_fwd"``: the Mosaic GPU forward, the Triton-lowered
+               backward
+  any pallas* name may end in ``@BLOCK_L/SUB_L[/CTAS]`` (e.g. ``pallas_mosaic@32/8/132``) to
+  run with those ``ScanGpuBlockSizes`` block_l / sub_l instead of the defaults and, for the
+  Mosaic kernels, ``selective_scan_mgpu.TARGET_CTAS`` = CTAS (below it sequences are split into
+  segments): a tuning sweep
   chunked      ``mamba_jax.ops.selective_scan.selective_scan(..., impl="chunked")`` (XLA)
   associative  ``selective_scan(..., impl="associative")`` (XLA, materializes (b, l, d, n))
   cuda         mamba_ssm's CUDA ``selective_scan_fn`` kernels (``selective_scan_cuda.fwd`` /
@@ -38,6 +42,7 @@ Prints a markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -163,15 +168,26 @@ def main():
 
   from mamba_jax.ops.selective_scan import selective_scan
   from pallas_kernels.gpu.selective_scan import selective_scan_pallas_gpu
+  from pallas_kernels.gpu import selective_scan_mgpu
+  from pallas_kernels.gpu.selective_scan_fwd import default_block_sizes
+  default_target_ctas = selective_scan_mgpu.TARGET_CTAS
   impls = args.impls.split(",")
   cuda = load_cuda(args.mamba_ssm_path) if "cuda" in impls else None
   if cuda is None:
     impls = [i for i in impls if i != "cuda"]
 
-  def pallas_backend(backend):
+  def pallas_backend(backend, block_sizes):
     def scan(u, delta, A, B, C, D, z, delta_bias):
+      blocks = None
+      selective_scan_mgpu.TARGET_CTAS = default_target_ctas
+      if block_sizes:
+        block_l, sub_l, *ctas = map(int, block_sizes.split("/"))
+        blocks = dataclasses.replace(default_block_sizes(u.shape[2], 1, u.shape[0]),
+                                     block_l=block_l, sub_l=sub_l)
+        if ctas:   # read when the kernels are traced, i.e. inside this function
+          selective_scan_mgpu.TARGET_CTAS = ctas[0]
       return selective_scan_pallas_gpu(u, delta, A, B, C, D, z, delta_bias, True,
-                                       interpret=args.interpret, backend=backend)
+                                       blocks=blocks, interpret=args.interpret, backend=backend)
     return scan
 
   def xla(impl):
@@ -190,9 +206,11 @@ def main():
       fl = floor(args.tokens, d_inner, args.d_state, args.gate)
       for impl in impls:
         try:
-          if impl in ("pallas", "pallas_mosaic", "pallas_mosaic_full"):
-            backend = impl.removeprefix("pallas_") if impl != "pallas" else "triton"
-            t = bench_jax(pallas_backend(backend), inp, args.reps, args.inner, args.warmup)
+          name, _, block_sizes = impl.partition("@")
+          if name in ("pallas", "pallas_mosaic", "pallas_mosaic_fwd"):
+            backend = name.removeprefix("pallas_") if name != "pallas" else "triton"
+            t = bench_jax(pallas_backend(backend, block_sizes), inp, args.reps, args.inner,
+                          args.warmup)
           elif impl in ("chunked", "associative"):
             t = bench_jax(xla(impl), inp, args.reps, args.inner, args.warmup)
           elif impl == "cuda":

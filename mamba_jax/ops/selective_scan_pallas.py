@@ -3,7 +3,9 @@
 ``impl="pallas"`` of :func:`mamba_jax.ops.selective_scan.selective_scan` lands here with the raw
 inputs (the kernels fuse Δ preprocessing, D and the z gate themselves):
 
-  GPU  ``pallas_kernels.gpu.selective_scan.selective_scan_pallas_gpu`` (Pallas, Triton lowering)
+  GPU  ``pallas_kernels.gpu.selective_scan.selective_scan_pallas_gpu``: on Hopper the Mosaic GPU
+       kernels (``backend="mosaic"``) for the sizes they take (``mosaic_supports``), else
+       the Triton-lowered ones (and on other GPUs)
   TPU  ``pallas_kernels.tpu.selective_scan.selective_scan_pallas_tpu`` (Mosaic TPU)
   CPU  the GPU kernels in the Pallas interpreter: slow, for debugging and CI, same numbers
 
@@ -18,7 +20,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mamba_jax.ops.impl import platform
+from absl import logging
+
+from mamba_jax.ops.impl import is_hopper_or_newer, platform
 
 KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -50,6 +54,15 @@ def selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus, i
   if platform() == "tpu":
     from pallas_kernels.tpu.selective_scan import selective_scan_pallas_tpu  # pylint: disable=g-import-not-at-top
     return selective_scan_pallas_tpu(u, delta, A, B, C, **kwargs)
-  from pallas_kernels.gpu.selective_scan import selective_scan_pallas_gpu  # pylint: disable=g-import-not-at-top
-  return selective_scan_pallas_gpu(u, delta, A, B, C, **kwargs,
-                                   interpret=platform() != "gpu")
+  from pallas_kernels.gpu.selective_scan import mosaic_supports, selective_scan_pallas_gpu  # pylint: disable=g-import-not-at-top
+  on_gpu = platform() == "gpu"
+  backend = "triton"
+  if on_gpu and is_hopper_or_newer():
+    groups = B.shape[2] if B.ndim == 4 else 1
+    ok, why = mosaic_supports(u.shape[-1], groups, A.shape[-1], u.dtype)
+    if ok:
+      backend = "mosaic"
+    else:
+      logging.info("selective_scan(impl='pallas'): the Triton-lowered kernels: %s", why)
+  return selective_scan_pallas_gpu(u, delta, A, B, C, **kwargs, interpret=not on_gpu,
+                                   backend=backend)

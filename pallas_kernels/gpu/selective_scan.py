@@ -16,17 +16,17 @@ every chunk of ``block_l`` positions, (b, l / block_l, d, n) float32; the expand
 
 Backend: Pallas with the Triton lowering (``interpret=True`` runs it on CPU). The Triton backend
 is deprecated since JAX 0.11. Opt-in on Hopper: ``backend="mosaic"`` runs the forward in the
-Mosaic GPU kernel of ``selective_scan_mgpu`` (tested and timed on an H100; its residuals are the
-Triton forward's) and the Triton-lowered backward; ``backend="mosaic_full"`` also runs the
-backward in the Mosaic GPU kernel of ``selective_scan_mgpu_bwd``, which so far has run only in
-Mosaic GPU's CPU interpreter and been lowered for sm_90 without a GPU: it becomes part of
-"mosaic" once it has passed its GPU tests.
+Mosaic GPU kernel of ``selective_scan_mgpu`` (its residuals are the Triton forward's) and the
+backward in the Mosaic GPU kernel of ``selective_scan_mgpu_bwd``, both tested and timed on an
+H100; ``backend="mosaic_fwd"`` pairs that forward with the Triton-lowered backward (a
+cross-check: the two backwards are compared result by result in the GPU tests).
 
 Shape legend: b batch, l length, d d_inner, n d_state, g groups.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -37,14 +37,45 @@ from pallas_kernels.gpu.selective_scan_bwd import scan_bwd
 from pallas_kernels.gpu.selective_scan_fwd import (ScanGpuBlockSizes, default_block_sizes,
                                                    scan_fwd)
 from pallas_kernels.gpu.selective_scan_mgpu import check_supported, scan_fwd_mgpu
-from pallas_kernels.gpu.selective_scan_mgpu_bwd import scan_bwd_mgpu
+from pallas_kernels.gpu.selective_scan_mgpu_bwd import (buffer_depths, check_supported_bwd,
+                                                        scan_bwd_mgpu, sub_rows)
 
 # The forward kernel of each ``backend``; both return scan_fwd's outputs and residuals.
-FORWARDS = {"triton": scan_fwd, "mosaic": scan_fwd_mgpu, "mosaic_full": scan_fwd_mgpu}
+FORWARDS = {"triton": scan_fwd, "mosaic": scan_fwd_mgpu, "mosaic_fwd": scan_fwd_mgpu}
 # The backward kernel of each ``backend``; both take those residuals and return scan_bwd's
 # results (dB / dC as partial sums per channel block: block_d channels for Triton, 64 for
 # Mosaic GPU), which ``_scan_core_bwd`` reduces the same way.
-BACKWARDS = {"triton": scan_bwd, "mosaic": scan_bwd, "mosaic_full": scan_bwd_mgpu}
+BACKWARDS = {"triton": scan_bwd, "mosaic": scan_bwd_mgpu, "mosaic_fwd": scan_bwd}
+
+
+# The Mosaic GPU kernels' default blocks. Measured on an H100 (bf16, d_inner 2048, N 16, 65,536
+# tokens; scripts/bench_selective_scan.py, pallas_mosaic@BLOCK_L/SUB_L), forward+backward ms at
+# L = 1K / 4K / 16K: block_l 64 / sub_l 16: 15.9 / 17.0 / 20.3 (the backward's buffers take one
+# CTA per SM); 32 / 16: 10.6 / 11.1 / 14.3; 16 / 8: 10.3 / 10.7 / 14.1 (and a forward 5 % slower
+# at 16K, saving twice the chunk states). 32 / 16 keeps the saved states at d·n·4 / 32 bytes
+# per token (2 KiB at d 2048, N 16 in bf16 against u's 4 KiB).
+MOSAIC_BLOCK_L, MOSAIC_SUB_L = 32, 16
+
+
+def block_sizes(backend: str, d_inner: int, groups: int, batch: int) -> ScanGpuBlockSizes:
+  """The default blocks of ``backend``: ``default_block_sizes`` for the Triton kernels, with
+  block_l / sub_l = ``MOSAIC_BLOCK_L`` / ``MOSAIC_SUB_L`` for the Mosaic GPU ones."""
+  blocks = default_block_sizes(d_inner, groups, batch)
+  if backend == "triton":
+    return blocks
+  return dataclasses.replace(blocks, block_l=MOSAIC_BLOCK_L, sub_l=MOSAIC_SUB_L)
+
+
+def mosaic_supports(d_inner: int, groups: int, d_state: int, dtype) -> tuple[bool, str]:
+  """Whether ``backend="mosaic"`` takes these sizes with its default blocks (forward and
+  backward, with z and seq_idx: the largest buffers), and if not, why."""
+  try:
+    check_supported_bwd(d_inner, groups, d_state, dtype, MOSAIC_BLOCK_L)
+    buffer_depths(MOSAIC_BLOCK_L, sub_rows(MOSAIC_BLOCK_L, d_state, MOSAIC_SUB_L), d_state,
+                  jnp.dtype(dtype).itemsize, has_z=True, has_keep=True)
+  except ValueError as e:
+    return False, str(e)
+  return True, ""
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13, 14))
@@ -116,13 +147,13 @@ def selective_scan_pallas_gpu(u: jax.Array, delta: jax.Array, A: jax.Array, B: j
     seq_idx: optional (b, l) integer segment ids (packed sequences); the decay t−1 → t is zeroed
       where they change, with a virtual seq_idx[−1] = 0.
     return_final_state: also return the state after the last position.
-    blocks: block sizes; None picks ``default_block_sizes(d, g, b)``.
+    blocks: block sizes; None picks ``block_sizes(backend, d, g, b)``.
     interpret: run the kernels in the Pallas interpreter (CPU; the Mosaic GPU kernels in
       Mosaic GPU's interpreter).
     backend: the kernels: None or "triton" (the default, Triton lowering); Hopper only,
-      opt-in: "mosaic" (the forward ``selective_scan_mgpu.scan_fwd_mgpu``, tested on an H100,
-      with the Triton-lowered backward) or "mosaic_full" (that forward and the backward
-      ``selective_scan_mgpu_bwd.scan_bwd_mgpu``, not yet run on a GPU).
+      opt-in: "mosaic" (the forward ``selective_scan_mgpu.scan_fwd_mgpu`` and the backward
+      ``selective_scan_mgpu_bwd.scan_bwd_mgpu``) or "mosaic_fwd" (that forward with the
+      Triton-lowered backward).
 
   Returns:
     out (b, l, d) in u's dtype; with ``return_final_state`` also the final state (b, d, n)
@@ -137,16 +168,16 @@ def selective_scan_pallas_gpu(u: jax.Array, delta: jax.Array, A: jax.Array, B: j
   """
   if backend not in (None, *FORWARDS):
     raise ValueError(f"backend={backend!r} must be None, \"triton\", \"mosaic\" or "
-                     "\"mosaic_full\"")
+                     "\"mosaic_fwd\"")
   backend = backend or "triton"
   dims = check_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                     seq_idx, return_final_state)
   batch, length, d_inner, d_state, groups = (dims.batch, dims.length, dims.d_inner,
                                              dims.d_state, dims.groups)
   if blocks is None:
-    blocks = default_block_sizes(d_inner, groups, batch)
+    blocks = block_sizes(backend, d_inner, groups, batch)
   blocks.check(d_inner, groups, d_state)
-  if backend in ("mosaic", "mosaic_full"):
+  if backend in ("mosaic", "mosaic_fwd"):
     check_supported(d_inner, groups, d_state, u.dtype)
   pad = -length % blocks.block_l
 

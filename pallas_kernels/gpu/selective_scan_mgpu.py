@@ -48,11 +48,11 @@ twin runs in CI. Measured on the H100 (scripts/bench_selective_scan.py, d_inner 
 bf16, 65,536 tokens, one call with mamba_ssm's CUDA kernel, docs/results/s6_h100.json):
 forward 1.91 / 2.01 / 3.66 ms at L = 1K / 4K / 16K against CUDA's 2.11 / 2.16 / 2.61 ms
 (1.10x, 1.07x, 0.71x: at 16K the batch of 4 is split into segments, which costs a second pass)
-and the Triton-lowered forward's 3.69 / 4.90 / 11.4 ms. The tuning constants below are untuned
-first guesses. It is opt-in (``selective_scan_pallas_gpu(..., backend="mosaic")``), not the
-default: with the Triton-lowered backward (``backend="mosaic"``), forward+backward measured
-0.19-0.42x CUDA's; ``backend="mosaic_full"`` pairs it with the Mosaic GPU backward of
-``selective_scan_mgpu_bwd`` (not yet run on a GPU).
+and the Triton-lowered forward's 3.69 / 4.90 / 11.4 ms. ``backend="mosaic"`` pairs it with
+the Mosaic GPU backward of ``selective_scan_mgpu_bwd`` (forward+backward at the wrapper's
+block_l 32: 10.6 / 11.1 / 14.3 ms against CUDA's 11.4 / 11.8 / 12.4, docs/results/
+s6_blocks_h100.json), and ``impl="pallas"`` runs that pair on Hopper. TARGET_CTAS 132 instead
+of 264 measured the same at 16K (3.69 ms): there the second pass, not the CTA count, costs.
 
 Limits (each raises ValueError naming the ``backend="triton"`` fallback): d_inner / groups a
 multiple of 64 channels; d_state a multiple of 8 (the wgmma layout's column tile; TMA rows of

@@ -11,9 +11,9 @@ Both the single launch and the split into sequence segments (``scan_fwd_mgpu_seg
 end-state launch, an XLA recurrence over the segments, the full launch) are checked.
 
 The backward ``scan_bwd_mgpu`` (pallas_kernels/gpu/selective_scan_mgpu_bwd.py) is checked through
-the wrapper: the vjp of ``selective_scan_pallas_gpu(..., backend="mosaic_full")`` (the Mosaic
-forward and the Mosaic backward; ``backend="mosaic"`` pairs the forward with the Triton-lowered
-backward) for every differentiable input (u, delta, A, B, C, D, z, delta_bias,
+the wrapper: the vjp of ``selective_scan_pallas_gpu(..., backend="mosaic")`` (the Mosaic
+forward and the Mosaic backward; ``backend="mosaic_fwd"`` pairs the forward with the
+Triton-lowered backward) for every differentiable input (u, delta, A, B, C, D, z, delta_bias,
 initial_state) against the vjp of the float64 oracle (of each seq_idx segment scanned alone where
 seq_idx is given), with a random cotangent for y and the final state, in one launch and split
 into segments (``scan_bwd_mgpu_segments``). On the GPU it is also compared result by result with
@@ -183,9 +183,9 @@ class ScanMosaicCases:
     assert_close(final, final_ref, TOLERANCES[jnp.float32], "seq_idx final state")
 
   def _compare_vjp(self, dtype, flags, seed, *, shape, block_l=None, sub_l=None,
-                   softplus=True, seq_idx=None, interpret=None, backend="mosaic_full"):
-    """selective_scan_pallas_gpu(backend=...) ("mosaic_full": the Mosaic GPU forward and
-    backward; "mosaic": with the Triton-lowered backward): y, the final state and the vjp of
+                   softplus=True, seq_idx=None, interpret=None, backend="mosaic"):
+    """selective_scan_pallas_gpu(backend=...) ("mosaic": the Mosaic GPU forward and
+    backward; "mosaic_fwd": with the Triton-lowered backward): y, the final state and the vjp of
     every input against the float64 oracle's (with ``seq_idx``, whose rows must change ids at
     the same positions: each segment scanned alone, softplus on).
     """
@@ -324,8 +324,8 @@ class TestScanMosaicGPU(ScanMosaicCases):
     self._compare_vjp(jnp.float16, PLAIN, 9, shape=(1, l, d, n), softplus=False)
 
   def test_vjp_mosaic_forward_triton_backward(self):
-    """backend="mosaic": the Mosaic forward with the Triton-lowered backward, every option."""
-    self._compare_vjp(jnp.bfloat16, FULL, 10, shape=self.SHAPE, backend="mosaic")
+    """backend="mosaic_fwd": the Mosaic forward with the Triton-lowered backward, every option."""
+    self._compare_vjp(jnp.bfloat16, FULL, 10, shape=self.SHAPE, backend="mosaic_fwd")
 
   def test_vjp_seq_idx(self):
     """Packed rows against each segment scanned alone, forward and every gradient: resets
@@ -482,7 +482,7 @@ def test_bwd_rejects_unsupported():
 
 def test_lowers_for_hopper():
   """Mosaic GPU's layout inference and lowering for an H100 (no GPU needed) of the gradient of
-  selective_scan_pallas_gpu(backend="mosaic_full"): bf16 with every option (seq_idx, D, z, bias +
+  selective_scan_pallas_gpu(backend="mosaic"): bf16 with every option (seq_idx, D, z, bias +
   softplus, initial state, groups 2), batch 1 of l = 500 (padded 512), which both the forward
   and the backward split into 2 segments: four Mosaic GPU kernels (the forward's end-state
   launch without y and its full launch saving the states every two load chunks, the backward's
@@ -500,7 +500,7 @@ def test_lowers_for_hopper():
   def loss(*args):
     y, final = selective_scan_pallas_gpu(*args[:8], True, args[8], seq_idx, True,
                                          blocks=ScanGpuBlockSizes(block_l=64, sub_l=4),
-                                         backend="mosaic_full")
+                                         backend="mosaic")
     return jnp.sum(y.astype(jnp.float32)) + jnp.sum(final)
 
   with jax.sharding.use_abstract_mesh(mesh):

@@ -38,7 +38,9 @@ def test_pallas_refuses_complex_A_naming_the_fallback():
     selective_scan(u, u, A, B, B, impl="pallas")
 
 
-def test_auto_is_chunked():
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason="on a Hopper GPU auto runs the kernels (test_auto_rule covers that)")
+def test_auto_is_chunked_on_cpu():
   rng = np.random.default_rng(2)
   f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
   args = (f(1, 9, 4), f(1, 9, 4), -jnp.exp(f(4, 16)), f(1, 9, 16), f(1, 9, 16))
@@ -58,3 +60,25 @@ def test_auto_rule(monkeypatch, where, hopper, A_dtype, expected):
   monkeypatch.setattr(module, "is_hopper_or_newer", lambda: hopper)
   u = jnp.ones((1, 4, 2), jnp.float32)
   assert module._auto(u=u, delta=u, A=jnp.ones((2, 16), A_dtype), B=None, C=None) == expected
+
+
+@pytest.mark.parametrize("hopper, e, n, expected", [
+    (True, 128, 16, "mosaic"),
+    (True, 96, 16, "triton"),   # d_inner / groups not a multiple of the Mosaic kernels' 64
+    (True, 128, 12, "triton"),  # d_state not a multiple of 8
+    (False, 128, 16, "triton"),  # pre-Hopper GPU
+])
+def test_gpu_backend_rule(monkeypatch, hopper, e, n, expected):
+  """On a GPU, impl="pallas" runs the Mosaic GPU kernels on Hopper where they take the sizes."""
+  from mamba_jax.ops import selective_scan_pallas as module
+  from pallas_kernels.gpu import selective_scan as kernels
+  chosen = []
+  monkeypatch.setattr(module, "platform", lambda: "gpu")
+  monkeypatch.setattr(module, "is_hopper_or_newer", lambda: hopper)
+  monkeypatch.setattr(kernels, "selective_scan_pallas_gpu",
+                      lambda *a, backend, **k: chosen.append(backend))
+  u = jnp.ones((1, 4, e), jnp.bfloat16)
+  B = jnp.ones((1, 4, n), jnp.bfloat16)
+  module.selective_scan_pallas(u, u, -jnp.ones((e, n)), B, B, None, None, None, True, None,
+                               False)
+  assert chosen == [expected]
