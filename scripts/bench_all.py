@@ -102,10 +102,11 @@ def section_commands(mode: str) -> dict[str, list[str]]:
         "kernels": script("bench_kernels.py") + [
             "--tokens", "65536", "--lengths", "2048,32768", "--states", "64,256",
             "--states_length", "4096", "--ssd_impls", "pallas_mgpu,triton",
-            "--s6_lengths", "4096", "--s6_d_inner", "2048", "--reps", "10", "--inner", "2"],
+            "--s6_lengths", "4096", "--s6_d_inner", "2048", "--s6_impls", "pallas,pallas_mgpu",
+            "--reps", "10", "--inner", "2"],
         "training": script("bench_training.py") + [
-            "--cases", "mamba2-370m:2048:jax,mamba2-370m:2048:torch,transformerpp-125m:2048:jax,"
-            "mamba2-130m:2048:jax,mamba-130m:2048:jax",
+            "--cases", "mamba2-130m:2048:jax,mamba2-130m:2048:torch,transformerpp-125m:2048:jax,"
+            "mamba-130m:2048:jax",
             "--tokens", "32768", "--steps", "8", "--warmup", "2"],
         "generation": script("bench_generation.py") + ["--batches", "1,64", "--reps", "2"],
         "long_context": script("bench_long_context.py") + [

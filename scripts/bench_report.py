@@ -125,7 +125,8 @@ def training_md(data: dict) -> list[str]:
          "conv1d: no causal_conv1d extension, so not its fused mem-efficient path). Peak: "
          "`peak_bytes_in_use` (JAX) / `max_memory_allocated` (torch), each case in its own "
          "process. `memory`: `remat` = each block rematerialized in the backward and the loss "
-         "taken in chunks of the given positions (after the plain step ran out of memory).", ""]
+         "taken in chunks of the given positions (where XLA's memory estimate of the plain "
+         "step exceeded 85 % of the device, or the plain step ran out of memory).", ""]
   memory = lambda r: (f"remat, loss in {r['loss_chunk']}" if r.get("remat")
                       else "plain" if r["impl"] == "jax" else "-")
   out += table(["model", "impl", "compute", "memory", "L", "batch", "params (M)", "step ms",

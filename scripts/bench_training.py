@@ -26,9 +26,14 @@ timeout from ``--budget_s``; the JSON is rewritten after each case.
 Memory (``--memory``, our models only): ``plain`` keeps every activation and the whole
 logits; ``remat`` rematerializes each residual block in the backward and takes the LM head and
 loss ``--loss_chunk`` positions at a time (``make_train_step(remat=True, loss_chunk=...)``: one
-more forward of compute, a fraction of the memory); ``auto`` (default) runs ``plain`` and, if
-that runs out of device memory, the case again with ``remat``. Each row says which it ran
-(``remat``, ``loss_chunk``); MFU counts 6 · params either way, not the recomputation.
+more forward of compute, a fraction of the memory); ``auto`` (default) compiles ``plain``,
+reads XLA's memory analysis of the compiled step (arguments + outputs + temporaries, less the
+donated aliases) and, if that exceeds ``PLAIN_MEMORY_FRACTION`` of the device's memory limit,
+compiles ``remat`` instead,
+in the same process and without running the plain step (should a plain step still run out of
+memory, the case runs again with ``remat``). Each row says which it ran (``remat``,
+``loss_chunk``, and ``plain_estimate_gib`` where ``auto`` decided); MFU counts 6 · params
+either way, not the recomputation.
 
 Usage (GPU):
   PYTHONPATH=.:.device/training_site python scripts/bench_training.py \
@@ -93,8 +98,29 @@ def attention_width(config) -> tuple[int, int]:
   return len(config.attn_layer_idx), heads * head_dim
 
 
+# ``--memory auto`` runs the plain step only where XLA's estimate is below this fraction of the
+# device limit: the estimate leaves out allocator fragmentation and the buffers of custom calls'
+# workspaces, and a plain step that still runs out of memory costs a second process.
+PLAIN_MEMORY_FRACTION = 0.85
+
+
+def compiled_bytes(step_fn, *args) -> int:
+  """Device bytes the compiled ``step_fn(*args)`` needs, from XLA's memory analysis:
+  arguments + outputs + temporaries, less the outputs aliased to donated arguments."""
+  m = step_fn.lower(*args).compile().memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+def device_limit_bytes() -> int | None:
+  """The first JAX device's allocator limit (``bytes_limit``); None on CPU."""
+  import jax
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats else int(stats.get("bytes_limit", 0)) or None
+
+
 def jax_case(name: str, length: int, tokens: int, steps: int, warmup: int, cpu: bool,
-             dtype: str, remat: bool = False, loss_chunk: int = 0) -> dict:
+             dtype: str, memory: str = "plain", loss_chunk: int = 8192) -> dict:
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -111,12 +137,22 @@ def jax_case(name: str, length: int, tokens: int, steps: int, warmup: int, cpu: 
   opt = default_optimizer_config()
   opt.warmup_steps, opt.learning_rate = 10, 1e-4
   tx = make_optimizer(opt, 1000, weight_decay_mask(model))
-  step_fn = make_train_step(graphdef, rest, tx, config.vocab_size, remat=remat,
-                            loss_chunk=loss_chunk)
   state = init_train_state(params, tx)
   del model, params
   ids = jax.random.randint(jax.random.key(1), (batch, length + 1), 0, config.vocab_size)
   data = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "mask": jnp.ones((batch, length), bool)}
+  remat, plain_estimate = memory == "remat", None
+  if memory == "auto":
+    limit = device_limit_bytes()
+    if limit is not None:
+      plain = make_train_step(graphdef, rest, tx, config.vocab_size)
+      plain_estimate = compiled_bytes(plain, state, data)
+      remat = plain_estimate > PLAIN_MEMORY_FRACTION * limit
+      print(f"{name}:{length}: plain step needs {plain_estimate / 2 ** 30:.1f} GiB of "
+            f"{limit / 2 ** 30:.1f}: {'remat' if remat else 'plain'}", flush=True)
+  loss_chunk = loss_chunk if remat else 0
+  step_fn = make_train_step(graphdef, rest, tx, config.vocab_size, remat=remat,
+                            loss_chunk=loss_chunk)
   holder = {"state": state}
 
   def run():
@@ -134,6 +170,7 @@ def jax_case(name: str, length: int, tokens: int, steps: int, warmup: int, cpu: 
               flops_per_token=train_flops_per_token(n_params, n_att, d_att, length),
               peak_bytes=peak_device_bytes(), loss_first=loss0, loss_last=loss,
               remat=remat, loss_chunk=loss_chunk,
+              plain_estimate_gib=None if plain_estimate is None else plain_estimate / 2 ** 30,
               attention=config.attn_cfg.get("implementation") if n_att else None)
 
 
@@ -249,7 +286,7 @@ def run_case_in_process(args) -> None:
     row = torch_case(name, length, args.tokens, args.steps, args.warmup, args.mamba_ssm_root)
   else:
     row = jax_case(name, length, args.tokens, args.steps, args.warmup, args.cpu, args.dtype,
-                   args.memory == "remat", args.loss_chunk if args.memory == "remat" else 0)
+                   args.memory, args.loss_chunk)
   row = finish(dict(model=name, length=length, **row), length)
   with open(args.out, "w") as f:
     json.dump(row, f)
@@ -316,7 +353,7 @@ def main():
       result["skipped"].append(case)
       continue
     t0 = time.perf_counter()
-    memories = ["plain", "remat"] if args.memory == "auto" and impl == "jax" else [args.memory]
+    memories = ["auto", "remat"] if args.memory == "auto" and impl == "jax" else [args.memory]
     for memory in memories:
       ok, path, tail, stderr = run_case(args, case, tokens, memory,
                                         min(args.budget_s - (time.perf_counter() - start),
