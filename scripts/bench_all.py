@@ -55,10 +55,11 @@ from bench_timing import environment, write_json  # noqa: E402
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 SECTIONS = ("kernels", "kernels_n", "training", "training_130m", "training_370m", "training_1.4b",
             "generation", "generation_large", "long_context", "long_context_forward", "cpu")
-# Measured on an H100 (reduced run of 2026-11-22): generation ~80 s, long context ~70 s; the
-# kernels need ~25 s per SSD implementation and length (compile included) and mamba_ssm's
-# PyTorch model more than 95 s for its first (autotuning) steps.
-REDUCED_SHARES = {"kernels": 0.36, "training": 0.32, "generation": 0.17, "long_context": 0.15}
+# Measured on an H100 (reduced runs of 2026-11-22): generation ~98 s, long context ~76 s; the
+# kernels need ~25 s per SSD implementation and length (compile included); training at 16K
+# tokens per step ~45 s for our Mamba-2 130M, ~25 s for the Transformer++, ~140 s for mamba_ssm's
+# PyTorch model (its first, autotuning, steps).
+REDUCED_SHARES = {"kernels": 0.2, "training": 0.47, "generation": 0.18, "long_context": 0.15}
 RESULTS = "bench_results.json"
 
 SIZES = {"130m": ("mamba-130m", "mamba2-130m", "transformerpp-125m"),
@@ -100,14 +101,13 @@ def section_commands(mode: str) -> dict[str, list[str]]:
   if mode == "reduced":
     return {
         "kernels": script("bench_kernels.py") + [
-            "--tokens", "65536", "--lengths", "2048,32768", "--states", "64,256",
-            "--states_length", "4096", "--ssd_impls", "pallas_mgpu,triton",
+            "--tokens", "65536", "--lengths", "2048,32768", "--parts", "lengths,s6",
+            "--ssd_impls", "pallas_mgpu,triton",
             "--s6_lengths", "4096", "--s6_d_inner", "2048", "--s6_impls", "pallas,pallas_mgpu",
             "--reps", "10", "--inner", "2"],
         "training": script("bench_training.py") + [
-            "--cases", "mamba2-130m:2048:jax,mamba2-130m:2048:torch,transformerpp-125m:2048:jax,"
-            "mamba-130m:2048:jax",
-            "--tokens", "32768", "--steps", "8", "--warmup", "2"],
+            "--cases", "mamba2-130m:2048:jax,transformerpp-125m:2048:jax,mamba2-130m:2048:torch",
+            "--tokens", "16384", "--steps", "8", "--warmup", "2"],
         "generation": script("bench_generation.py") + ["--batches", "1,64", "--reps", "2"],
         "long_context": script("bench_long_context.py") + [
             "--start", "262144", "--max_length", "262144"],
