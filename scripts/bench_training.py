@@ -28,12 +28,12 @@ logits; ``remat`` rematerializes each residual block in the backward and takes t
 loss ``--loss_chunk`` positions at a time (``make_train_step(remat=True, loss_chunk=...)``: one
 more forward of compute, a fraction of the memory); ``auto`` (default) compiles ``plain``,
 reads XLA's memory analysis of the compiled step (arguments + outputs + temporaries, less the
-donated aliases) and, if that exceeds ``PLAIN_MEMORY_FRACTION`` of the device's memory limit,
-compiles ``remat`` instead,
-in the same process and without running the plain step (should a plain step still run out of
-memory, the case runs again with ``remat``). Each row says which it ran (``remat``,
-``loss_chunk``, and ``plain_estimate_gib`` where ``auto`` decided); MFU counts 6 · params
-either way, not the recomputation.
+donated aliases) and runs it, or, if that exceeds ``PLAIN_MEMORY_FRACTION`` of the device's
+memory limit, compiles ``remat`` instead, in the same process and without running the plain
+step (should a plain step still run out of memory, the case runs again with ``remat``). Each
+row says which it ran (``remat``, ``loss_chunk``, and ``plain_estimate_gib`` where ``auto``
+decided; ``compile_s`` includes every compilation); MFU counts 6 · params either way, not the
+recomputation.
 
 Usage (GPU):
   PYTHONPATH=.:.device/training_site python scripts/bench_training.py \
@@ -104,12 +104,13 @@ def attention_width(config) -> tuple[int, int]:
 PLAIN_MEMORY_FRACTION = 0.85
 
 
-def compiled_bytes(step_fn, *args) -> int:
-  """Device bytes the compiled ``step_fn(*args)`` needs, from XLA's memory analysis:
-  arguments + outputs + temporaries, less the outputs aliased to donated arguments."""
-  m = step_fn.lower(*args).compile().memory_analysis()
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
+def compile_with_bytes(step_fn, *args):
+  """(compiled ``step_fn`` for ``args``, the device bytes it needs from XLA's memory analysis:
+  arguments + outputs + temporaries, less the outputs aliased to donated arguments)."""
+  compiled = step_fn.lower(*args).compile()
+  m = compiled.memory_analysis()
+  return compiled, int(m.argument_size_in_bytes + m.output_size_in_bytes
+                       + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
 def device_limit_bytes() -> int | None:
@@ -141,18 +142,21 @@ def jax_case(name: str, length: int, tokens: int, steps: int, warmup: int, cpu: 
   del model, params
   ids = jax.random.randint(jax.random.key(1), (batch, length + 1), 0, config.vocab_size)
   data = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "mask": jnp.ones((batch, length), bool)}
-  remat, plain_estimate = memory == "remat", None
-  if memory == "auto":
-    limit = device_limit_bytes()
-    if limit is not None:
-      plain = make_train_step(graphdef, rest, tx, config.vocab_size)
-      plain_estimate = compiled_bytes(plain, state, data)
-      remat = plain_estimate > PLAIN_MEMORY_FRACTION * limit
-      print(f"{name}:{length}: plain step needs {plain_estimate / 2 ** 30:.1f} GiB of "
-            f"{limit / 2 ** 30:.1f}: {'remat' if remat else 'plain'}", flush=True)
+  remat, plain_estimate, step_fn, estimate_s = memory == "remat", None, None, 0.0
+  limit = device_limit_bytes() if memory == "auto" else None
+  if limit is not None:
+    start = time.perf_counter()
+    plain, plain_estimate = compile_with_bytes(
+        make_train_step(graphdef, rest, tx, config.vocab_size), state, data)
+    estimate_s = time.perf_counter() - start
+    remat = plain_estimate > PLAIN_MEMORY_FRACTION * limit
+    step_fn = None if remat else plain
+    print(f"{name}:{length}: plain step needs {plain_estimate / 2 ** 30:.1f} GiB of "
+          f"{limit / 2 ** 30:.1f}: {'remat' if remat else 'plain'}", flush=True)
   loss_chunk = loss_chunk if remat else 0
-  step_fn = make_train_step(graphdef, rest, tx, config.vocab_size, remat=remat,
-                            loss_chunk=loss_chunk)
+  if step_fn is None:
+    step_fn = make_train_step(graphdef, rest, tx, config.vocab_size, remat=remat,
+                              loss_chunk=loss_chunk)
   holder = {"state": state}
 
   def run():
@@ -161,7 +165,7 @@ def jax_case(name: str, length: int, tokens: int, steps: int, warmup: int, cpu: 
 
   start = time.perf_counter()
   loss0 = float(jax.block_until_ready(run()))
-  compile_s = time.perf_counter() - start
+  compile_s = estimate_s + time.perf_counter() - start
   step_ms = time_ms(run, jax.block_until_ready, reps=steps, inner=1, warmup=warmup)
   loss = float(run())
   n_att, d_att = attention_width(config)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,6 +85,18 @@ def test_training_flops_per_token():
                                    peak_bytes=2 ** 31), length=2)
   assert row["tokens_per_s"] == 4.0 and row["mfu"] == pytest.approx(1.0)
   assert row["peak_gib"] == 2.0
+
+
+@pytest.mark.parametrize("fraction, remat", [(0.85, False), (1e-9, True)])
+def test_memory_auto_picks_remat_from_the_compiled_estimate(monkeypatch, fraction, remat):
+  """--memory auto: the plain step where XLA's estimate fits the device (a pretend 1 GiB
+  limit on CPU), remat + the chunked loss where it does not; the same first loss either way."""
+  monkeypatch.setattr(bench_training, "device_limit_bytes", lambda: 2 ** 30)
+  monkeypatch.setattr(bench_training, "PLAIN_MEMORY_FRACTION", fraction)
+  row = bench_training.jax_case("mamba2-130m", 32, 64, 1, 0, True, "float32", "auto", 16)
+  assert row["remat"] is remat and row["loss_chunk"] == (16 if remat else 0)
+  assert 0 < row["plain_estimate_gib"] < 1
+  np.testing.assert_allclose(row["loss_first"], np.log(256), rtol=0.05)
 
 
 def test_auto_choices_reads_the_impl_log():
