@@ -5,6 +5,8 @@ gradient and an AdamW update (``mamba_jax.training.optimizer.make_optimizer``) w
   * rematerialization per block (``MambaLM.hidden_states(..., remat=True)``, i.e.
     ``lm.run_block``): the backward keeps only each block's inputs (hidden in the compute
     dtype, the residual stream in float32) and recomputes the rest one block at a time;
+    ``--remat_group k`` checkpoints groups of k blocks instead (``lm.run_blocks``), keeping
+    n_layer / k + k block inputs;
   * a chunked LM-head loss: the final hidden states are cut into ``--loss_chunk`` tokens, and
     logits + cross-entropy are computed (and recomputed in the backward) one chunk at a time
     in a ``lax.scan``, so the (L, vocab) logits never exist whole.
@@ -92,7 +94,8 @@ def attempt(name: str, mode: str, length: int, args) -> dict:
 
     def loss_fn(params):
       m = nnx.merge(graphdef, params, rest)
-      return chunked_loss(m, m.hidden_states(inputs, remat=args.remat), targets, chunk)
+      remat = args.remat_group if args.remat else False
+      return chunked_loss(m, m.hidden_states(inputs, remat=remat), targets, chunk)
 
     @jax.jit
     def step(params, opt_state):
@@ -132,7 +135,8 @@ def search(name: str, mode: str, args, deadline: float) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
       path = tmp.name
     cmd = [sys.executable, os.path.abspath(__file__), "--attempt", f"{name}:{mode}:{length}",
-           "--out", path, "--loss_chunk", str(args.loss_chunk)] + (
+           "--out", path, "--loss_chunk", str(args.loss_chunk),
+           "--remat_group", str(args.remat_group)] + (
                ["--smoke"] if args.smoke else []) + ([] if args.remat else ["--no_remat"])
     t0 = time.perf_counter()
     try:
@@ -164,7 +168,8 @@ def search(name: str, mode: str, args, deadline: float) -> dict:
         break
       direction = -1
       length //= 2
-  return dict(model=name, mode=mode, longest=best, capped_by=capped, remat=args.remat,
+  return dict(model=name, mode=mode, longest=best, capped_by=capped,
+              remat=args.remat and args.remat_group,
               loss_chunk=args.loss_chunk, attempts=attempts)
 
 
@@ -177,6 +182,9 @@ def main():
   parser.add_argument("--max_length", type=int, default=4194304)
   parser.add_argument("--loss_chunk", type=int, default=8192)
   parser.add_argument("--no_remat", dest="remat", action="store_false")
+  parser.add_argument("--remat_group", type=int, default=1,
+                      help="blocks per rematerialized group (lm.run_blocks): 1 = every block, "
+                           "k >= 2 = groups of k blocks (n_layer / k + k block inputs kept)")
   parser.add_argument("--budget_s", type=float, default=1e9)
   parser.add_argument("--attempt_s", type=float, default=300)
   parser.add_argument("--smoke", action="store_true", help="tiny models and lengths (CPU)")

@@ -193,8 +193,11 @@ def generation_md(data: dict) -> list[str]:
 
 def long_context_md(data: dict) -> list[str]:
   a = data.get("args", {})
+  group = a.get("remat_group", 1) if a.get("remat", True) else 0
+  remat = {0: "no rematerialization", 1: "per-block rematerialization"}.get(
+      group, f"rematerialization in groups of {group} blocks")
   out = [f"Batch 1, float32 parameters, bf16 compute; train = loss + gradient + AdamW update "
-         f"with per-block rematerialization ({a.get('remat')}) and the LM-head loss in "
+         f"with {remat} and the LM-head loss in "
          f"{fmt(a.get('loss_chunk'))}-token chunks; forward = all L tokens through the "
          "backbone, logits of the last one. The search starts at "
          f"{length_label(a.get('start', 0))} and doubles (halves) up to "

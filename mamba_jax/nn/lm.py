@@ -83,6 +83,42 @@ def run_block(layer: nnx.Module, hidden: jax.Array, residual: Optional[jax.Array
   return nnx.remat(lambda block, h, r: block(h, r, **kwargs)[:2])(layer, hidden, residual)
 
 
+def run_blocks(layers, hidden: jax.Array, residual: Optional[jax.Array], *,
+               remat: bool | int, **kwargs) -> tuple[jax.Array, jax.Array]:
+  """The residual blocks ``layers`` in order: (hidden, residual) -> (hidden, residual).
+
+  ``remat``: False (or 0) keeps every intermediate for the backward; True (or 1)
+  rematerializes each block (:func:`run_block`): the backward keeps two (b, l, d) arrays per
+  block. An int k >= 2 checkpoints groups of k blocks, each block rematerialized inside its
+  group: the backward keeps the two arrays at every group's entry, and while it recomputes
+  one group, at its k blocks' entries (n_layer / k + k pairs instead of n_layer; k near
+  sqrt(n_layer) keeps fewest), at the cost of a second recomputation of every block's
+  forward. Values and gradients are unchanged.
+  """
+  if isinstance(remat, bool) or remat <= 1:
+    for layer in layers:
+      hidden, residual = run_block(layer, hidden, residual, remat=bool(remat), **kwargs)
+    return hidden, residual
+
+  def run_group(group, h, r):
+    for layer in group:
+      h, r = run_block(layer, h, r, remat=True, **kwargs)
+    return h, r
+
+  layers = list(layers)
+  for start in range(0, len(layers), remat):
+    hidden, residual = nnx.remat(run_group)(tuple(layers[start:start + remat]), hidden,
+                                            residual)
+  return hidden, residual
+
+
+def check_remat(remat) -> None:
+  """Raises ValueError unless ``remat`` is a bool or an int >= 0 (see :func:`run_blocks`)."""
+  if not isinstance(remat, (bool, int)) or remat < 0:
+    raise ValueError(f"remat must be a bool or a block-group size int >= 0 (1 = every block, "
+                     f"k >= 2 = groups of k blocks), got {remat!r}")
+
+
 class MixerModel(nnx.Module):
   """The backbone (mamba_ssm ``MixerModel``): embedding, blocks, final norm -> (b, l, d)."""
 
@@ -109,16 +145,17 @@ class MixerModel(nnx.Module):
                        param_dtype=param_dtype)
 
   def __call__(self, input_ids: jax.Array, *, seq_idx: Optional[jax.Array] = None,
-               remat: bool = False) -> jax.Array:
+               remat: bool | int = False) -> jax.Array:
     """Final hidden states: input_ids (b, l) int -> norm_f(hidden + residual) (b, l, d).
 
     What :class:`MambaLM` feeds its LM head (float32, or wider); for heads of other tasks
-    (``mamba_jax.nn.classifier``). ``remat``: see :func:`run_block`.
+    (``mamba_jax.nn.classifier``). ``remat``: see :func:`run_blocks`.
     """
+    check_remat(remat)
     with jax.named_scope("mixer_model"):
       hidden, residual = self.embedding(input_ids), None
-      for layer in self.layers:
-        hidden, residual = run_block(layer, hidden, residual, remat=remat, seq_idx=seq_idx)
+      hidden, residual = run_blocks(self.layers, hidden, residual, remat=remat,
+                                    seq_idx=seq_idx)
       return self._final(hidden, residual)
 
   def _final(self, hidden: jax.Array, residual: Optional[jax.Array]) -> jax.Array:
@@ -175,11 +212,11 @@ class MambaLM(nnx.Module):
                                                           kernel.dtype)
 
   def hidden_states(self, input_ids: jax.Array, *, seq_idx: Optional[jax.Array] = None,
-                    remat: bool = False) -> jax.Array:
+                    remat: bool | int = False) -> jax.Array:
     """The final normed hidden states (b, l, d) float32 that the LM head reads: ``self(ids)``
     is ``self.logits_from_hidden(self.hidden_states(ids))``. For losses that take the head
     a piece at a time (``train_step.chunked_masked_loss_and_accuracy``); ``remat``: see
-    :func:`run_block`."""
+    :func:`run_blocks`."""
     self._check_ids("input_ids", input_ids, 2, "(batch, length)")
     return self.backbone(input_ids, seq_idx=seq_idx, remat=remat)
 
@@ -213,7 +250,7 @@ class MambaLM(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, *, attention_mask: Optional[jax.Array] = None,
                seq_idx: Optional[jax.Array] = None, return_state: bool = False,
-               max_length: Optional[int] = None, remat: bool = False):
+               max_length: Optional[int] = None, remat: bool | int = False):
     """Logits of every position: input_ids (b, l) int -> (b, l, v_pad) float32.
 
     Args:
@@ -242,14 +279,14 @@ class MambaLM(nnx.Module):
     if remat and return_state:
       raise ValueError("remat=True is for training (a backward to rematerialize); a prefill "
                        "with return_state=True takes remat=False")
+    check_remat(remat)
     with jax.named_scope("mamba_lm"):
       hidden, residual = self.backbone.embedding(input_ids), None
       states = []
-      for layer in self.backbone.layers:
-        if remat:
-          hidden, residual = run_block(layer, hidden, residual, remat=True, seq_idx=seq_idx,
-                                       mask=attention_mask)
-          continue
+      if remat:
+        hidden, residual = run_blocks(self.backbone.layers, hidden, residual, remat=remat,
+                                      seq_idx=seq_idx, mask=attention_mask)
+      for layer in () if remat else self.backbone.layers:
         out = layer(hidden, residual, seq_idx=seq_idx, mask=attention_mask,
                     return_state=return_state, max_length=max_length)
         hidden, residual = out[:2]

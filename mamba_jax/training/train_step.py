@@ -104,7 +104,7 @@ def chunked_masked_loss_and_accuracy(head: Callable[[jax.Array], jax.Array],
   return total
 
 
-def _loss_sums(model: nnx.Module, batch: Batch, vocab_size: int, remat: bool,
+def _loss_sums(model: nnx.Module, batch: Batch, vocab_size: int, remat: bool | int,
                loss_chunk: int) -> dict[str, jax.Array]:
   """The masked sums of ``model`` on ``batch``: whole logits, or the LM head ``loss_chunk``
   positions at a time (language models only); blocks rematerialized with ``remat``."""
@@ -117,13 +117,14 @@ def _loss_sums(model: nnx.Module, batch: Batch, vocab_size: int, remat: bool,
     return chunked_masked_loss_and_accuracy(model.logits_from_hidden, hidden,
                                             batch["targets"], batch["mask"], vocab_size,
                                             loss_chunk)
-  logits = model(batch["inputs"], remat=True) if remat else model(batch["inputs"])
+  logits = model(batch["inputs"], remat=remat) if remat else model(batch["inputs"])
   return masked_loss_and_accuracy(logits, batch["targets"], batch["mask"], vocab_size)
 
 
-def _check_memory_options(remat: bool, loss_chunk: int) -> None:
-  if not isinstance(remat, bool):
-    raise ValueError(f"remat must be a bool, got {remat!r}")
+def _check_memory_options(remat: bool | int, loss_chunk: int) -> None:
+  if not isinstance(remat, (bool, int)) or remat < 0:
+    raise ValueError(f"remat must be a bool or a block-group size int >= 0 (1 = every block, "
+                     f"k >= 2 = groups of k blocks; lm.run_blocks), got {remat!r}")
   if not isinstance(loss_chunk, int) or loss_chunk < 0:
     raise ValueError(f"loss_chunk must be an int >= 0 (0: whole logits), got {loss_chunk!r}")
 
@@ -164,7 +165,7 @@ def _jit(fn: Callable, donate: bool, mesh: Mesh | None, in_shardings: Any,
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
                     vocab_size: int, *, mesh: Mesh | None = None,
                     state_shardings: Any = None, batch_shardings: Any = None,
-                    parallel: bool = False, remat: bool = False, loss_chunk: int = 0
+                    parallel: bool = False, remat: bool | int = False, loss_chunk: int = 0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """A jitted ``(state, batch) -> (state, metrics)``; the input state's buffers are donated.
 
@@ -177,8 +178,10 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
       ``batch_shardings`` ({key: NamedSharding} of the (b, l) batch arrays) are required and
       become the jit in/out shardings (the state keeps its layout; metrics are replicated).
     parallel: run the SSM mixers' tensor / sequence-parallel forwards over ``mesh``.
-    remat: rematerialize every residual block in the backward (``lm.run_block``): activation
-      memory of two (b, l, d) arrays per layer, one more forward of compute.
+    remat: rematerialize every residual block in the backward (True or 1, ``lm.run_block``):
+      activation memory of two (b, l, d) arrays per layer, one more forward of compute; an
+      int k >= 2 checkpoints groups of k blocks (``lm.run_blocks``): n_layer / k + k pairs,
+      two more forwards.
     loss_chunk: 0 (whole logits), or the LM head and loss taken this many positions at a time
       (:func:`chunked_masked_loss_and_accuracy`; language models).
   """

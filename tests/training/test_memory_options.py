@@ -39,7 +39,7 @@ def test_remat_and_chunked_loss_leave_the_step_unchanged():
   summation order); a chunk not dividing the length and one above it."""
   graphdef, rest, tx, fresh, batch = _setup("hybrid")
   results = {}
-  for remat, chunk in ((False, 0), (True, 0), (False, 5), (True, 100)):
+  for remat, chunk in ((False, 0), (True, 0), (False, 5), (True, 100), (2, 5)):
     step = make_train_step(graphdef, rest, tx, VOCAB, remat=remat, loss_chunk=chunk)
     state, metrics = step(fresh(), batch)
     results[(remat, chunk)] = (state["params"], metrics)
@@ -56,6 +56,35 @@ def test_remat_and_chunked_loss_leave_the_step_unchanged():
     lowered = make_train_step(graphdef, rest, tx, VOCAB, remat=remat).lower(fresh(), batch)
     ops[remat] = lowered.as_text().count("\n")
   assert ops[True] > ops[False]
+
+
+def test_grouped_remat_keeps_only_the_group_entries():
+  """What the backward keeps of (b, l, d) size for 6 blocks: every intermediate without
+  remat, the two arrays entering each block with remat=True, those entering each group of 3
+  with remat=3 (jax.ad_checkpoint.print_saved_residuals); the gradients are the same."""
+  import contextlib
+  import io
+  from jax.ad_checkpoint import print_saved_residuals
+  config = MambaConfig.tiny("Mamba2").replace(n_layer=6)
+  model = models.build_model(config, dtype_name="float32", seed=0)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (1, 24)), jnp.int32)
+
+  def loss(params, remat):
+    return jnp.sum(nnx.merge(graphdef, params, rest).hidden_states(ids, remat=remat) ** 2)
+
+  def activations(remat):   # saved arrays shaped like the residual stream (1, 24, d)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+      print_saved_residuals(lambda p: loss(p, remat), params)
+    return sum(line.split(" ")[0].endswith(f"[1,24,{config.d_model}]")
+               for line in printed.getvalue().splitlines())
+  counts = {remat: activations(remat) for remat in (False, True, 3)}
+  assert counts[3] < counts[True] < counts[False], counts
+  assert counts[True] - counts[3] >= 2 * (6 - 2) - 1, counts   # 5 block entries -> 1 group's
+  grads = {remat: jax.grad(loss)(params, remat) for remat in (False, 3)}
+  for got, want in zip(jax.tree.leaves(grads[3]), jax.tree.leaves(grads[False])):
+    assert_close(got, want, 1e-6, "grouped remat gradient")
 
 
 def test_eval_step_chunked_sums_match():
@@ -106,6 +135,8 @@ def test_bad_memory_options_are_refused():
     make_train_step(graphdef, rest, tx, VOCAB, loss_chunk=-1)
   with pytest.raises(ValueError, match="remat must be a bool"):
     make_train_step(graphdef, rest, tx, VOCAB, remat="yes")
+  with pytest.raises(ValueError, match="remat must be a bool or a block-group size"):
+    make_train_step(graphdef, rest, tx, VOCAB, remat=-2)
   with pytest.raises(ValueError, match="chunk must be a positive int"):
     chunked_masked_loss_and_accuracy(lambda h: h, jnp.zeros((1, 4, 2)), jnp.zeros((1, 4), int),
                                      jnp.ones((1, 4), bool), 2, 0)
