@@ -33,9 +33,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_batches = 8
   config.max_eval_length = 0  # 0: no limit
   config.compute_dtype = "float32"
-  # Training memory (mamba_jax.training.train_step): rematerialize each block in the backward;
-  # take the LM head and loss loss_chunk positions at a time (0: the whole logits).
-  config.remat = False
+  # Training memory (mamba_jax.training.train_step): remat 0 keeps every activation, 1
+  # rematerializes each block in the backward, k >= 2 groups of k blocks; take the LM head and
+  # loss loss_chunk positions at a time (0: the whole logits).
+  config.remat = 0
   config.loss_chunk = 0
   config.log_every_steps = 50
   config.eval_every_steps = 1000

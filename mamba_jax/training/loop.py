@@ -25,8 +25,8 @@ Config fields read here (besides ``optimizer``, ``model``, ``task``; see the con
                                   the update and count it
   profile_steps                   () or (first, last): jax.profiler trace of those micro-steps
   compute_dtype                   "float32" | "bfloat16" (the model's dtype; params float32)
-  remat                           rematerialize every residual block in the backward
-                                  (True), or groups of that many blocks (an int >= 2;
+  remat                           0, or rematerialize every residual block in the backward
+                                  (1), or groups of that many blocks (an int >= 2;
                                   activation memory; train_step.make_train_step)
   loss_chunk                      0, or the LM head and loss taken this many positions at
                                   a time (language models; logits memory)
