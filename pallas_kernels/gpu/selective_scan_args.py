@@ -158,3 +158,16 @@ def split_bwd_refs(refs, *, has_d: bool, has_z: bool, has_bias: bool, has_keep: 
   refs = list(refs)
   taken = tuple(refs.pop(0) if flag is None or present[flag] else None for _, flag in BWD_REFS)
   return taken, refs
+
+
+def split_bwd_outputs(outs, *, has_d: bool, has_z: bool, has_bias: bool) -> tuple:
+  """A backward launch's outputs (the output refs of ``BWD_REFS``, absent ones left out) as
+  (du, ddelta, dz, db, dc, da, dd, dbias, dinit), None for an absent optional one."""
+  present = dict(has_d=has_d, has_z=has_z, has_bias=has_bias)
+  outs = list(outs)
+  taken = tuple(outs.pop(0) if flag is None or present[flag] else None
+                for _, flag in BWD_REFS[BWD_REFS.index(("du", None)):])
+  if outs:
+    raise ValueError(f"{len(outs)} backward outputs left over: the launch's outputs do not "
+                     "follow BWD_REFS")
+  return taken

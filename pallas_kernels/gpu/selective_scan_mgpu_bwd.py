@@ -100,7 +100,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from pallas_kernels.gpu.selective_scan_args import sigmoid, silu_and_grad, split_bwd_refs
+from pallas_kernels.gpu.selective_scan_args import (sigmoid, silu_and_grad, split_bwd_outputs,
+                                                    split_bwd_refs)
 from pallas_kernels.gpu.selective_scan_fwd import ScanGpuBlockSizes
 from pallas_kernels.gpu.selective_scan_mgpu import (BLOCK_D, CHANNEL, LOG2_E, MIN_BLOCK_L,
                                                     SMEM_BYTES, STATE, STATE_COL, _softplus,
@@ -432,15 +433,8 @@ def _launch(u, delta, a, B, C, d, z, bias, keep, states, dout, dfinal, *, length
       kernel_name="selective_scan_bwd_mgpu",
       **_options(interpret, d_state),
   )(*args))
-  du, ddelta = outs[:2]
-  del outs[:2]
-  dz = outs.pop(0) if z is not None else None
-  db, dc, da = outs[:3]
-  del outs[:3]
-  dd = outs.pop(0) if d is not None else None
-  dbias = outs.pop(0) if bias is not None else None
-  (dinit,) = outs
-  return [du, ddelta, dz, db, dc, da, dd, dbias, dinit]
+  return split_bwd_outputs(outs, has_d=d is not None, has_z=z is not None,
+                           has_bias=bias is not None)
 
 
 def _adjoint_kernel(*refs, has_z: bool, has_bias: bool, has_keep: bool, length: int,

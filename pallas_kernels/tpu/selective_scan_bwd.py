@@ -43,7 +43,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
-from pallas_kernels.gpu.selective_scan_args import sigmoid, silu_and_grad, split_bwd_refs
+from pallas_kernels.gpu.selective_scan_args import (sigmoid, silu_and_grad, split_bwd_outputs,
+                                                    split_bwd_refs)
 from pallas_kernels.tpu.selective_scan_fwd import (ROWS, ScanTpuBlockSizes, col_to_row,
                                                    decay_at, load_rows, put_row, row_to_col)
 
@@ -242,12 +243,5 @@ def scan_bwd(u: jax.Array, delta: jax.Array, at: jax.Array, B: jax.Array, C: jax
       interpret=interpret,
       name="selective_scan_bwd",
   )(*args))
-  du, ddelta = outs[:2]
-  del outs[:2]
-  dz = outs.pop(0) if z is not None else None
-  db, dc, da = outs[:3]
-  del outs[:3]
-  dd = outs.pop(0) if d is not None else None
-  dbias = outs.pop(0) if bias is not None else None
-  (dinit,) = outs
-  return du, ddelta, dz, db, dc, da, dd, dbias, dinit
+  return split_bwd_outputs(outs, has_d=d is not None, has_z=z is not None,
+                           has_bias=bias is not None)
