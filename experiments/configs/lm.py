@@ -147,6 +147,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:
     config.rows = _rows(MODELS, (32,) if tiny else (128,), 2 if tiny else 4,
                         16 if tiny else 32)
+  if variant == "neox":  # the held-out works are 14 windows of 32 × 256 NeoX tokens
+    config.eval_batches = 12
   if tiny:
     _tiny_schedule(config)
   return config
