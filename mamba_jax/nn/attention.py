@@ -65,6 +65,7 @@ import numpy as np
 from flax import nnx, struct
 
 from mamba_jax.nn.init import NO_WEIGHT_DECAY, embedding_init, torch_default_init
+from mamba_jax.nn.linear import Linear
 from mamba_jax.nn.mamba2 import CausalConv1d
 from mamba_jax.nn.rotary import apply_rotary, apply_xpos_scale, xpos_scale, xpos_zeta
 from mamba_jax.ops.checks import (check_choice, check_divisible, check_floating, check_integer,
@@ -172,15 +173,15 @@ class Attention(nnx.Module):
                               embedding_init=embedding_init(0.02),
                               embedding_metadata=no_wd, rngs=rngs)
                     if positions == "absolute" else None)
-    self.in_proj = nnx.Linear(d_model, self.qkv_dim + self.mlp_dim, use_bias=qkv_proj_bias,
-                              dtype=dtype, param_dtype=param_dtype,
-                              kernel_init=torch_default_init(d_model), bias_metadata=no_wd,
-                              rngs=rngs)
+    self.in_proj = Linear(d_model, self.qkv_dim + self.mlp_dim, use_bias=qkv_proj_bias,
+                          dtype=dtype, param_dtype=param_dtype,
+                          kernel_init=torch_default_init(d_model), bias_metadata=no_wd,
+                          rngs=rngs)
     self.conv1d = (CausalConv1d(self.qkv_dim, d_conv, param_dtype=param_dtype, rngs=rngs)
                    if d_conv > 0 else None)
-    self.out_proj = nnx.Linear(out_dim, d_model, use_bias=out_proj_bias, dtype=dtype,
-                               param_dtype=param_dtype, kernel_init=torch_default_init(out_dim),
-                               bias_metadata=no_wd, rngs=rngs)
+    self.out_proj = Linear(out_dim, d_model, use_bias=out_proj_bias, dtype=dtype,
+                           param_dtype=param_dtype, kernel_init=torch_default_init(out_dim),
+                           bias_metadata=no_wd, rngs=rngs)
 
   def init_state(self, batch: int, max_length: int, dtype: Any = None) -> KVCache:
     """An empty cache of ``max_length`` slots (k/v zeros, index 0, start 0)."""

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from mamba_jax.config import MambaConfig
 from mamba_jax.nn.init import NO_WEIGHT_DECAY, torch_default_init
+from mamba_jax.nn.linear import Linear
 from mamba_jax.nn.lm import MambaLM
 from mamba_jax.ops.checks import check_integer, check_rank
 
@@ -50,10 +51,10 @@ class SequenceClassifier(nnx.Module):
       raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     self.pooling, self.num_classes, self.dtype = pooling, num_classes, dtype
     self.lm = MambaLM(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.head = nnx.Linear(config.d_model, num_classes, dtype=jnp.float32,
-                           param_dtype=param_dtype,
-                           kernel_init=torch_default_init(config.d_model),
-                           bias_metadata={NO_WEIGHT_DECAY: True}, rngs=rngs)
+    self.head = Linear(config.d_model, num_classes, dtype=jnp.float32,
+                       param_dtype=param_dtype,
+                       kernel_init=torch_default_init(config.d_model),
+                       bias_metadata={NO_WEIGHT_DECAY: True}, rngs=rngs)
 
   def __call__(self, input_ids: jax.Array, *, remat: bool | int = False) -> jax.Array:
     """input_ids (b, l) int -> logits (b, 1, k) float32; ``remat`` rematerializes the

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mamba_jax.nn.init import NO_WEIGHT_DECAY, torch_default_init
+from mamba_jax.nn.linear import Linear
 from mamba_jax.nn.mamba1 import Mamba1Mixer, Mamba1State, SSMMixerBase, check_positive_int
 from mamba_jax.nn.mamba2 import CausalConv1d
 
@@ -73,18 +74,18 @@ class H3Mixer(SSMMixerBase):
     self.d_model, self.expand, self.layer_idx = d_model, expand, layer_idx
     self.d_conv = shift_width
     no_wd = {NO_WEIGHT_DECAY: True}
-    self.in_proj = nnx.Linear(d_model, 3 * e, use_bias=bias, dtype=dtype,
-                              param_dtype=param_dtype, kernel_init=torch_default_init(d_model),
-                              bias_metadata=no_wd, rngs=rngs)
+    self.in_proj = Linear(d_model, 3 * e, use_bias=bias, dtype=dtype,
+                          param_dtype=param_dtype, kernel_init=torch_default_init(d_model),
+                          bias_metadata=no_wd, rngs=rngs)
     self.conv1d = CausalConv1d(e, shift_width, use_bias=conv_bias, param_dtype=param_dtype,
                                rngs=rngs)
     self._init_ssm(d_model=d_model, d_inner=e, d_state=d_state, dt_rank=dt_rank,
                    dt_min=dt_min, dt_max=dt_max, dt_init=dt_init, dt_scale=dt_scale,
                    dt_init_floor=dt_init_floor, ssm_kind=ssm_kind, selective=selective,
                    A_init=A_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.out_proj = nnx.Linear(e, d_model, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                               kernel_init=torch_default_init(e), bias_metadata=no_wd,
-                               rngs=rngs)
+    self.out_proj = Linear(e, d_model, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                           kernel_init=torch_default_init(e), bias_metadata=no_wd,
+                           rngs=rngs)
 
   def _forward(self, u: jax.Array, initial_state: Optional[Mamba1State],
                return_state: bool, num_pads: Optional[jax.Array] = None

@@ -47,6 +47,7 @@ from mamba_jax.nn.block import Block, Norm
 from mamba_jax.nn.h3 import H3Mixer, SSMNoGate
 from mamba_jax.nn.init import (NO_WEIGHT_DECAY, embedding_init, residual_scale,
                                torch_default_init)
+from mamba_jax.nn.linear import Linear
 from mamba_jax.nn.mamba1 import Mamba1Mixer
 from mamba_jax.nn.mamba2 import Mamba2Mixer
 from mamba_jax.nn.mlp import GatedMLP
@@ -190,9 +191,9 @@ class MambaLM(nnx.Module):
     self.backbone = MixerModel(config, initializer_range=initializer_range, dtype=dtype,
                                param_dtype=param_dtype, rngs=rngs)
     self.lm_head = (None if config.tie_embeddings else
-                    nnx.Linear(config.d_model, config.vocab_size_padded, use_bias=False,
-                               dtype=dtype, param_dtype=param_dtype,
-                               kernel_init=torch_default_init(config.d_model), rngs=rngs))
+                    Linear(config.d_model, config.vocab_size_padded, use_bias=False,
+                           dtype=dtype, param_dtype=param_dtype,
+                           kernel_init=torch_default_init(config.d_model), rngs=rngs))
     if rescale_prenorm_residual:
       n_res = (config.n_residuals_per_layer if n_residuals_per_layer is None
                else n_residuals_per_layer)

@@ -84,6 +84,7 @@ from flax import nnx, struct
 
 from mamba_jax.nn.init import (A_INITS, DT_INITS, NO_WEIGHT_DECAY, A_log_init, dt_bias_init,
                                dt_proj_kernel_init, torch_default_init)
+from mamba_jax.nn.linear import Linear
 from mamba_jax.nn.mamba2 import CausalConv1d
 from mamba_jax.ops.checks import (check_choice, check_floating, check_rank, check_shape,
                                   check_state_dtype)
@@ -185,11 +186,11 @@ class SSMMixerBase(nnx.Module):
     x_proj_out = ((r if "delta" in self.selective else 0)
                   + (n_bc if "B" in self.selective else 0)
                   + (n_bc if "C" in self.selective else 0))
-    self.x_proj = (nnx.Linear(e, x_proj_out, use_bias=False, dtype=dtype,
-                              param_dtype=param_dtype, kernel_init=torch_default_init(e),
-                              rngs=rngs) if x_proj_out else None)
+    self.x_proj = (Linear(e, x_proj_out, use_bias=False, dtype=dtype,
+                          param_dtype=param_dtype, kernel_init=torch_default_init(e),
+                          rngs=rngs) if x_proj_out else None)
     if "delta" in self.selective:
-      self.dt_proj = nnx.Linear(
+      self.dt_proj = Linear(
           r, e, use_bias=True, dtype=dtype, param_dtype=param_dtype,
           kernel_init=lambda key, shape, dt: dt_proj_kernel_init(key, shape, r, dt_scale,
                                                                  dt_init, dt),
@@ -429,18 +430,18 @@ class Mamba1Mixer(SSMMixerBase):
     d_inner = int(expand * d_model)
     check_positive_int("d_inner (expand * d_model)", d_inner)
     e = d_inner
-    self.in_proj = nnx.Linear(d_model, 2 * e if self.GATED else e, use_bias=bias, dtype=dtype,
-                              param_dtype=param_dtype, kernel_init=torch_default_init(d_model),
-                              bias_metadata=_NO_WD, rngs=rngs)
+    self.in_proj = Linear(d_model, 2 * e if self.GATED else e, use_bias=bias, dtype=dtype,
+                          param_dtype=param_dtype, kernel_init=torch_default_init(d_model),
+                          bias_metadata=_NO_WD, rngs=rngs)
     self.conv1d = CausalConv1d(e, d_conv, use_bias=conv_bias, param_dtype=param_dtype,
                                rngs=rngs)
     self._init_ssm(d_model=d_model, d_inner=e, d_state=d_state, dt_rank=dt_rank,
                    dt_min=dt_min, dt_max=dt_max, dt_init=dt_init, dt_scale=dt_scale,
                    dt_init_floor=dt_init_floor, ssm_kind=ssm_kind, selective=selective,
                    A_init=A_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.out_proj = nnx.Linear(e, d_model, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                               kernel_init=torch_default_init(e), bias_metadata=_NO_WD,
-                               rngs=rngs)
+    self.out_proj = Linear(e, d_model, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                           kernel_init=torch_default_init(e), bias_metadata=_NO_WD,
+                           rngs=rngs)
 
   def mamba_ssm_order(self) -> Optional[np.ndarray]:
     """This mixer's in_proj_index (module function :func:`mamba_ssm_order`, ``ours =

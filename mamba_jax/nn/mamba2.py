@@ -55,6 +55,7 @@ from flax import nnx, struct
 
 from mamba_jax.nn.init import (NO_WEIGHT_DECAY, dt_bias_init, torch_default_init,
                                uniform_A_log)
+from mamba_jax.nn.linear import Linear
 from mamba_jax.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from mamba_jax.ops.checks import (check_divisible, check_float_dtype, check_floating,
                                   check_rank, check_shape)
@@ -226,9 +227,9 @@ class Mamba2Mixer(nnx.Module):
 
     d_in_proj = 2 * self.d_inner + 2 * ngroups * d_state + self.nheads
     no_wd = {NO_WEIGHT_DECAY: True}
-    self.in_proj = nnx.Linear(d_model, d_in_proj, use_bias=bias, dtype=dtype,
-                              param_dtype=param_dtype, kernel_init=torch_default_init(d_model),
-                              bias_metadata=no_wd, rngs=rngs)
+    self.in_proj = Linear(d_model, d_in_proj, use_bias=bias, dtype=dtype,
+                          param_dtype=param_dtype, kernel_init=torch_default_init(d_model),
+                          bias_metadata=no_wd, rngs=rngs)
     self.conv1d = CausalConv1d(self.conv_dim, d_conv, use_bias=conv_bias, init_range=conv_init,
                                param_dtype=param_dtype, rngs=rngs)
     self.dt_bias = nnx.Param(
@@ -241,10 +242,10 @@ class Mamba2Mixer(nnx.Module):
     self.norm = (RMSNormGated(self.d_ssm, group_size=self.d_ssm // ngroups,
                               norm_before_gate=norm_before_gate, param_dtype=param_dtype)
                  if rmsnorm else None)
-    self.out_proj = nnx.Linear(self.d_inner, d_model, use_bias=bias, dtype=dtype,
-                               param_dtype=param_dtype,
-                               kernel_init=torch_default_init(self.d_inner),
-                               bias_metadata=no_wd, rngs=rngs)
+    self.out_proj = Linear(self.d_inner, d_model, use_bias=bias, dtype=dtype,
+                           param_dtype=param_dtype,
+                           kernel_init=torch_default_init(self.d_inner),
+                           bias_metadata=no_wd, rngs=rngs)
 
   def _ssm_dtype(self, dtype: Any) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)

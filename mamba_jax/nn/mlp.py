@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mamba_jax.nn.init import NO_WEIGHT_DECAY, torch_default_init
+from mamba_jax.nn.linear import Linear
 from mamba_jax.ops.checks import check_floating, check_shape
 
 
@@ -53,10 +54,10 @@ class GatedMLP(nnx.Module):
     self.dtype = dtype
     linear = dict(use_bias=bias, dtype=dtype, param_dtype=param_dtype,
                   bias_metadata={NO_WEIGHT_DECAY: True}, rngs=rngs)
-    self.fc1 = nnx.Linear(in_features, 2 * self.hidden_features,
-                          kernel_init=torch_default_init(in_features), **linear)
-    self.fc2 = nnx.Linear(self.hidden_features, self.out_features,
-                          kernel_init=torch_default_init(self.hidden_features), **linear)
+    self.fc1 = Linear(in_features, 2 * self.hidden_features,
+                      kernel_init=torch_default_init(in_features), **linear)
+    self.fc2 = Linear(self.hidden_features, self.out_features,
+                      kernel_init=torch_default_init(self.hidden_features), **linear)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x (..., d) floating -> (..., d_out) in the compute dtype."""
