@@ -421,9 +421,15 @@ class Attention(nnx.Module):
       s_k = slots[None, :] - cache.start[:, None]
       o = self._xpos_attend(q, k_all, v_all, pos, s_k, mask, None, fast=False)
     else:
+      # One query (a decoding step) as the first of two identical ones: a single query row
+      # makes q·Kᵀ and P·V vector-matrix products, which XLA's GPU compiler turns into
+      # multiply kernels writing (b, heads, L, head_dim) arrays before reducing them (see
+      # mamba_jax.nn.linear); two rows keep them batched GEMMs that read the cache once.
+      rows = 2 if length == 1 else length
       o = jax.nn.dot_product_attention(
-          q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask,
-          scale=self.softmax_scale, implementation="xla")
+          jnp.repeat(q, rows // length, axis=1), k_all.astype(q.dtype), v_all.astype(q.dtype),
+          mask=jnp.repeat(mask, rows // length, axis=2), scale=self.softmax_scale,
+          implementation="xla")[:, :length]
     return KVCache(k=k_all, v=v_all, index=cache.index + length, start=cache.start,
                    conv_state=cache.conv_state), o
 
