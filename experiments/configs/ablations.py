@@ -37,7 +37,7 @@ Note on S4 here: the LTI rows use the op's simplified ZOH discretisation (B̄ = 
 output Re(C·h), not S4D's full bilinear/ZOH kernel; the complex rows keep A and the
 non-selective B, C complex (``A_init="s4d_lin"``).
 
-Commands (GPU variants: ≈ 40–60 s per row on one H100, compilation included; the table is
+Commands (GPU variants: 4.7–9 min per table on one H100 shared by 12 runs, measured; the table is
 printed and written under the workdir):
   python -m experiments.main --config=experiments/configs/ablations.py:selective \
       --workdir=/tmp/abl_selective

@@ -24,7 +24,7 @@ Variants:
   (default) 8 layers, d_model 64, 200 pieces, lengths 2^13 … 2^19, 2^19 samples per batch,
             20K steps. Not run here.
   gpu       the default model, 32 pieces, lengths 2^11, 2^13, 2^15, 2^16 samples per batch,
-            300 steps per row; one H100, about 3 minutes (estimated, not yet run).
+            300 steps per row; one H100: 262 s measured, sharing the GPU (experiments/README.md).
   tiny      2 layers, d_model 32, 16 pieces, lengths 2^8, 2^10, 2^12, 4096 samples per batch,
             100 steps per row; CPU (measured: experiments/README.md).
 """

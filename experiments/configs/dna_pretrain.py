@@ -27,7 +27,7 @@ Variants:
   (default) the paper's model (6 layers, d_model 128) at 2^10 … 2^20 (2 Mb regions so a
             window of 2^20 fits), 2^20 tokens per batch, 20K steps. Not run here: GPU-days.
   gpu       the paper's model at 2^10, 2^13, 2^16 on the first 40 Mb, 2^16 tokens per
-            batch, 300 steps per row. One H100, about 3 minutes (estimated, not yet run).
+            batch, 300 steps per row. One H100: 388 s measured, sharing the GPU (experiments/README.md).
   tiny      2 layers, d_model 32 at 2^8, 2^10, 2^12 on the first 40 Mb, 4096 tokens per batch,
             100 steps per row; CPU (measured: experiments/README.md).
 """

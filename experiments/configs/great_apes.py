@@ -29,8 +29,8 @@ Variants:
             region holds no window of 2^20 bases of every species; raise region_size and the
             test split shrinks to 1 region), 2^18 tokens per batch, 10K steps. Not run here.
   gpu       the same model at 2^10, 2^13, 2^16 on the first half of the alignment (2 of
-            12 regions held out); 2^16 tokens per batch, 300 steps per row; one H100, about
-            3 minutes (estimated, not yet run).
+            12 regions held out); 2^16 tokens per batch, 300 steps per row; one H100:
+            399 s measured, sharing the GPU (experiments/README.md).
   tiny      2 layers, d_model 32 at 2^8, 2^10, 2^12 on the gpu variant's half of the alignment;
             4096 tokens per batch, 100 steps per row; 128 test windows per length; CPU
             (measured: experiments/README.md).

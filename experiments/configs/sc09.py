@@ -27,7 +27,7 @@ Variants:
   (default) 8 layers, d_model 128, 5000 clips (espeak-ng and flite), 16,000 samples per clip,
             batch 16, 20K steps. Not run here.
   gpu       4 layers, d_model 64, 2000 espeak-ng clips, batch 8 × 16,000, 300 steps; one H100,
-            about 2 minutes (estimated, not yet run).
+            113 s measured, sharing the GPU (experiments/README.md).
   tiny      2 layers, d_model 32, 400 clips at 8 kHz (8000 samples each), batch 2, 100 steps;
             CPU (measured: experiments/README.md).
 """
