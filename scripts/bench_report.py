@@ -212,8 +212,11 @@ def long_context_md(data: dict) -> list[str]:
     longest = length_label(r["longest"]) if r["longest"] else "none tried fit"
     if r.get("capped_by"):
       longest = f"≥ {longest} (search capped by {r['capped_by']})" if r["longest"] else longest
-    body.append([r["model"], r["mode"], longest, tried])
-  return out + table(["model", "mode", "longest length", "attempts"], body)
+    remat = r.get("remat", True)
+    remat = ("none" if remat is False or remat == 0 else "per block" if remat in (True, 1)
+             else f"groups of {remat}")
+    body.append([r["model"], r["mode"], remat if r["mode"] == "train" else "-", longest, tried])
+  return out + table(["model", "mode", "remat", "longest length", "attempts"], body)
 
 
 def _problems(data: dict, errors: bool = True) -> list[str]:
