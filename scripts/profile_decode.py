@@ -9,7 +9,10 @@ step is launch and host overhead rather than kernel work. ``--option_sets`` comp
 loop with each set of XLA options in turn (one row each), to compare them in one process.
 
 Usage (GPU): PYTHONPATH=. python scripts/profile_decode.py --models mamba-1.4b,transformerpp-1.3b \
-    --batches 1,64 --option_sets "default;xla_gpu_enable_dot_strength_reduction=false" --out /tmp/decode_profile.json
+    --batches 1,64 --out /tmp/decode_profile.json
+(an option set names only options that the installed XLA takes as compile options: jaxlib
+0.11.2's CUDA plugin refuses e.g. xla_gpu_enable_dot_strength_reduction, "No such compile
+option").
 CPU smoke: python scripts/profile_decode.py --small --out /tmp/decode_profile.json
 (on a CPU the trace has no device events; the timing rows are still written).
 """
@@ -133,8 +136,8 @@ def main() -> None:
   parser.add_argument("--models", default="mamba-1.4b,mamba2-1.3b,transformerpp-1.3b")
   parser.add_argument("--batches", default="1")
   parser.add_argument("--option_sets", default="default",
-                      help='XLA compile options to compare, e.g. "default;'
-                           'xla_gpu_enable_dot_strength_reduction=false"')
+                      help='";"-separated sets of XLA compile options KEY=VALUE,... to '
+                           'compare ("default": none)')
   parser.add_argument("--prompt_len", type=int, default=2048)
   parser.add_argument("--gen_len", type=int, default=64)
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
