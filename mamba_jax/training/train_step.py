@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import optax
 
+from mamba_jax.nn.lm import check_remat
 from mamba_jax.sharding.parallel_mixers import parallelize
 
 Batch = dict[str, jax.Array]
@@ -122,9 +123,7 @@ def _loss_sums(model: nnx.Module, batch: Batch, vocab_size: int, remat: bool | i
 
 
 def _check_memory_options(remat: bool | int, loss_chunk: int) -> None:
-  if not isinstance(remat, (bool, int)) or remat < 0:
-    raise ValueError(f"remat must be a bool or a block-group size int >= 0 (1 = every block, "
-                     f"k >= 2 = groups of k blocks; lm.run_blocks), got {remat!r}")
+  check_remat(remat)
   if not isinstance(loss_chunk, int) or loss_chunk < 0:
     raise ValueError(f"loss_chunk must be an int >= 0 (0: whole logits), got {loss_chunk!r}")
 
