@@ -49,7 +49,8 @@ BACKWARDS = {"triton": scan_bwd, "mosaic": scan_bwd_mgpu, "mosaic_fwd": scan_bwd
 
 
 # The Mosaic GPU kernels' default blocks. Measured on an H100 (bf16, d_inner 2048, N 16, 65,536
-# tokens; scripts/bench_selective_scan.py, pallas_mosaic@BLOCK_L/SUB_L), forward+backward ms at
+# tokens; scripts/bench_selective_scan.py, pallas_mosaic@BLOCK_L/SUB_L; kernels of before
+# ``selective_scan_mgpu.APPROX_MATH``, whose times are in its docstring), forward+backward ms at
 # L = 1K / 4K / 16K: block_l 64 / sub_l 16: 15.9 / 17.0 / 20.3 (the backward's buffers take one
 # CTA per SM); 32 / 16: 10.6 / 11.1 / 14.3; 16 / 8: 10.3 / 10.7 / 14.1 (and a forward 5 % slower
 # at 16K, saving twice the chunk states). 32 / 16 keeps the saved states at d·n·4 / 32 bytes

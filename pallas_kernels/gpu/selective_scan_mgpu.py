@@ -16,16 +16,27 @@ so does the Mosaic GPU backward ``selective_scan_mgpu_bwd.scan_bwd_mgpu``.
 Design. One CTA = one warpgroup (128 threads) per (block of ``BLOCK_D`` = 64 channels of one
 group, batch row). The (64, n) float32 state lives in registers in the wgmma accumulator
 layout (``plgpu.Layout.WGMMA``: 64 rows of channels, n columns of states; per-channel vectors
-u, Δ, z, D, y in its ``.reduce(1)`` layout, per-state vectors B_t, C_t in its ``.reduce(0)``
-layout). The length is walked in load chunks of ``rows`` positions (``rows`` divides
-``block_l``, at most ``LOAD_ROWS``): the chunk's rows of u, delta, z (rows × 64), B, C (rows × n
-of the block's group) and keep (rows,) are TMA-copied into a ring of ``depth`` shared-memory
-slots, issued ``depth`` chunks ahead; a ``fori_loop`` over the chunk's positions reads one row
-per step from shared memory, updates the state (all float32; exp(Δ A) per (channel, state),
-computed as 2^(Δ · A log2 e)), reduces C_t · h_t over the states (shuffles inside a quad of
-lanes: the state dimension never crosses a warp) and writes the y row into a double-buffered
-shared-memory tile that is TMA-stored once per chunk, together with the state entering each
-``block_l`` chunk (the residual). The expanded state (b, l, d, n) never reaches memory.
+in its ``.reduce(1)`` layout, per-state vectors B_t, C_t in its ``.reduce(0)`` layout). The
+length is walked in load chunks of ``rows`` positions (``rows`` divides ``block_l``, at most
+``LOAD_ROWS``): the chunk's rows of u, delta, z (rows × 64), B, C (rows × n of the block's
+group) and keep (rows,) are TMA-copied into a ring of ``depth`` shared-memory slots, issued
+``depth`` chunks ahead. Per chunk, three stages:
+
+  1. Δ = softplus(delta + bias) (0 on padding) and Δ·u for the whole (rows, 64) tile, one value
+     per thread (``TILE``, a strided layout without repeats), into shared memory;
+  2. a ``fori_loop`` over the positions reads one Δ and Δ·u row and the B_t, C_t rows per step,
+     updates the state (all float32; exp(Δ A) per (channel, state), computed as
+     2^(Δ · A log2 e)), reduces C_t · h_t over the states (shuffles inside a quad of lanes:
+     the state dimension never crosses a warp) and writes it to a shared-memory row;
+  3. y = (C·h + D u) · silu(z) for the tile, again one value per thread, into a
+     double-buffered tile that is TMA-stored, together with the state entering each
+     ``block_l`` chunk (the residual).
+
+In the state layout the four lanes of a quad share each channel, so per-channel work inside
+the serial loop (the softplus, D u, the gate) would be done four times; stages 1 and 3 do it
+once, and the loop keeps only the per-(channel, state) work. The expanded state (b, l, d, n)
+never reaches memory. The special functions are the hardware's approximate ones
+(``APPROX_MATH``), as mamba_ssm's CUDA kernel is built with --use_fast_math.
 
 Small batches of long sequences give too few CTAs (b · d / 64: 32 at b = 1, d = 2048, for
 132 SMs), and each CTA walks its whole sequence serially. ``scan_fwd_mgpu`` then splits every
@@ -36,23 +47,34 @@ decays Π keep_t · exp(A Σ Δ_t), then the full kernel from those states: twic
 ``segments`` times the parallelism.
 
 Compiled, the kernel runs without Pallas' automatic warpgroup barriers around every shared
-memory access (``unsafe_no_auto_barriers``): no thread reads a buffer that it writes (inputs
-are TMA-written and read; y rows and states are written and TMA-read; the initial and final
-states have separate buffers), and every hand-over between threads and the TMA unit goes
-through ``commit_smem`` / ``wait_smem_to_gmem`` / ``barrier_wait``, which synchronize the
-warpgroup themselves.
+memory access (``unsafe_no_auto_barriers``). Every hand-over between threads, or between
+threads and the TMA unit, goes through ``commit_smem`` (a warpgroup barrier with a proxy
+fence), ``wait_smem_to_gmem`` (waits for the store group, then a warpgroup barrier) or
+``barrier_wait``: stage 1's rows are written before a barrier and read after it; the loop's
+C·h rows likewise before stage 3 reads them; the next chunk's stage 1 overwrites the Δ rows
+only after the barrier that follows the loop; a ring slot is refilled only after the barrier
+that follows its last read; the y tile and saved states are rewritten only after
+``wait_smem_to_gmem`` says their store two chunks back has read them. The interpreter's race
+detector checks this in CI (tests/kernels/test_selective_scan_mgpu.py).
 
 Status: its GPU tests pass on an H100 (tests/kernels/test_selective_scan_mgpu.py, d_inner 2048,
 batch 1 with segments, n 32 / 64, the wrapper's vjp in float32 and bf16), and a CPU interpreter
 twin runs in CI. Measured on the H100 (scripts/bench_selective_scan.py, d_inner 2048, n 16,
-bf16, 65,536 tokens, one call with mamba_ssm's CUDA kernel, docs/results/s6_h100.json):
-forward 1.91 / 2.01 / 3.66 ms at L = 1K / 4K / 16K against CUDA's 2.11 / 2.16 / 2.61 ms
-(1.10x, 1.07x, 0.71x: at 16K the batch of 4 is split into segments, which costs a second pass)
-and the Triton-lowered forward's 3.69 / 4.90 / 11.4 ms. ``backend="mosaic"`` pairs it with
-the Mosaic GPU backward of ``selective_scan_mgpu_bwd`` (forward+backward at the wrapper's
-block_l 32: 10.6 / 11.1 / 14.3 ms against CUDA's 11.4 / 11.8 / 12.4, docs/results/
-s6_blocks_h100.json), and ``impl="pallas"`` runs that pair on Hopper. TARGET_CTAS 132 instead
-of 264 measured the same at 16K (3.69 ms): there the second pass, not the CTA count, costs.
+bf16, 65,536 tokens, one call with mamba_ssm's CUDA kernel, docs/results/s6_mosaic_h100.json):
+forward 1.11 / 1.19 / 2.24 / 2.37 ms at L = 1K / 4K / 16K / 64K against CUDA's 2.09 / 2.15 /
+2.60 / 2.78 ms (1.89x, 1.81x, 1.16x, 1.17x; from 16K the batch of 4 or 1 is split into
+segments, which costs a second pass). ``backend="mosaic"`` pairs it with the Mosaic GPU
+backward of ``selective_scan_mgpu_bwd``: forward+backward 7.78 / 7.90 / 9.83 / 9.98 ms
+against CUDA's 11.32 / 11.77 / 12.37 / 13.73 (1.45x, 1.49x, 1.26x, 1.38x); ``impl="pallas"``
+runs that pair on Hopper. At d_inner 5120 (docs/results/s6_mosaic_d5120_h100.json): forward
+2.05x / 1.95x / 1.77x / 1.07x, forward+backward 1.47x / 1.52x / 1.16x / 1.00x. The steps
+that got here, each measured in one call against the same CUDA kernel: the approximate
+special functions (forward 1.90 -> 1.22 ms at 1K, 3.70 -> 2.53 at 16K), the chunk-wide
+stages 1 and 3 (-> 1.19 / 2.38) and load chunks of 16 positions instead of 32 (-> 1.13 /
+2.30, the smaller buffers fit more CTAs per SM). At 1K the loop is bound by instruction issue
+(ncu: 74 % of issue slots busy, 94 warp instructions per position and 16 channels, 9 of them
+special-function ex2 / lg2): a faster forward needs fewer instructions per (channel, state),
+not more overlap.
 
 Limits (each raises ValueError naming the ``backend="triton"`` fallback): d_inner / groups a
 multiple of 64 channels; d_state a multiple of 8 (the wgmma layout's column tile; TMA rows of
@@ -77,18 +99,29 @@ from pallas_kernels.gpu.selective_scan_args import sigmoid
 from pallas_kernels.gpu.selective_scan_fwd import ScanGpuBlockSizes
 
 BLOCK_D = 64          # channels per CTA: the wgmma layout's row tile (one warpgroup)
-LOAD_ROWS = 32        # at most this many positions per TMA load chunk
+LOAD_ROWS = 16        # at most this many positions per TMA load chunk
 MIN_BLOCK_L = 8       # block_l a multiple of this: TMA rows of keep are >= 32 bytes
 STATE_COLUMNS = 8     # d_state must be a multiple of the wgmma layout's column tile
 SMEM_BYTES = 227 * 1024 - 4096   # Hopper's 227 KiB per CTA, less barriers and slack
 UNROLL = 4            # positions per unrolled step block when compiled (ILP across steps)
+# LOAD_ROWS 16 against 32 (the stages' buffers double with it): forward 1.13 / 1.23 / 2.30 ms
+# against 1.19 / 1.33 / 2.38 at L = 1K / 4K / 16K on an H100 (d 2048, N 16, bf16).
 LOG2_E = 1.4426950408889634
 TARGET_CTAS = 2 * 132  # split sequences into segments below two CTAs per SM of an H100
 MIN_SEGMENT = 256      # ... but into no segment shorter than this many positions
+# exp2 / exp / log as one special-function instruction each (ex2.approx.ftz.f32,
+# lg2.approx.ftz.f32: relative error about 2^-22, denormal results flushed to 0), as mamba_ssm's
+# CUDA kernels get from --use_fast_math. Without it each exp2 carries denormal handling and each
+# log a software polynomial: on an H100 (d 2048, N 16, bf16, 65,536 tokens) the forward took
+# 1.90 / 3.70 ms at L = 1K / 16K against 1.22 / 2.53 with it, forward+backward 10.6 / 14.2
+# against 8.0 / 10.4.
+APPROX_MATH = True
 
 STATE = plgpu.Layout.WGMMA                  # (BLOCK_D, n): one row per channel
 CHANNEL = plgpu.Layout.WGMMA.reduce(1)      # (BLOCK_D,): one value per channel
 STATE_COL = plgpu.Layout.WGMMA.reduce(0)    # (n,): one value per state
+# (rows, 64) tiles of a load chunk, one value per thread and register pair (no repeats):
+TILE = lambda rows: plgpu.Layout.WG_STRIDED((rows, BLOCK_D), vec_size=2)
 
 
 def load_constants(copies, barriers) -> None:
@@ -113,13 +146,14 @@ def load_rows(block_l: int) -> int:
 
 def _smem_bytes(depth: int, rows: int, n: int, itemsize: int, *, has_z: bool, has_keep: bool,
                 save_states: bool) -> int:
-  """Shared memory of one CTA: the input ring, the y / state output buffers, A, h0, h_final,
-  D and bias."""
+  """Shared memory of one CTA: the input ring, the chunk's Δ, Δ·u and C·h rows (float32), the
+  y / state output buffers, A, h0 and h_final."""
   per_slot = (rows * ((2 + has_z) * BLOCK_D * itemsize + 2 * n * itemsize)
               + 4 * LOAD_ROWS * has_keep)
+  chunk_rows = 3 * rows * BLOCK_D * 4
   outputs = 2 * rows * BLOCK_D * itemsize + (2 * BLOCK_D * n * 4 if save_states else 0)
-  fixed = 3 * BLOCK_D * n * 4 + 2 * BLOCK_D * 4
-  return depth * per_slot + outputs + fixed
+  fixed = 3 * BLOCK_D * n * 4
+  return depth * per_slot + chunk_rows + outputs + fixed
 
 
 def ring_depth(rows: int, n: int, itemsize: int, *, has_z: bool, has_keep: bool,
@@ -161,11 +195,21 @@ def _kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool, has
   its position t is the padded sequence's s · l_row + t (only for the padding mask).
 
   GMEM (b' rows of l' positions): u_ref, delta_ref, z_ref, y_ref (b', l', d); a_ref (d, n)
-  float32; b_ref, c_ref (b', l', g, n); d_ref, bias_ref (d,) float32; init_ref, final_ref
-  (b', d, n) float32; keep_ref (b', l') float32; states_ref (b', l' / block_l, d, n) float32.
+  float32; b_ref, c_ref (b', l', g, n); d_ref, bias_ref (rows, d) float32 (D and delta_bias
+  repeated over the ``rows`` of a load chunk); init_ref, final_ref (b', d, n) float32; keep_ref
+  (b', l') float32; states_ref (b', l' / block_l, d, n) float32.
   SMEM: ring slots u_s, dl_s, z_s (depth, rows, 64), b_s, c_s (depth, rows, n), keep_s
-  (depth, LOAD_ROWS); y_s (2, rows, 64); h_s (2, 64, n); a_s, h0_s, hf_s (64, n); d_s, bias_s
-  (64,). Without y (``with_y`` False: the segments' end states) there are no C, z, D, y.
+  (depth, LOAD_ROWS); dt_s, dtu_s (rows, 64) float32 (the chunk's Δ and Δ·u; at the start they
+  stage the bias and D tiles); yc_s (rows, 64) float32 (the chunk's C·h); y_s (2, rows, 64);
+  h_s (2, 64, n); a_s, h0_s, hf_s (64, n). Without y (``with_y`` False: the segments' end
+  states) there are no C, z, D, y.
+
+  Per load chunk: (1) the chunk's Δ = softplus(delta + bias) (0 on padding) and Δ·u, each
+  value computed once by one thread (``TILE``), into dt_s / dtu_s; (2) the recurrence position
+  by position in the state layout, reading those rows, writing C_t · h_t into yc_s; (3) y =
+  (C·h + D u) · silu(z) over the chunk, again once per value, into the y tile that TMA stores.
+  Steps (1) and (3) take per-channel work out of the serial loop, where the state layout would
+  repeat it in the four lanes that share a channel.
   """
   refs = list(refs)
   u_ref, delta_ref, a_ref, b_ref, c_ref = refs[:5]
@@ -178,7 +222,7 @@ def _kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool, has
   y_ref = refs.pop(0) if with_y else None
   final_ref = refs.pop(0)
   states_ref = refs.pop(0) if save_states else None
-  (u_s, dl_s, z_s, b_s, c_s, keep_s, y_s, h_s, a_s, h0_s, hf_s, d_s, bias_s,
+  (u_s, dl_s, z_s, b_s, c_s, keep_s, dt_s, dtu_s, yc_s, y_s, h_s, a_s, h0_s, hf_s,
    ring_bar, const_bar) = refs
 
   j = lax.axis_index("d")
@@ -187,6 +231,8 @@ def _kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool, has
   chans = pl.ds(c0, BLOCK_D)
   g = lax.div(c0, jnp.int32(per_group))
   n = a_s.shape[1]
+  f32 = jnp.float32
+  tile = TILE(rows)
 
   streams = [(u_ref, u_s), (delta_ref, dl_s)]
   if has_z:
@@ -210,25 +256,29 @@ def _kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool, has
   num_streams = len(streams) + len(group_streams) + has_keep
   for c in range(min(depth, chunks)):
     issue(jnp.int32(c), c)
+  has_skip = has_d and with_y
   consts = [(a_ref.at[chans], a_s)]
   if has_init:
     consts.append((init_ref.at[bi, chans], h0_s))
-  if has_d:
-    consts.append((d_ref.at[chans], d_s))
-  if has_bias:
-    consts.append((bias_ref.at[chans], bias_s))
+  if has_bias:   # staged in dt_s / dtu_s, which the first chunk overwrites
+    consts.append((bias_ref.at[:, chans], dt_s))
+  if has_skip:
+    consts.append((d_ref.at[:, chans], dtu_s))
   load_constants(consts, const_bar)
 
   a2 = plgpu.load(a_s, layout=STATE) * LOG2_E   # exp(Δ A) = 2^(Δ A log2 e): one ex2 each
-  d_skip = plgpu.load(d_s, layout=CHANNEL) if has_d else None
-  bias = plgpu.load(bias_s, layout=CHANNEL) if has_bias else None
+  bias = plgpu.load(dt_s, layout=tile) if has_bias else None
+  d_skip = plgpu.load(dtu_s, layout=tile) if has_skip else None
   row_start = lax.rem(bi, jnp.int32(segments)) * (chunks * rows)   # position of the row's t = 0
   if has_init:
     h = plgpu.load(h0_s, layout=STATE)
   else:
-    h = plgpu.layout_cast(jnp.zeros((BLOCK_D, n), jnp.float32), STATE)
+    h = plgpu.layout_cast(jnp.zeros((BLOCK_D, n), f32), STATE)
+  if padded:
+    row_index = plgpu.broadcasted_iota(jnp.int32, (rows, BLOCK_D), 0, layout=tile)
   by_channel = lambda v: lax.broadcast_in_dim(v, (BLOCK_D, n), [0])
   by_state = lambda v: lax.broadcast_in_dim(v, (BLOCK_D, n), [1])
+  load_tile = lambda ref: plgpu.load(ref, layout=tile).astype(f32)
 
   def chunk(c, h):
     slot = lax.rem(c, jnp.int32(depth))
@@ -245,33 +295,43 @@ def _kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool, has
         def _():
           h_s.at[state_slot][...] = h
 
+    # (1) Δ and Δ·u of the chunk, (rows, 64), one thread per value.
+    x = load_tile(dl_s.at[slot])
+    if has_bias:
+      x = x + bias
+    dt = _softplus(x) if delta_softplus else x
+    if padded:   # Δ = 0 on padding: the state passes through unchanged
+      dt = dt * (row_index + (row_start + c * rows) < length).astype(f32)
+    dt_s[...] = dt
+    dtu_s[...] = dt * load_tile(u_s.at[slot])
+    plgpu.commit_smem()   # every thread's Δ rows are visible to every thread
+
+    # (2) the recurrence, one position per step.
     def step(i, h):
-      u = plgpu.load(u_s.at[slot, i], layout=CHANNEL).astype(jnp.float32)
-      x = plgpu.load(dl_s.at[slot, i], layout=CHANNEL).astype(jnp.float32)
-      if has_bias:
-        x = x + bias
-      dt = _softplus(x) if delta_softplus else x
-      if padded:
-        dt = dt * (row_start + c * rows + i < length).astype(jnp.float32)   # Δ = 0: padding
+      dt = plgpu.load(dt_s.at[i], layout=CHANNEL)
       decay = jnp.exp2(by_channel(dt) * a2)
       if has_keep:
         decay = decay * keep_s[slot, i]
-      b_t = plgpu.load(b_s.at[slot, i], layout=STATE_COL).astype(jnp.float32)
-      h = decay * h + by_channel(dt * u) * by_state(b_t)
-      if not with_y:
-        return h
-      c_t = plgpu.load(c_s.at[slot, i], layout=STATE_COL).astype(jnp.float32)
-      y = jnp.sum(h * by_state(c_t), axis=1)
-      if has_d:
-        y = y + d_skip * u
-      if has_z:
-        zt = plgpu.load(z_s.at[slot, i], layout=CHANNEL).astype(jnp.float32)
-        y = y * zt * sigmoid(zt)
-      y_s.at[out, i][...] = y.astype(y_s.dtype)
+      b_t = plgpu.load(b_s.at[slot, i], layout=STATE_COL).astype(f32)
+      h = decay * h + by_channel(plgpu.load(dtu_s.at[i], layout=CHANNEL)) * by_state(b_t)
+      if with_y:
+        c_t = plgpu.load(c_s.at[slot, i], layout=STATE_COL).astype(f32)
+        yc_s.at[i][...] = jnp.sum(h * by_state(c_t), axis=1)
       return h
 
     h = lax.fori_loop(0, rows, step, h, unroll=unroll)
-    plgpu.commit_smem()   # the y rows are visible to TMA; every thread has read the ring slot
+    plgpu.commit_smem()   # the C·h rows are visible; every thread has read the Δ rows and B, C
+
+    # (3) y = (C·h + D u) · silu(z) of the chunk, one thread per value.
+    if with_y:
+      y = plgpu.load(yc_s, layout=tile)
+      if has_skip:
+        y = y + d_skip * load_tile(u_s.at[slot])
+      if has_z:
+        zt = load_tile(z_s.at[slot])
+        y = y * zt * sigmoid(zt)
+      y_s.at[out][...] = y.astype(y_s.dtype)
+      plgpu.commit_smem()   # the y rows are visible to TMA; every thread has read the slot
 
     @pl.when(c + depth < chunks)
     def _():
@@ -315,11 +375,15 @@ def _launch(u, delta, a, B, C, d, z, bias, init, keep, *, length: int, segments:
   itemsize = max(x.dtype.itemsize for x in (u, delta, B, C, z) if x is not None)
   depth = ring_depth(rows, d_state, itemsize, has_z=z is not None, has_keep=keep is not None,
                      save_states=save_states)
+  f32 = jnp.float32
+  if not with_y:
+    d = None
+  # D and delta_bias as (rows, d) tiles: TMA-loaded once per CTA in the per-value layout.
+  tile_rows = lambda v: None if v is None else jnp.broadcast_to(v.astype(f32), (rows, d_inner))
   args = [u, delta, a, B, C]
-  for x in (d, z, bias, init, keep):
+  for x in (tile_rows(d), z, tile_rows(bias), init, keep):
     if x is not None:
       args.append(x)
-  f32 = jnp.float32
   out_type = [jax.ShapeDtypeStruct((rows_total, d_inner, d_state), f32)]
   if with_y:
     out_type.insert(0, jax.ShapeDtypeStruct(u.shape, dtype))
@@ -335,13 +399,14 @@ def _launch(u, delta, a, B, C, d, z, bias, init, keep, *, length: int, segments:
       plgpu.SMEM((depth, rows, d_state), B.dtype),                  # B ring
       plgpu.SMEM((depth, rows, d_state), C.dtype) if with_y else None,   # C ring
       None if keep is None else plgpu.SMEM((depth, LOAD_ROWS), f32),
+      plgpu.SMEM((rows, BLOCK_D), f32),                             # Δ rows (bias at start)
+      plgpu.SMEM((rows, BLOCK_D), f32),                             # Δ·u rows (D at start)
+      plgpu.SMEM((rows, BLOCK_D), f32) if with_y else None,         # C·h rows
       plgpu.SMEM((2, rows, BLOCK_D), dtype) if with_y else None,    # y rows (double-buffered)
       plgpu.SMEM((2, BLOCK_D, d_state), f32) if save_states else None,
       plgpu.SMEM((BLOCK_D, d_state), f32),                          # A
       plgpu.SMEM((BLOCK_D, d_state), f32) if init is not None else None,
       plgpu.SMEM((BLOCK_D, d_state), f32),                          # final state
-      None if d is None else plgpu.SMEM((BLOCK_D,), f32),
-      None if bias is None else plgpu.SMEM((BLOCK_D,), f32),
       plgpu.Barrier(num_barriers=(num_streams, depth)),
       plgpu.Barrier(num_barriers=num_consts),
   ]
@@ -358,7 +423,8 @@ def _launch(u, delta, a, B, C, d, z, bias, init, keep, *, length: int, segments:
         plgpu.InterpretGPUParams())
     options = dict(interpret=params)
   else:
-    options = dict(compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True))
+    options = dict(compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True,
+                                                        approx_math=APPROX_MATH))
   return plgpu.kernel(
       kernel,
       out_type=out_type,

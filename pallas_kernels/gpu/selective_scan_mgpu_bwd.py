@@ -77,8 +77,12 @@ race. Shared memory sets the speed: at block_l 64 (sub-chunks of 8) one CTA need
 in bf16, one CTA per SM, and forward+backward took 15.9 / 17.0 / 20.3 ms at L = 1K / 4K / 16K
 (H100, d 2048, N 16, 65,536 tokens); at block_l 32 (about 111 KiB, two CTAs per SM) 10.6 /
 11.1 / 14.3 ms, against mamba_ssm CUDA's 11.4 / 11.8 / 12.4 (docs/results/s6_blocks_h100.json).
-The wrapper's Mosaic default is block_l 32 (``selective_scan.MOSAIC_BLOCK_L``). Every position
-does two cross-warp reductions (dB_t, dC_t), each with two warpgroup barriers.
+The wrapper's Mosaic default is block_l 32 (``selective_scan.MOSAIC_BLOCK_L``). With the
+hardware's approximate special functions (``selective_scan_mgpu.APPROX_MATH``, as mamba_ssm's
+--use_fast_math) and the forward's chunk-wide stages, forward+backward takes 7.78 / 7.90 /
+9.83 ms against CUDA's 11.32 / 11.77 / 12.37 (docs/results/s6_mosaic_h100.json); about 6.7 ms
+of that is this backward at 1K. Every position does two cross-warp reductions (dB_t, dC_t),
+each with two warpgroup barriers: the next thing to take out of the serial loop.
 
 Limits (each raises ValueError naming the ``backend="triton"`` fallback): the forward's
 (``selective_scan_mgpu.check_supported``: d_inner / groups a multiple of 64, d_state a multiple
@@ -103,7 +107,8 @@ import jax.numpy as jnp
 from pallas_kernels.gpu.selective_scan_args import (sigmoid, silu_and_grad, split_bwd_outputs,
                                                     split_bwd_refs)
 from pallas_kernels.gpu.selective_scan_fwd import ScanGpuBlockSizes
-from pallas_kernels.gpu.selective_scan_mgpu import (BLOCK_D, CHANNEL, LOG2_E, MIN_BLOCK_L,
+from pallas_kernels.gpu.selective_scan_mgpu import (APPROX_MATH, BLOCK_D, CHANNEL, LOG2_E,
+                                                    MIN_BLOCK_L,
                                                     SMEM_BYTES, STATE, STATE_COL, _softplus,
                                                     check_supported, load_constants,
                                                     segment_count, segment_decays)
@@ -361,7 +366,8 @@ def _options(interpret, d_state: int) -> dict:
         plgpu.InterpretGPUParams())
     return dict(interpret=params)
   return dict(compiler_params=plgpu.CompilerParams(
-      unsafe_no_auto_barriers=True, reduction_scratch_bytes=_reduction_scratch(d_state)))
+      unsafe_no_auto_barriers=True, reduction_scratch_bytes=_reduction_scratch(d_state),
+      approx_math=APPROX_MATH))
 
 
 def _launch(u, delta, a, B, C, d, z, bias, keep, states, dout, dfinal, *, length: int,
