@@ -7,10 +7,11 @@ Compares, at d_state 16, a fixed token count (batch x length), for each d_inner:
                backward (``selective_scan_mgpu``, ``selective_scan_mgpu_bwd``)
   pallas_mosaic_fwd  ``backend="mosaic_fwd"``: the Mosaic GPU forward, the Triton-lowered
                backward
-  any pallas* name may end in ``@BLOCK_L/SUB_L[/CTAS]`` (e.g. ``pallas_mosaic@32/8/132``) to
-  run with those ``ScanGpuBlockSizes`` block_l / sub_l instead of the defaults and, for the
+  any pallas* name may end in ``@BLOCK_L/SUB_L[/CTAS[/ROWS]]`` (e.g. ``pallas_mosaic@32/8/132``)
+  to run with those ``ScanGpuBlockSizes`` block_l / sub_l instead of the defaults and, for the
   Mosaic kernels, ``selective_scan_mgpu.TARGET_CTAS`` = CTAS (below it sequences are split into
-  segments): a tuning sweep
+  segments) and ``selective_scan_mgpu.LOAD_ROWS`` = ROWS (positions per forward load chunk): a
+  tuning sweep (every implementation is traced afresh: jax's caches are cleared before each)
   chunked      ``mamba_jax.ops.selective_scan.selective_scan(..., impl="chunked")`` (XLA)
   associative  ``selective_scan(..., impl="associative")`` (XLA, materializes (b, l, d, n))
   cuda         mamba_ssm's CUDA ``selective_scan_fn`` kernels (``selective_scan_cuda.fwd`` /
@@ -171,6 +172,7 @@ def main():
   from pallas_kernels.gpu import selective_scan_mgpu
   from pallas_kernels.gpu.selective_scan_fwd import default_block_sizes
   default_target_ctas = selective_scan_mgpu.TARGET_CTAS
+  default_load_rows = selective_scan_mgpu.LOAD_ROWS
   impls = args.impls.split(",")
   cuda = load_cuda(args.mamba_ssm_path) if "cuda" in impls else None
   if cuda is None:
@@ -180,12 +182,15 @@ def main():
     def scan(u, delta, A, B, C, D, z, delta_bias):
       blocks = None
       selective_scan_mgpu.TARGET_CTAS = default_target_ctas
+      selective_scan_mgpu.LOAD_ROWS = default_load_rows
       if block_sizes:
-        block_l, sub_l, *ctas = map(int, block_sizes.split("/"))
+        block_l, sub_l, *more = map(int, block_sizes.split("/"))
         blocks = dataclasses.replace(default_block_sizes(u.shape[2], 1, u.shape[0]),
                                      block_l=block_l, sub_l=sub_l)
-        if ctas:   # read when the kernels are traced, i.e. inside this function
-          selective_scan_mgpu.TARGET_CTAS = ctas[0]
+        if more:   # read when the kernels are traced, i.e. inside this function
+          selective_scan_mgpu.TARGET_CTAS = more[0]
+        if len(more) > 1:
+          selective_scan_mgpu.LOAD_ROWS = more[1]
       return selective_scan_pallas_gpu(u, delta, A, B, C, D, z, delta_bias, True,
                                        blocks=blocks, interpret=args.interpret, backend=backend)
     return scan
@@ -205,6 +210,7 @@ def main():
       inp = make_inputs(batch, length, d_inner, args.d_state, args.gate)
       fl = floor(args.tokens, d_inner, args.d_state, args.gate)
       for impl in impls:
+        jax.clear_caches()   # the kernels' jitted wrappers must be traced with impl's settings
         try:
           name, _, block_sizes = impl.partition("@")
           if name in ("pallas", "pallas_mosaic", "pallas_mosaic_fwd"):
