@@ -230,9 +230,35 @@ def _problems(data: dict, errors: bool = True) -> list[str]:
   return out
 
 
+def s6_md(data: dict) -> list[str]:
+  """scripts/bench_selective_scan.py's rows: every implementation at each (d_inner, length)."""
+  rows = data.get("rows", [])
+  impls = {r["impl"] for r in rows}
+  out = [f"{data.get('device', '?')}; {fmt(data.get('tokens'))} tokens as batch × length, "
+         f"d_state {data.get('d_state')}, bf16 u / delta / B / C, float32 A / D / delta_bias, "
+         f"delta_softplus{', z gate' if data.get('gate') else ''}; medians of repeated calls "
+         "after warm-up, every implementation of a row group in one process. `cuda` = mamba_ssm "
+         "2.3.2.post1's `selective_scan_cuda` (built for sm_90 on the machine); "
+         "`pallas_mosaic` = ours on Hopper (the Mosaic GPU forward and backward that "
+         "`impl=\"pallas\"` / `\"auto\"` run there); `pallas` = the Triton-lowered Pallas "
+         "kernels (other GPUs); `chunked` = the XLA chunked form. × = the CUDA kernel's ms / "
+         "this row's (forward, forward+backward). Floor: bytes / 3.0 TB/s or one exp per "
+         "(token, channel, state) at the special-function rate.", ""]
+  vs = "cuda" in impls
+  out += table(["impl", "d_inner", "L", "batch", "fwd ms", "fwd+bwd ms",
+                *(["× fwd", "× fwd+bwd"] if vs else []), "fwd % floor", "fwd+bwd % floor"],
+               [[r["impl"], r["d_inner"], length_label(r["length"]), r["batch"], r["fwd_ms"],
+                 r["fwd_bwd_ms"],
+                 *([r.get("fwd_speedup_vs_cuda"), r.get("fwd_bwd_speedup_vs_cuda")] if vs
+                   else []),
+                 r["fwd_floor_pct"], r["fwd_bwd_floor_pct"]] for r in rows])
+  return out
+
+
 SECTION_MD = {
     "kernels": ("Kernels: SSD and S6 against attention (Mamba Fig. 8 left, Mamba-2 Fig. 10)",
                 kernels_md),
+    "s6": ("Mamba-1 selective scan (S6) against mamba_ssm's CUDA kernel", s6_md),
     "training": ("Training step: throughput, MFU, memory (Mamba Fig. 8 right)", training_md),
     "generation": ("Generation: Mamba against Transformer++ of the same size", generation_md),
     "generation_large": ("Generation at 1.4B / 1.3B", generation_md),

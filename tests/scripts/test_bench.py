@@ -302,3 +302,23 @@ def test_section_from_separate_runs_joins_rows_and_contexts(tmp_path):
   assert data["args"]["reps"] == "1 / 2" and section["wall_s"] == 20.0
   with pytest.raises(ValueError, match="one device"):
     bench_report.section_from_runs([run("c", "x"), run("d", "y", device="H200")])
+
+
+def test_s6_section_renders_bench_selective_scan_rows(tmp_path):
+  """--section s6=...: bench_selective_scan.py's JSON (no bench_all env) becomes a table with
+  the ratios to the CUDA kernel that the script computed."""
+  rows = [dict(impl="cuda", d_inner=2048, length=1024, batch=64, fwd_ms=2.0, fwd_bwd_ms=10.0,
+               fwd_floor_pct=25.0, fwd_bwd_floor_pct=9.0, fwd_speedup_vs_cuda=1.0,
+               fwd_bwd_speedup_vs_cuda=1.0),
+          dict(impl="pallas_mosaic", d_inner=2048, length=1024, batch=64, fwd_ms=1.0,
+               fwd_bwd_ms=8.0, fwd_floor_pct=50.0, fwd_bwd_floor_pct=11.25,
+               fwd_speedup_vs_cuda=2.0, fwd_bwd_speedup_vs_cuda=1.25)]
+  path = tmp_path / "s6.json"
+  path.write_text(json.dumps(dict(device="H100", tokens=65536, d_state=16, gate=False,
+                                  interpret=False, rows=rows)))
+  results = {**json.loads(json.dumps(FAKE)), "sections": {
+      "s6": bench_report.section_from_runs([str(path)])}}
+  bench_report.build(results, str(tmp_path / "bench.md"), str(tmp_path))
+  md = (tmp_path / "bench.md").read_text()
+  assert "## Mamba-1 selective scan (S6) against mamba_ssm's CUDA kernel" in md
+  assert "| pallas_mosaic | 2048 | 1K | 64 | 1.00 | 8.00 | 2.00 | 1.25 | 50.00 | 11.25 |" in md
