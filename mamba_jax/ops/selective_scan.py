@@ -49,10 +49,11 @@ IMPLS = (*_forms(CHUNK_SIZE), "pallas")
 def _auto(**arrays: Any) -> str:
   """What ``impl="auto"`` runs: the Pallas kernels on Hopper GPUs, else the chunked form.
 
-  On an H100 (bf16, d_inner 2048, N 16, 65,536 tokens, L = 1K-16K) the Mosaic GPU kernels that
-  "pallas" runs there take 1.9-3.7 ms forward and 10.6-14.3 ms forward+backward (the
-  Triton-lowered ones 3.7-11.3 and 29-75 ms) against the chunked form's 18.7 and 155 ms, and
-  they match the float64 oracle there (tests/kernels/test_selective_scan_gpu.py,
+  On an H100 (bf16, d_inner 2048, N 16, 65,536 tokens, L = 1K-64K) the Mosaic GPU kernels that
+  "pallas" runs there take 1.1-2.4 ms forward and 7.8-10.0 ms forward+backward, 1.16-1.89x and
+  1.26-1.49x mamba_ssm's CUDA kernel in the same call (docs/results/s6_mosaic_h100.json; the
+  Triton-lowered ones 3.7-62 and 29-199 ms) against the chunked form's 19-26 and 149-181 ms,
+  and they match the float64 oracle there (tests/kernels/test_selective_scan_gpu.py,
   test_selective_scan_mgpu.py). Inputs they do not take
   (``selective_scan_pallas.supports``: complex A, float64) keep the chunked form, and the log
   says why. The TPU kernels stay opt-in (``impl="pallas"``) until compiled and timed on a TPU.
@@ -63,6 +64,7 @@ def _auto(**arrays: Any) -> str:
   if not ok:
     logging.info("selective_scan: impl='auto' keeps the chunked form on this GPU: %s", why)
     return "chunked"
+  logging.info("selective_scan: impl='auto' runs the Pallas kernels on this Hopper GPU")
   return "pallas"
 
 
