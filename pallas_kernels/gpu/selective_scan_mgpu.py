@@ -100,6 +100,8 @@ from pallas_kernels.gpu.selective_scan_fwd import ScanGpuBlockSizes
 
 BLOCK_D = 64          # channels per CTA: the wgmma layout's row tile (one warpgroup)
 LOAD_ROWS = 16        # at most this many positions per TMA load chunk
+KEEP_ALIGN = 32       # keep's ring slots hold a multiple of 32 floats: 128 bytes, the alignment
+                      # of a TMA target (16 rows of 4 bytes would misalign every other slot)
 MIN_BLOCK_L = 8       # block_l a multiple of this: TMA rows of keep are >= 32 bytes
 STATE_COLUMNS = 8     # d_state must be a multiple of the wgmma layout's column tile
 SMEM_BYTES = 227 * 1024 - 4096   # Hopper's 227 KiB per CTA, less barriers and slack
@@ -144,12 +146,17 @@ def load_rows(block_l: int) -> int:
   return math.gcd(block_l, LOAD_ROWS) if block_l % LOAD_ROWS else LOAD_ROWS
 
 
+def keep_slot(rows: int) -> int:
+  """Floats per ring slot of keep: ``rows`` rounded up to a multiple of KEEP_ALIGN."""
+  return -(-rows // KEEP_ALIGN) * KEEP_ALIGN
+
+
 def _smem_bytes(depth: int, rows: int, n: int, itemsize: int, *, has_z: bool, has_keep: bool,
                 save_states: bool) -> int:
   """Shared memory of one CTA: the input ring, the chunk's Δ, Δ·u and C·h rows (float32), the
   y / state output buffers, A, h0 and h_final."""
   per_slot = (rows * ((2 + has_z) * BLOCK_D * itemsize + 2 * n * itemsize)
-              + 4 * LOAD_ROWS * has_keep)
+              + 4 * keep_slot(rows) * has_keep)
   chunk_rows = 3 * rows * BLOCK_D * 4
   outputs = 2 * rows * BLOCK_D * itemsize + (2 * BLOCK_D * n * 4 if save_states else 0)
   fixed = 3 * BLOCK_D * n * 4
@@ -199,7 +206,7 @@ def _kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool, has
   repeated over the ``rows`` of a load chunk); init_ref, final_ref (b', d, n) float32; keep_ref
   (b', l') float32; states_ref (b', l' / block_l, d, n) float32.
   SMEM: ring slots u_s, dl_s, z_s (depth, rows, 64), b_s, c_s (depth, rows, n), keep_s
-  (depth, LOAD_ROWS); dt_s, dtu_s (rows, 64) float32 (the chunk's Δ and Δ·u; at the start they
+  (depth, keep_slot(rows)); dt_s, dtu_s (rows, 64) float32 (the chunk's Δ and Δ·u; at the start they
   stage the bias and D tiles); yc_s (rows, 64) float32 (the chunk's C·h); y_s (2, rows, 64);
   h_s (2, 64, n); a_s, h0_s, hf_s (64, n). Without y (``with_y`` False: the segments' end
   states) there are no C, z, D, y.
@@ -249,7 +256,7 @@ def _kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool, has
     for src, dst in group_streams:
       plgpu.copy_gmem_to_smem(src.at[bi, pos, g], dst.at[slot], ring_bar.at[k, slot])
       k += 1
-    if has_keep:   # keep_s rows are LOAD_ROWS long: every slot starts 128-byte aligned
+    if has_keep:   # keep_s rows are keep_slot(rows) long: every slot starts 128-byte aligned
       plgpu.copy_gmem_to_smem(keep_ref.at[bi, pos], keep_s.at[slot, pl.ds(0, rows)],
                               ring_bar.at[k, slot])
 
@@ -398,7 +405,7 @@ def _launch(u, delta, a, B, C, d, z, bias, init, keep, *, length: int, segments:
       None if z is None else plgpu.SMEM((depth, rows, BLOCK_D), z.dtype),
       plgpu.SMEM((depth, rows, d_state), B.dtype),                  # B ring
       plgpu.SMEM((depth, rows, d_state), C.dtype) if with_y else None,   # C ring
-      None if keep is None else plgpu.SMEM((depth, LOAD_ROWS), f32),
+      None if keep is None else plgpu.SMEM((depth, keep_slot(rows)), f32),
       plgpu.SMEM((rows, BLOCK_D), f32),                             # Δ rows (bias at start)
       plgpu.SMEM((rows, BLOCK_D), f32),                             # Δ·u rows (D at start)
       plgpu.SMEM((rows, BLOCK_D), f32) if with_y else None,         # C·h rows

@@ -108,14 +108,13 @@ from pallas_kernels.gpu.selective_scan_args import (sigmoid, silu_and_grad, spli
                                                     split_bwd_refs)
 from pallas_kernels.gpu.selective_scan_fwd import ScanGpuBlockSizes
 from pallas_kernels.gpu.selective_scan_mgpu import (APPROX_MATH, BLOCK_D, CHANNEL, LOG2_E,
-                                                    MIN_BLOCK_L,
-                                                    SMEM_BYTES, STATE, STATE_COL, _softplus,
-                                                    check_supported, load_constants,
-                                                    segment_count, segment_decays)
+                                                    MIN_BLOCK_L, SMEM_BYTES, STATE, STATE_COL,
+                                                    _softplus, check_supported, keep_slot,
+                                                    load_constants, segment_count,
+                                                    segment_decays)
 
 MAX_BLOCK_L = 256           # one TMA box per chunk: box dimensions are at most 256
 SUB_REGISTERS = 64          # float32 registers per thread for a sub-chunk's states
-KEEP_ALIGN = 32             # keep rows padded to 32 floats: every ring slot 128-byte aligned
 
 
 def sub_rows(block_l: int, d_state: int, sub_l: int) -> int:
@@ -132,15 +131,11 @@ def _smem_bytes(in_depth: int, out_depth: int, block_l: int, sub: int, n: int, i
   """Shared memory of one CTA: the input ring, the output tiles, the sub-chunk states, A,
   dfinal, the dA / dinit / dD / dbias results, D, bias and the cross-warp reduction scratch."""
   per_in = (block_l * ((3 + has_z) * BLOCK_D + 2 * n) * itemsize + BLOCK_D * n * 4
-            + 4 * _round_up(block_l, KEEP_ALIGN) * has_keep)
+            + 4 * keep_slot(block_l) * has_keep)
   per_out = block_l * ((2 + has_z) * BLOCK_D * itemsize + 2 * n * 4)
   states = block_l // sub * BLOCK_D * n * 4
   fixed = 4 * BLOCK_D * n * 4 + 4 * BLOCK_D * 4 + _reduction_scratch(n)
   return in_depth * per_in + out_depth * per_out + states + fixed
-
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
 
 
 def _reduction_scratch(n: int) -> int:
@@ -412,7 +407,7 @@ def _launch(u, delta, a, B, C, d, z, bias, keep, states, dout, dfinal, *, length
       row_tile(in_depth, u.dtype),                                     # dout ring
       plgpu.SMEM((in_depth, block_l, d_state), B.dtype),               # B ring
       plgpu.SMEM((in_depth, block_l, d_state), C.dtype),               # C ring
-      None if keep is None else plgpu.SMEM((in_depth, _round_up(block_l, KEEP_ALIGN)), f32),
+      None if keep is None else plgpu.SMEM((in_depth, keep_slot(block_l)), f32),
       plgpu.SMEM((in_depth, BLOCK_D, d_state), f32),                   # saved entering states
       row_tile(out_depth, u.dtype),                                    # du rows
       row_tile(out_depth, delta.dtype),                                # ddelta rows
@@ -540,7 +535,7 @@ def _launch_adjoint(delta, a, C, z, bias, keep, dout, *, length: int, segments: 
   chunks = row_length // block_l
   itemsize = max(x.dtype.itemsize for x in (delta, C, z, dout) if x is not None)
   per_slot = (block_l * ((2 + (z is not None)) * BLOCK_D + d_state) * itemsize
-              + 4 * _round_up(block_l, KEEP_ALIGN) * (keep is not None))
+              + 4 * keep_slot(block_l) * (keep is not None))
   in_depth = 2 if 2 * per_slot + 2 * BLOCK_D * d_state * 4 <= SMEM_BYTES else 1
   args = [delta, a, C] + [x for x in (z, bias, keep) if x is not None] + [dout]
   f32 = jnp.float32
@@ -549,7 +544,7 @@ def _launch_adjoint(delta, a, C, z, bias, keep, dout, *, length: int, segments: 
       row_tile(delta.dtype), row_tile(dout.dtype),
       None if z is None else row_tile(z.dtype),
       plgpu.SMEM((in_depth, block_l, d_state), C.dtype),
-      None if keep is None else plgpu.SMEM((in_depth, _round_up(block_l, KEEP_ALIGN)), f32),
+      None if keep is None else plgpu.SMEM((in_depth, keep_slot(block_l)), f32),
       plgpu.SMEM((BLOCK_D, d_state), f32), plgpu.SMEM((BLOCK_D, d_state), f32),
       None if bias is None else plgpu.SMEM((BLOCK_D,), f32),
       plgpu.Barrier(num_barriers=(3 + (z is not None) + (keep is not None), in_depth)),

@@ -462,6 +462,15 @@ def test_segment_count():
   assert segment_count(1, 2048, 1024, 64) == 4       # segments of 256 positions
 
 
+def test_keep_slots_are_tma_aligned():
+  """Every ring slot of keep (forward: load chunks of up to LOAD_ROWS positions; backward:
+  block_l) holds its rows and starts 128 bytes after the previous one: a TMA target must be
+  128-byte aligned (16 floats per slot misaligned every other slot on the GPU)."""
+  for rows in (8, 16, 32, 64, 256):
+    slot = selective_scan_mgpu.keep_slot(rows)
+    assert slot >= rows and slot * 4 % 128 == 0, (rows, slot)
+
+
 def test_bwd_rejects_unsupported():
   """Sizes outside the backward raise ValueError naming the Triton fallback (before any kernel
   runs): block_l above one TMA box, buffers beyond shared memory, the forward's limits."""
