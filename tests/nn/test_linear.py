@@ -30,7 +30,7 @@ def _dot_operand_rows(layer, x) -> list[str]:
 
 
 def test_single_row_is_a_two_row_product_above_the_threshold():
-  big = Linear(1024, 1024, rngs=nnx.Rngs(0))        # 2^20 = MIN_PADDED_WEIGHT
+  big = Linear(1024, 1024, rngs=nnx.Rngs(0))        # 2^20 >= MIN_PADDED_WEIGHT
   assert big.in_features * big.out_features >= MIN_PADDED_WEIGHT
   (dot,) = _dot_operand_rows(big, jnp.ones((1, 1024)))
   assert "tensor<2x1024x" in dot
