@@ -99,6 +99,8 @@ from pallas_kernels.gpu.selective_scan_args import sigmoid
 from pallas_kernels.gpu.selective_scan_fwd import ScanGpuBlockSizes
 
 BLOCK_D = 64          # channels per CTA: the wgmma layout's row tile (one warpgroup)
+# LOAD_ROWS 16 against 32 (the stages' buffers double with it): forward 1.13 / 1.23 / 2.30 ms
+# against 1.19 / 1.33 / 2.38 at L = 1K / 4K / 16K on an H100 (d 2048, N 16, bf16).
 LOAD_ROWS = 16        # at most this many positions per TMA load chunk
 KEEP_ALIGN = 32       # keep's ring slots hold a multiple of 32 floats: 128 bytes, the alignment
                       # of a TMA target (16 rows of 4 bytes would misalign every other slot)
@@ -106,8 +108,6 @@ MIN_BLOCK_L = 8       # block_l a multiple of this: TMA rows of keep are >= 32 b
 STATE_COLUMNS = 8     # d_state must be a multiple of the wgmma layout's column tile
 SMEM_BYTES = 227 * 1024 - 4096   # Hopper's 227 KiB per CTA, less barriers and slack
 UNROLL = 4            # positions per unrolled step block when compiled (ILP across steps)
-# LOAD_ROWS 16 against 32 (the stages' buffers double with it): forward 1.13 / 1.23 / 2.30 ms
-# against 1.19 / 1.33 / 2.38 at L = 1K / 4K / 16K on an H100 (d 2048, N 16, bf16).
 LOG2_E = 1.4426950408889634
 TARGET_CTAS = 2 * 132  # split sequences into segments below two CTAs per SM of an H100
 MIN_SEGMENT = 256      # ... but into no segment shorter than this many positions
@@ -206,10 +206,10 @@ def _kernel(*refs, has_d: bool, has_z: bool, has_bias: bool, has_init: bool, has
   repeated over the ``rows`` of a load chunk); init_ref, final_ref (b', d, n) float32; keep_ref
   (b', l') float32; states_ref (b', l' / block_l, d, n) float32.
   SMEM: ring slots u_s, dl_s, z_s (depth, rows, 64), b_s, c_s (depth, rows, n), keep_s
-  (depth, keep_slot(rows)); dt_s, dtu_s (rows, 64) float32 (the chunk's Δ and Δ·u; at the start they
-  stage the bias and D tiles); yc_s (rows, 64) float32 (the chunk's C·h); y_s (2, rows, 64);
-  h_s (2, 64, n); a_s, h0_s, hf_s (64, n). Without y (``with_y`` False: the segments' end
-  states) there are no C, z, D, y.
+  (depth, keep_slot(rows)); dt_s, dtu_s (rows, 64) float32 (the chunk's Δ and Δ·u; at the
+  start they stage the bias and D tiles); yc_s (rows, 64) float32 (the chunk's C·h); y_s (2,
+  rows, 64); h_s (2, 64, n); a_s, h0_s, hf_s (64, n). Without y (``with_y`` False: the
+  segments' end states) there are no C, z, D, y.
 
   Per load chunk: (1) the chunk's Δ = softplus(delta + bias) (0 on padding) and Δ·u, each
   value computed once by one thread (``TILE``), into dt_s / dtu_s; (2) the recurrence position
