@@ -352,6 +352,24 @@ def figures(results: dict, png_dir: str) -> dict[str, str]:
     axes[2].legend(fontsize=8)
     fig.suptitle(device)
     made["kernels"] = _save(fig, png_dir, "bench_kernels.png")
+  s6 = (secs.get("s6") or {}).get("rows")
+  if s6:
+    d = secs["s6"]
+    widths = sorted({r["d_inner"] for r in s6})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in zip(axes, ("fwd_ms", "fwd_bwd_ms"), ("forward", "forward+backward")):
+      for impl, width in sorted({(r["impl"], r["d_inner"]) for r in s6}):
+        pts = sorted((r["length"], r[key]) for r in s6
+                     if r["impl"] == impl and r["d_inner"] == width and r[key] == r[key])
+        if pts:
+          ax.plot(*zip(*pts), marker="o", linestyle="-" if width == widths[0] else "--",
+                  label=f"{impl}, d_inner {width}")
+      ax.set_xscale("log", base=2)
+      ax.set(yscale="log", xlabel=f"sequence length ({d.get('tokens')} tokens per case)",
+             ylabel="ms", title=f"S6 {title}, N = {d.get('d_state')}")
+      ax.legend(fontsize=7)
+    fig.suptitle(d.get("device") or device)
+    made["s6"] = _save(fig, png_dir, "bench_s6.png")
   rows = [r for n, d in secs.items() if n == "training" or n.startswith("training_")
           for r in d.get("rows", [])]
   if rows:

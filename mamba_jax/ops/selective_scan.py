@@ -64,7 +64,7 @@ def _auto(**arrays: Any) -> str:
   if not ok:
     logging.info("selective_scan: impl='auto' keeps the chunked form on this GPU: %s", why)
     return "chunked"
-  logging.info("selective_scan: impl='auto' runs the Pallas kernels on this Hopper GPU")
+  logging.info("selective_scan: impl='auto' runs the Pallas kernels (a Hopper or newer GPU)")
   return "pallas"
 
 

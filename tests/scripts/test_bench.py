@@ -318,7 +318,8 @@ def test_s6_section_renders_bench_selective_scan_rows(tmp_path):
                                   interpret=False, rows=rows)))
   results = {**json.loads(json.dumps(FAKE)), "sections": {
       "s6": bench_report.section_from_runs([str(path)])}}
-  bench_report.build(results, str(tmp_path / "bench.md"), str(tmp_path))
+  written = bench_report.build(results, str(tmp_path / "bench.md"), str(tmp_path))
   md = (tmp_path / "bench.md").read_text()
   assert "## Mamba-1 selective scan (S6) against mamba_ssm's CUDA kernel" in md
+  assert "![s6](bench_s6.png)" in md and str(tmp_path / "bench_s6.png") in written
   assert "| pallas_mosaic | 2048 | 1K | 64 | 1.00 | 8.00 | 2.00 | 1.25 | 50.00 | 11.25 |" in md
