@@ -10,13 +10,15 @@ timeout in one is recorded in the report and the others still run):
   long_context  scripts/bench_long_context.py longest trainable / forward length, 130M
   cpu           scripts/bench_training.py --cpu   tiny models, compile and step time on 2
                 cores (run when there is no GPU, or when named in --only)
-In full mode the kernels are split into kernels (SSD and attention against length) and
-kernels_n (SSD against N, and S6), training by size (training_130m, training_370m,
-training_1.4b), long
-context into long_context (train) and long_context_forward, and generation_large adds the
-1.4B / 1.3B models: each fits one call of < 10 minutes, e.g.
-  for s in kernels kernels_n training_130m training_370m training_1.4b generation generation_large \
-           long_context long_context_forward: one call each with --only=$s
+In full mode the kernels are split into kernels (SSD and attention against length),
+kernels_n (SSD against N) and kernels_s6 (S6 against length), the SSD cases without the XLA
+chunked form (at 262,144 tokens per case its forward+backward asks for ~38 GiB in one
+allocation and fails on an 80 GB H100, as every length did in the full run of 2026-11-22;
+scripts/bench_ssd.py times it at 65,536), training by size (training_130m, training_370m,
+training_1.4b), long context into long_context (train) and long_context_forward, and
+generation_large adds the 1.4B / 1.3B models: each fits one call of < 10 minutes, e.g.
+  for s in kernels kernels_n kernels_s6 training_130m training_370m training_1.4b generation \
+           generation_large long_context long_context_forward: one call each with --only=$s
 and the JSONs are merged by ``scripts/bench_report.py --json a.json b.json ...``.
 
 Modes:
@@ -53,14 +55,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_timing import environment, write_json  # noqa: E402
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("kernels", "kernels_n", "training", "training_130m", "training_370m", "training_1.4b",
-            "generation", "generation_large", "long_context", "long_context_forward", "cpu")
+SECTIONS = ("kernels", "kernels_n", "kernels_s6", "training", "training_130m", "training_370m",
+            "training_1.4b", "generation", "generation_large", "long_context",
+            "long_context_forward", "cpu")
 # Measured on an H100 (reduced runs of 2026-11-22): generation ~98 s, long context ~76 s; the
 # kernels need ~25 s per SSD implementation and length (compile included); training at 16K
 # tokens per step ~45 s for our Mamba-2 130M, ~25 s for the Transformer++, ~140 s for mamba_ssm's
 # PyTorch model (its first, autotuning, steps).
 REDUCED_SHARES = {"kernels": 0.2, "training": 0.47, "generation": 0.18, "long_context": 0.15}
 RESULTS = "bench_results.json"
+FULL_SSD = "pallas,pallas_mgpu,triton"   # the full mode's SSD implementations (no chunked)
 
 SIZES = {"130m": ("mamba-130m", "mamba2-130m", "transformerpp-125m"),
          "370m": ("mamba-370m", "mamba2-370m", "transformerpp-350m"),
@@ -114,8 +118,9 @@ def section_commands(mode: str) -> dict[str, list[str]]:
         "cpu": script("bench_training.py") + ["--cpu", "--steps", "5"],
     }
   full = {
-      "kernels": script("bench_kernels.py") + ["--parts", "lengths"],
-      "kernels_n": script("bench_kernels.py") + ["--parts", "states,s6"],
+      "kernels": script("bench_kernels.py") + ["--parts", "lengths", "--ssd_impls", FULL_SSD],
+      "kernels_n": script("bench_kernels.py") + ["--parts", "states", "--ssd_impls", FULL_SSD],
+      "kernels_s6": script("bench_kernels.py") + ["--parts", "s6"],
       "generation": script("bench_generation.py"),
       "generation_large": script("bench_generation.py") + ["--large"],
       "long_context": script("bench_long_context.py") + ["--modes", "train"],
