@@ -38,6 +38,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
 
@@ -84,8 +85,17 @@ def run_block(layer: nnx.Module, hidden: jax.Array, residual: Optional[jax.Array
   return nnx.remat(lambda block, h, r: block(h, r, **kwargs)[:2])(layer, hidden, residual)
 
 
+OFFLOAD = "offload"          # remat mode: block inputs kept in host memory (run_blocks)
+BLOCK_INPUT = "block_input"  # checkpoint name of the (hidden, residual) entering a block
+# The offload mode's policy: the tagged block inputs go to pinned host memory in the forward
+# and come back for the backward; nothing else is saved (each block is rematerialized).
+OFFLOAD_POLICY = jax.checkpoint_policies.save_and_offload_only_these_names(
+    names_which_can_be_saved=[], names_which_can_be_offloaded=[BLOCK_INPUT],
+    offload_src="device", offload_dst="pinned_host")
+
+
 def run_blocks(layers, hidden: jax.Array, residual: Optional[jax.Array], *,
-               remat: bool | int, **kwargs) -> tuple[jax.Array, jax.Array]:
+               remat: bool | int | str, **kwargs) -> tuple[jax.Array, jax.Array]:
   """The residual blocks ``layers`` in order: (hidden, residual) -> (hidden, residual).
 
   ``remat``: False (or 0) keeps every intermediate for the backward; True (or 1)
@@ -94,8 +104,21 @@ def run_blocks(layers, hidden: jax.Array, residual: Optional[jax.Array], *,
   group: the backward keeps the two arrays at every group's entry, and while it recomputes
   one group, at its k blocks' entries (n_layer / k + k pairs instead of n_layer; k near
   sqrt(n_layer) keeps fewest), at the cost of a second recomputation of every block's
-  forward. Values and gradients are unchanged.
+  forward. ``"offload"`` rematerializes each block as True does, but the two arrays entering
+  each block live in pinned host memory between the forward and the backward
+  (``OFFLOAD_POLICY``: the forward copies them out, the backward copies each back when its
+  block is recomputed), so device memory holds about one block's pair at a time. Values and
+  gradients are unchanged in every mode.
   """
+  if remat == OFFLOAD:
+    def run_all(all_layers, h, r):
+      for layer in all_layers:
+        h = checkpoint_name(h, BLOCK_INPUT)
+        if r is not None:
+          r = checkpoint_name(r, BLOCK_INPUT)
+        h, r = run_block(layer, h, r, remat=True, **kwargs)
+      return h, r
+    return nnx.remat(run_all, policy=OFFLOAD_POLICY)(tuple(layers), hidden, residual)
   if isinstance(remat, bool) or remat <= 1:
     for layer in layers:
       hidden, residual = run_block(layer, hidden, residual, remat=bool(remat), **kwargs)
@@ -114,10 +137,14 @@ def run_blocks(layers, hidden: jax.Array, residual: Optional[jax.Array], *,
 
 
 def check_remat(remat) -> None:
-  """Raises ValueError unless ``remat`` is a bool or an int >= 0 (see :func:`run_blocks`)."""
+  """Raises ValueError unless ``remat`` is a bool, an int >= 0 or "offload" (see
+  :func:`run_blocks`)."""
+  if remat == OFFLOAD:
+    return
   if not isinstance(remat, (bool, int)) or remat < 0:
-    raise ValueError(f"remat must be a bool or a block-group size int >= 0 (1 = every block, "
-                     f"k >= 2 = groups of k blocks), got {remat!r}")
+    raise ValueError(f"remat must be a bool, a block-group size int >= 0 (1 = every block, "
+                     f"k >= 2 = groups of k blocks) or {OFFLOAD!r} (every block, its inputs in "
+                     f"host memory), got {remat!r}")
 
 
 class MixerModel(nnx.Module):
@@ -146,7 +173,7 @@ class MixerModel(nnx.Module):
                        param_dtype=param_dtype)
 
   def __call__(self, input_ids: jax.Array, *, seq_idx: Optional[jax.Array] = None,
-               remat: bool | int = False) -> jax.Array:
+               remat: bool | int | str = False) -> jax.Array:
     """Final hidden states: input_ids (b, l) int -> norm_f(hidden + residual) (b, l, d).
 
     What :class:`MambaLM` feeds its LM head (float32, or wider); for heads of other tasks
@@ -213,7 +240,7 @@ class MambaLM(nnx.Module):
                                                           kernel.dtype)
 
   def hidden_states(self, input_ids: jax.Array, *, seq_idx: Optional[jax.Array] = None,
-                    remat: bool | int = False) -> jax.Array:
+                    remat: bool | int | str = False) -> jax.Array:
     """The final normed hidden states (b, l, d) float32 that the LM head reads: ``self(ids)``
     is ``self.logits_from_hidden(self.hidden_states(ids))``. For losses that take the head
     a piece at a time (``train_step.chunked_masked_loss_and_accuracy``); ``remat``: see
@@ -251,7 +278,7 @@ class MambaLM(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, *, attention_mask: Optional[jax.Array] = None,
                seq_idx: Optional[jax.Array] = None, return_state: bool = False,
-               max_length: Optional[int] = None, remat: bool | int = False):
+               max_length: Optional[int] = None, remat: bool | int | str = False):
     """Logits of every position: input_ids (b, l) int -> (b, l, v_pad) float32.
 
     Args:
