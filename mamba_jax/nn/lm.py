@@ -107,8 +107,9 @@ def run_blocks(layers, hidden: jax.Array, residual: Optional[jax.Array], *,
   forward. ``"offload"`` rematerializes each block as True does, but the two arrays entering
   each block live in pinned host memory between the forward and the backward
   (``OFFLOAD_POLICY``: the forward copies them out, the backward copies each back when its
-  block is recomputed), so device memory holds about one block's pair at a time. Values and
-  gradients are unchanged in every mode.
+  block is recomputed), so device memory need not hold every block's pair (tested on CPU,
+  where the pairs are placed on the host; how much device memory it saves on a GPU is not
+  measured yet). Values and gradients are unchanged in every mode.
   """
   if remat == OFFLOAD:
     def run_all(all_layers, h, r):
