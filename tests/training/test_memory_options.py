@@ -59,13 +59,9 @@ def test_remat_and_chunked_loss_leave_the_step_unchanged():
   assert ops[True] > ops[False]
 
 
-def test_grouped_remat_keeps_only_the_group_entries():
-  """What the backward keeps of (b, l, d) size for 6 blocks: every intermediate without
-  remat, the two arrays entering each block with remat=True, those entering each group of 3
-  with remat=3 (jax.ad_checkpoint.print_saved_residuals); the gradients are the same."""
-  import contextlib
-  import io
-  from jax.ad_checkpoint import print_saved_residuals
+def _six_mamba2_blocks():
+  """A 6-block tiny Mamba-2 LM split for jax.grad: (d_model, params, loss(params, remat)) with
+  loss = Σ hidden_states(ids, remat)² over one (1, 24) sequence."""
   config = MambaConfig.tiny("Mamba2").replace(n_layer=6)
   model = models.build_model(config, dtype_name="float32", seed=0)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -73,14 +69,29 @@ def test_grouped_remat_keeps_only_the_group_entries():
 
   def loss(params, remat):
     return jnp.sum(nnx.merge(graphdef, params, rest).hidden_states(ids, remat=remat) ** 2)
+  return config.d_model, params, loss
 
-  def activations(remat):   # saved arrays shaped like the residual stream (1, 24, d)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-      print_saved_residuals(lambda p: loss(p, remat), params)
-    return sum(line.split(" ")[0].endswith(f"[1,24,{config.d_model}]")
-               for line in printed.getvalue().splitlines())
-  counts = {remat: activations(remat) for remat in (False, True, 3)}
+
+def _saved_stream(loss, params, remat, d_model: int) -> list[str]:
+  """The lines of jax.ad_checkpoint.print_saved_residuals for the arrays that the backward of
+  loss(params, remat) keeps and that are shaped like the residual stream (1, 24, d)."""
+  import contextlib
+  import io
+  from jax.ad_checkpoint import print_saved_residuals
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    print_saved_residuals(lambda p: loss(p, remat), params)
+  return [line for line in printed.getvalue().splitlines()
+          if line.split(" ")[0].endswith(f"[1,24,{d_model}]")]
+
+
+def test_grouped_remat_keeps_only_the_group_entries():
+  """What the backward keeps of (b, l, d) size for 6 blocks: every intermediate without
+  remat, the two arrays entering each block with remat=True, those entering each group of 3
+  with remat=3 (jax.ad_checkpoint.print_saved_residuals); the gradients are the same."""
+  d_model, params, loss = _six_mamba2_blocks()
+  counts = {remat: len(_saved_stream(loss, params, remat, d_model))
+            for remat in (False, True, 3)}
   assert counts[3] < counts[True] < counts[False], counts
   assert counts[True] - counts[3] >= 2 * (6 - 2) - 1, counts   # 5 block entries -> 1 group's
   grads = {remat: jax.grad(loss)(params, remat) for remat in (False, 3)}
@@ -93,22 +104,8 @@ def test_offload_keeps_the_block_inputs_in_host_memory():
   block has no residual: 11) in pinned host memory and no block intermediate on the device
   (print_saved_residuals marks host arrays ``<host>``); the gradients are the plain ones; the
   train step takes the mode."""
-  import contextlib
-  import io
-  from jax.ad_checkpoint import print_saved_residuals
-  config = MambaConfig.tiny("Mamba2").replace(n_layer=6)
-  model = models.build_model(config, dtype_name="float32", seed=0)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  ids = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (1, 24)), jnp.int32)
-
-  def loss(params, remat):
-    return jnp.sum(nnx.merge(graphdef, params, rest).hidden_states(ids, remat=remat) ** 2)
-
-  printed = io.StringIO()
-  with contextlib.redirect_stdout(printed):
-    print_saved_residuals(lambda p: loss(p, "offload"), params)
-  stream = [line for line in printed.getvalue().splitlines()
-            if line.split(" ")[0].endswith(f"[1,24,{config.d_model}]")]
+  d_model, params, loss = _six_mamba2_blocks()
+  stream = _saved_stream(loss, params, "offload", d_model)
   on_host = [line for line in stream if "<host>" in line.split(" ")[0]]
   assert len(on_host) == 2 * 6 - 1, stream
   outside = ("MixerModel._final", "(rms_norm)", "loss)")   # the final add + norm, the loss
@@ -117,6 +114,7 @@ def test_offload_keeps_the_block_inputs_in_host_memory():
   grads = {remat: jax.grad(loss)(params, remat) for remat in (False, "offload")}
   for got, want in zip(jax.tree.leaves(grads["offload"]), jax.tree.leaves(grads[False])):
     assert_close(got, want, 1e-6, "offload gradient")
+  graphdef, rest, _, _, _ = _setup("Mamba1")
   make_train_step(graphdef, rest, optax.sgd(0.1), VOCAB, remat="offload")   # accepted
 
 
