@@ -63,7 +63,7 @@ from mamba_jax.ops.norms import gated_rms_norm
 from mamba_jax.ops.padding import (check_token_mask, causal_conv1d_after_pads, left_align,
                                    take_along_length, token_positions)
 from mamba_jax.ops.ssd import NO_DT_LIMIT, preprocess_dt, ssd
-from mamba_jax.ops.ssd_state_update import ssd_state_update
+from mamba_jax.ops.ssd_decode_step import split_xbc, ssd_decode_step
 
 
 @struct.dataclass
@@ -136,7 +136,7 @@ class CausalConv1d(nnx.Module):
     self.bias = (nnx.Param(torch_default_init(width)(rngs.params(), (channels,), param_dtype),
                            **{NO_WEIGHT_DECAY: True}) if use_bias else None)
 
-  def _bias(self) -> Optional[jax.Array]:
+  def bias_value(self) -> Optional[jax.Array]:
     return None if self.bias is None else self.bias[...]
 
   def __call__(self, x: jax.Array, *, activation: Optional[str] = None,
@@ -151,17 +151,17 @@ class CausalConv1d(nnx.Module):
     if num_pads is not None:
       if seq_idx is not None:
         raise ValueError("num_pads (a token mask) cannot be combined with seq_idx")
-      return causal_conv1d_after_pads(x, self.kernel[...], self._bias(), num_pads,
+      return causal_conv1d_after_pads(x, self.kernel[...], self.bias_value(), num_pads,
                                       activation=activation, initial_states=initial_states,
                                       return_final_states=return_final_states)
-    return causal_conv1d(x, self.kernel[...], self._bias(), activation=activation,
+    return causal_conv1d(x, self.kernel[...], self.bias_value(), activation=activation,
                          initial_states=initial_states, seq_idx=seq_idx,
                          return_final_states=return_final_states)
 
   def step(self, x_t: jax.Array, conv_state: jax.Array, *,
            activation: Optional[str] = None) -> tuple[jax.Array, jax.Array]:
     """x_t (b, c), conv_state (b, c, s) -> (y_t (b, c), new_conv_state (b, c, s))."""
-    return causal_conv1d_update(x_t, conv_state, self.kernel[...], self._bias(),
+    return causal_conv1d_update(x_t, conv_state, self.kernel[...], self.bias_value(),
                                 activation=activation)
 
 
@@ -282,11 +282,7 @@ class Mamba2Mixer(nnx.Module):
   def _split_conv(self, xBC: jax.Array):
     """The conv's output in grouped channel order (..., c) -> x (..., h, p), B (..., g, n),
     C (..., g, n)."""
-    g, n, lead = self.ngroups, self.d_state, xBC.shape[:-1]
-    width = self.d_ssm // g
-    groups = xBC.reshape(*lead, g, width + 2 * n)
-    x = groups[..., :width].reshape(*lead, self.nheads, self.headdim)
-    return x, groups[..., width:width + n], groups[..., width + n:]
+    return split_xbc(xBC, self.nheads, self.ngroups, self.d_state)
 
   def _output(self, y: jax.Array, z: jax.Array, z0: jax.Array, x0: jax.Array) -> jax.Array:
     """Gated norm, the d_mlp side branch and out_proj; y, z (..., e_ssm) -> (..., d)."""
@@ -405,10 +401,9 @@ class Mamba2Mixer(nnx.Module):
     h, p = self.nheads, self.headdim
     with jax.named_scope("mamba2_mixer_step"):
       z0, x0, z, xBC, dt = self._split(self.in_proj(u_t))
-      xBC, conv_state = self.conv1d.step(xBC, state.conv_state, activation="silu")
-      x, B, C = self._split_conv(xBC)
-      y, ssm_state = ssd_state_update(
-          state.ssm_state, x, dt, self._A(), B, C, D=self._D(),
+      y, conv_state, ssm_state = ssd_decode_step(
+          xBC, state.conv_state, self.conv1d.kernel[...], self.conv1d.bias_value(),
+          state.ssm_state, dt, self._A(), groups=self.ngroups, D=self._D(),
           z=None if self.rmsnorm else z.reshape(batch, h, p), dt_bias=self.dt_bias[...],
           dt_softplus=True, dt_limit=self.dt_limit)
       y = self._output(y.reshape(batch, self.d_ssm), z, z0, x0)

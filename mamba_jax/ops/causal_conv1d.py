@@ -10,6 +10,10 @@ package that ``mamba_ssm`` calls, channels-last:
 
 Letter legend: b batch, l length, e channels (d_inner), w conv width, s state length.
 Arithmetic is in float32 (or float64 for float64 inputs); results come back in x's dtype.
+
+The single-step form takes ``impl``: "xla" (below), "pallas" (one Pallas GPU kernel,
+``pallas_kernels.gpu.causal_conv1d_update``, for s = w − 1), "pallas_interpret" (that kernel
+in the Pallas interpreter) or "auto" (the kernel on GPUs where it applies).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import numpy as np
 
 from mamba_jax.ops.checks import (check_choice, check_floating, check_integer, check_rank,
                                   check_shape, is_concrete)
+from mamba_jax.ops.impl import platform, resolve_impl
+from pallas_kernels.gpu import causal_conv1d_update as kernel
 
 ACTIVATIONS = (None, "silu", "swish")
 
@@ -154,6 +160,7 @@ def causal_conv1d_update(
     weight: jax.Array,
     bias: Optional[jax.Array] = None,
     activation: Optional[str] = None,
+    impl: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
   """One decoding step of ``causal_conv1d`` (Mamba §3.4; the recurrent form of the conv).
 
@@ -173,10 +180,15 @@ def causal_conv1d_update(
     weight: (e, w) floating.
     bias: optional (e,) floating.
     activation: None, or "silu" ("swish" is accepted as the same thing).
+    impl: "auto", "xla", "pallas" or "pallas_interpret" (module docstring).
 
   Returns:
     (y, new_conv_state): y (b, e) in x's dtype; new_conv_state (b, e, s) in conv_state's
     dtype.
+
+  Raises:
+    ValueError: on malformed arguments, naming the argument; or impl="pallas" for arguments
+      the kernel does not take (saying why).
   """
   check_rank("x", x, 2, "(batch, dim)")
   check_floating("x", x)
@@ -190,6 +202,18 @@ def causal_conv1d_update(
   if state_len < width - 1:
     raise ValueError(f"conv_state must have state_len >= width - 1 = {width - 1} "
                      f"(shape (batch, dim, state_len)), got shape {tuple(conv_state.shape)}")
+
+  impl = resolve_impl("causal_conv1d_update", impl, ("xla", "pallas", "pallas_interpret"),
+                      lambda: ("pallas" if platform() == "gpu"
+                               and not kernel.check_supported(x, conv_state, weight)
+                               else "xla"))
+  if impl != "xla":
+    why = kernel.check_supported(x, conv_state, weight)
+    if why:
+      raise ValueError(f"causal_conv1d_update impl={impl!r}: {why}; use impl='xla'")
+    return kernel.causal_conv1d_update_pallas(x, conv_state, weight, bias,
+                                              silu=activation is not None,
+                                              interpret=impl == "pallas_interpret")
 
   dtype = _compute_dtype(x, conv_state, weight, bias)
   window = jnp.concatenate(

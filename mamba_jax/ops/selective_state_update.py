@@ -3,6 +3,9 @@
 The same recurrence as ``selective_scan`` (Mamba §3.2 Algorithm 2, simplified discretization of
 §2 eq. (4)) advanced by one token, with the semantics of mamba_ssm's
 ``selective_state_update``; functional: the new state is returned instead of written in place.
+``impl="xla"`` is the reference below; ``impl="pallas"`` runs the same step as one Pallas GPU
+kernel (``pallas_kernels.gpu.selective_state_update``), ``"pallas_interpret"`` that kernel in
+the Pallas interpreter; ``"auto"`` takes the kernel on GPUs for the shapes it supports.
 """
 
 from __future__ import annotations
@@ -11,16 +14,21 @@ import jax
 import jax.numpy as jnp
 
 from mamba_jax.ops.checks import check_choice, check_floating, check_rank, check_shape
+from mamba_jax.ops.impl import platform, resolve_impl
 from mamba_jax.ops.selective_scan import (check_input_matrix, check_optional_vector,
                                           check_state, compute_dtypes, prepare_delta,
                                           skip_and_gate)
 from mamba_jax.ops.selective_scan_sequential import selective_scan_step
+from pallas_kernels.gpu import selective_state_update as kernel
+
+IMPLS = ("xla", "pallas", "pallas_interpret")
 
 
 def selective_state_update(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array,
                            B: jax.Array, C: jax.Array, D: jax.Array | None = None,
                            z: jax.Array | None = None, dt_bias: jax.Array | None = None,
-                           dt_softplus: bool = False) -> tuple[jax.Array, jax.Array]:
+                           dt_softplus: bool = False, impl: str = "auto"
+                           ) -> tuple[jax.Array, jax.Array]:
   """One decoding step of the selective SSM (Mamba §3.2 Algorithm 2, one token).
 
     Δ = softplus(dt + dt_bias)               (bias and softplus optional)
@@ -51,13 +59,15 @@ def selective_state_update(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax
     z: gate.
     dt_bias: added to dt before the softplus.
     dt_softplus: apply softplus to dt (after the bias).
+    impl: "auto", "xla", "pallas" or "pallas_interpret" (module docstring).
 
   Returns:
     (out (b, e), new_state (b, e, n)).
 
   Raises:
     ValueError: on a wrong rank, shape or dtype of any argument, d_inner not divisible by the
-      groups, or a complex B/C/state with a real A (or a real state with a complex A).
+      groups, or a complex B/C/state with a real A (or a real state with a complex A); or
+      impl="pallas" for arguments the kernel does not take (saying why).
   """
   check_rank("x", x, 2, "(batch, d_inner)")
   check_floating("x", x)
@@ -81,6 +91,18 @@ def selective_state_update(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax
     check_shape("z", z, (batch, d_inner), "(batch, d_inner)")
     check_floating("z", z)
   check_choice("dt_softplus", dt_softplus, (False, True))
+
+  impl = resolve_impl("selective_state_update", impl, IMPLS, lambda: (
+      "pallas" if platform() == "gpu" and not kernel.check_supported(state, x, A, groups)
+      else "xla"))
+  if impl != "xla":
+    why = kernel.check_supported(state, x, A, groups)
+    if why:
+      raise ValueError(f"selective_state_update impl={impl!r}: {why}; use impl='xla'")
+    bc = lambda v: jnp.reshape(v, (batch, groups, d_state))
+    return kernel.selective_state_update_pallas(
+        state, x, dt, A, bc(B), bc(C), D, z, dt_bias, dt_softplus=dt_softplus,
+        interpret=impl == "pallas_interpret")
 
   real, state_dtype = compute_dtypes(A, state, x, dt, B, C, D, z, dt_bias)
   delta = prepare_delta(dt, dt_bias, dt_softplus, real)

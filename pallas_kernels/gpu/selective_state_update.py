@@ -1,0 +1,144 @@
+"""One decoding step of the selective SSM (S6, Mamba-1) as a Pallas GPU kernel (Triton lowering).
+
+The kernel form of ``mamba_jax.ops.selective_state_update`` (Mamba §3.2 Algorithm 2 advanced by
+one token, real A), per channel i of d_inner and state k:
+
+  Δ_i   = softplus(dt_i + dt_bias_i)                 (bias and softplus optional)
+  h'_ik = exp(Δ_i A_ik) h_ik + Δ_i x_i B_k           (simplified ZOH, Mamba §2 eq. (4))
+  out_i = (Σ_k C_k h'_ik + D_i x_i) · silu(z_i)       (D and z optional)
+
+with B, C those of channel i's group. One program per (batch row, block of ``block_d``
+channels): it reads its (block_d, n) state tile once, writes the new one in place
+(``input_output_aliases``: a decoding loop's carried buffer is not copied) and writes out. At
+batch 1 the XLA form of the same step is three kernels (Δ and the decay, the update, the
+readout); this is one.
+
+Backend: Pallas with the Triton lowering; ``interpret=True`` runs it on CPU.
+
+Shape legend: b batch, e d_inner, n d_state, g groups.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+import jax.numpy as jnp
+
+from pallas_kernels.gpu.selective_scan_args import softplus
+
+KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _is_power_of_two(v: int) -> bool:
+  return v > 0 and (v & (v - 1)) == 0
+
+
+def default_block_d(batch: int, d_inner: int, groups: int) -> int:
+  """The largest power of two <= 128 dividing d_inner / groups, halved (down to 16) while
+  there are fewer than 256 programs."""
+  per_group = d_inner // groups
+  block = 128
+  while per_group % block:
+    block //= 2
+  while block > 16 and batch * (d_inner // block) < 256:
+    block //= 2
+  return block
+
+
+def check_supported(state, x, A, groups: int) -> str:
+  """'' when the kernel takes these shapes and dtypes, else why not."""
+  d_inner, d_state = A.shape
+  if jnp.iscomplexobj(A) or jnp.iscomplexobj(state):
+    return "the kernel takes a real A and state (complex A runs in the XLA form)"
+  if not _is_power_of_two(d_state):
+    return f"the kernel needs d_state a power of two, got {d_state}"
+  if (d_inner // groups) % 16:
+    return f"the kernel needs d_inner / groups a multiple of 16, got {d_inner // groups}"
+  for name, a in (("state", state), ("x", x)):
+    if jnp.dtype(a.dtype) not in KERNEL_DTYPES:
+      return f"the kernel takes float32/bfloat16/float16 {name}, got {a.dtype}"
+  return ""
+
+
+def _kernel(*refs, has_D: bool, has_z: bool, has_dt_bias: bool, dt_softplus: bool):
+  """One (batch row, block of channels): the module docstring's equations in float32."""
+  refs = list(refs)
+  take = lambda present: refs.pop(0) if present else None
+  state_ref, x_ref, dt_ref, a_ref, b_ref, c_ref = (refs.pop(0) for _ in range(6))
+  d_ref, z_ref, dt_bias_ref = take(has_D), take(has_z), take(has_dt_bias)
+  out_ref, new_state_ref = refs
+
+  x = x_ref[...].astype(jnp.float32)  # (block_d,)
+  delta = dt_ref[...].astype(jnp.float32)
+  if has_dt_bias:
+    delta = delta + dt_bias_ref[...].astype(jnp.float32)
+  if dt_softplus:
+    delta = softplus(delta)
+  a = a_ref[...].astype(jnp.float32)  # (block_d, n)
+  B = b_ref[...].astype(jnp.float32)  # (n,)
+  C = c_ref[...].astype(jnp.float32)
+  new = (jnp.exp(delta[:, None] * a) * state_ref[...].astype(jnp.float32)
+         + (delta * x)[:, None] * B[None, :])
+  new_state_ref[...] = new.astype(new_state_ref.dtype)
+  out = jnp.sum(new * C[None, :], axis=1)
+  if has_D:
+    out = out + d_ref[...].astype(jnp.float32) * x
+  if has_z:
+    z = z_ref[...].astype(jnp.float32)
+    out = out * z / (1.0 + jnp.exp(-z))
+  out_ref[...] = out.astype(out_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("dt_softplus", "block_d", "interpret"))
+def selective_state_update_pallas(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array,
+                                  B: jax.Array, C: jax.Array, D: jax.Array | None,
+                                  z: jax.Array | None, dt_bias: jax.Array | None, *,
+                                  dt_softplus: bool, block_d: int | None = None,
+                                  interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """The module docstring's step on validated arguments (``selective_state_update``'s checks).
+
+  Args:
+    state: (b, e, n). x, dt: (b, e). A: (e, n) real. B, C: (b, g, n).
+    D, dt_bias: optional (e,). z: optional (b, e).
+    dt_softplus: Δ = softplus(dt + dt_bias) instead of dt + dt_bias.
+    block_d: channels per program (a power of two dividing e / g); default
+      ``default_block_d``.
+    interpret: run in the Pallas interpreter (CPU).
+
+  Returns:
+    (out (b, e) in x's dtype, new state (b, e, n) in state's dtype).
+  """
+  batch, d_inner, d_state = state.shape
+  groups = B.shape[1]
+  block_d = block_d or default_block_d(batch, d_inner, groups)
+  if not (_is_power_of_two(block_d) and (d_inner // groups) % block_d == 0):
+    raise ValueError(f"block_d must be a power of two dividing d_inner / groups = "
+                     f"{d_inner // groups}, got {block_d}")
+  per_group = d_inner // groups // block_d
+  rows = pl.BlockSpec((None, block_d), lambda bi, j: (bi, j))
+  state_tile = pl.BlockSpec((None, block_d, d_state), lambda bi, j: (bi, j, 0))
+  group_row = pl.BlockSpec((None, None, d_state), lambda bi, j: (bi, j // per_group, 0))
+  vector = pl.BlockSpec((block_d,), lambda bi, j: (j,))
+  inputs = [(state, state_tile), (x, rows), (dt, rows),
+            (A, pl.BlockSpec((block_d, d_state), lambda bi, j: (j, 0))),
+            (B, group_row), (C, group_row)]
+  for a, spec in ((D, vector), (z, rows), (dt_bias, vector)):
+    if a is not None:
+      inputs.append((a, spec))
+  kernel = functools.partial(_kernel, has_D=D is not None, has_z=z is not None,
+                             has_dt_bias=dt_bias is not None, dt_softplus=dt_softplus)
+  return pl.pallas_call(
+      kernel,
+      grid=(batch, d_inner // block_d),
+      in_specs=[spec for _, spec in inputs],
+      out_specs=[rows, state_tile],
+      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
+                 jax.ShapeDtypeStruct(state.shape, state.dtype)],
+      input_output_aliases={0: 1},  # the state, updated in place
+      compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret,
+      name="selective_state_update",
+  )(*[a for a, _ in inputs])

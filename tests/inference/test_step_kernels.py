@@ -1,0 +1,55 @@
+"""The models' decoding steps through the decoding kernels give the XLA steps' logits and caches.
+
+On a GPU ``impl="auto"`` routes Mamba-2's step through ``ssd_decode_step``'s kernel and
+Mamba-1's through the ``causal_conv1d_update`` and ``selective_state_update`` kernels. Here the
+same routing runs with the kernels in the Pallas interpreter (``resolve_auto_as``), on float32
+tiny models, so that the models' wiring of the kernels (argument order, channel layout, state
+dtypes) is tested on CPU; the kernels themselves are tested in tests/kernels.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from mamba_jax.config import MambaConfig
+from mamba_jax.inference.decode import decode_step
+from mamba_jax.inference.prefill import prefill
+from mamba_jax.nn.lm import MambaLM
+from mamba_jax.ops.causal_conv1d import causal_conv1d_update
+from mamba_jax.ops.impl import resolve_auto_as
+from tests.numerics import assert_close
+
+OPS = ("ssd_decode_step", "selective_state_update", "causal_conv1d_update")
+
+
+@pytest.mark.parametrize("kind", ["Mamba1", "Mamba2", "hybrid"])
+@pytest.mark.parametrize("state_dtype", [None, jnp.bfloat16])
+@pytest.mark.parametrize("kernel_impl", ["pallas_interpret",
+                                         pytest.param("pallas", marks=pytest.mark.gpu)])
+def test_kernel_steps_equal_xla_steps(kind, state_dtype, kernel_impl):
+  model = MambaLM(MambaConfig.tiny(kind), rngs=nnx.Rngs(0))  # float32
+  ids = jax.random.randint(jax.random.key(1), (2, 9), 0, model.config.vocab_size, jnp.int32)
+  _, cache = prefill(model, ids[:, :6], max_length=9, state_dtype=state_dtype)
+  caches = {"xla": cache, "kernel": cache}
+  for t in range(6, 9):
+    logits = {}
+    for name, impl in (("xla", "xla"), ("kernel", kernel_impl)):
+      with resolve_auto_as(**{op: impl for op in OPS}):  # decode_step traces afresh: it is not jitted
+        logits[name], caches[name] = decode_step(model, ids[:, t], caches[name])
+    assert_close(logits["kernel"], logits["xla"], 1e-5, f"{kind} step {t}")
+  for a, b in zip(jax.tree.leaves(caches["kernel"]), jax.tree.leaves(caches["xla"])):
+    assert a.dtype == b.dtype
+    assert_close(a, b, 1e-5 if a.dtype == jnp.float32 else 1e-2, f"{kind} cache")
+
+
+def test_resolve_auto_as_scopes_and_validates():
+  args = (jnp.ones((1, 8), jnp.float32), jnp.ones((1, 8, 3), jnp.float32),
+          jnp.ones((8, 4), jnp.float32))
+  with resolve_auto_as(causal_conv1d_update="pallas"):  # "pallas" cannot run on a CPU...
+    with pytest.raises(ValueError, match="interpret"):
+      causal_conv1d_update(*args)
+  causal_conv1d_update(*args)  # ... and outside the block "auto" is the XLA form again
+  with resolve_auto_as(causal_conv1d_update="triton"):
+    with pytest.raises(ValueError, match="resolve_auto_as"):
+      causal_conv1d_update(*args)
