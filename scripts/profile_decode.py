@@ -6,7 +6,9 @@ to warm up and once under ``jax.profiler.trace``. From the trace's device events
 time per generated token, how many kernels run per token, and the kernels that take most of the
 time (summed over the loop, per token). Wall time per token beside busy time shows how much of a
 step is launch and host overhead rather than kernel work. ``--option_sets`` compiles the same
-loop with each set of XLA options in turn (one row each), to compare them in one process.
+loop with each set of XLA options in turn (one row each), to compare them in one process;
+``--step_impls auto,xla`` compiles it with the decoding kernels (``impl="auto"``: on a GPU the
+Pallas kernels of ``decode.STEP_KERNEL_OPS``) and with their XLA forms, one row each.
 
 Usage (GPU): PYTHONPATH=. python scripts/profile_decode.py --models mamba-1.4b,transformerpp-1.3b \
     --batches 1,64 --out /tmp/decode_profile.json
@@ -23,6 +25,7 @@ import argparse
 import collections
 import glob
 import gzip
+import itertools
 import json
 import os
 import sys
@@ -39,10 +42,11 @@ from flax import nnx  # noqa: E402
 from bench_generation import small_config  # noqa: E402
 from bench_timing import environment, write_json  # noqa: E402
 from mamba_jax.config import preset  # noqa: E402
-from mamba_jax.inference.decode import _decode  # noqa: E402
+from mamba_jax.inference.decode import STEP_KERNEL_OPS, _decode  # noqa: E402
 from mamba_jax.inference.generate import jit_prefill  # noqa: E402
 from mamba_jax.inference.sampling import SamplingParams  # noqa: E402
 from mamba_jax.nn.lm import MambaLM  # noqa: E402
+from mamba_jax.ops.impl import resolve_auto_as  # noqa: E402
 
 
 def device_kernel_times(trace_dir: str) -> tuple[dict[str, float], int]:
@@ -123,7 +127,8 @@ def profile_one(name: str, model: MambaLM, batch: int, options: dict,
     times, count = {}, 0
   busy_us = sum(times.values())
   top = sorted(times.items(), key=lambda kv: -kv[1])[:args.top]
-  return dict(model=name, batch=batch, options=options, prompt_len=args.prompt_len, gen_len=args.gen_len,
+  return dict(model=name, batch=batch, options=options, prompt_len=args.prompt_len,
+              gen_len=args.gen_len,
               n_layer=model.config.n_layer,
               wall_ms_per_token=round(wall_ms / steps, 4),
               busy_ms_per_token=round(busy_us / 1e3 / steps, 4) if times else None,
@@ -138,6 +143,9 @@ def main() -> None:
   parser.add_argument("--option_sets", default="default",
                       help='";"-separated sets of XLA compile options KEY=VALUE,... to '
                            'compare ("default": none)')
+  parser.add_argument("--step_impls", default="auto",
+                      help='comma-separated: "auto" (the decoding kernels where they apply) '
+                           'and / or "xla" (their XLA forms)')
   parser.add_argument("--prompt_len", type=int, default=2048)
   parser.add_argument("--gen_len", type=int, default=64)
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
@@ -154,15 +162,20 @@ def main() -> None:
     if jax.default_backend() == "gpu" and config.attn_layer_idx:
       config = config.replace(attn_cfg={**config.attn_cfg, "implementation": "cudnn"})
     model = MambaLM(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
-    for batch in (int(b) for b in args.batches.split(",")):
-      for options in parse_option_sets(args.option_sets):
-        row = profile_one(name, model, batch, options, args)
-        rows.append(row)
-        print(f"{name} batch {batch} {options or 'default options'}: wall "
+    for batch, options, step_impl in itertools.product(
+        [int(b) for b in args.batches.split(",")], parse_option_sets(args.option_sets),
+        args.step_impls.split(",")):
+      if step_impl not in ("auto", "xla"):
+        raise ValueError(f"--step_impls: {step_impl!r} is not 'auto' or 'xla'")
+      jax.clear_caches()  # the choice is made when _decode is traced
+      with resolve_auto_as(**{op: "xla" for op in STEP_KERNEL_OPS if step_impl == "xla"}):
+        row = dict(profile_one(name, model, batch, options, args), step_impl=step_impl)
+      rows.append(row)
+      print(f"{name} batch {batch} step {step_impl} {options or 'default options'}: wall "
               f"{row['wall_ms_per_token']} ms/token, GPU busy {row['busy_ms_per_token']} "
-              f"ms/token, {row['kernels_per_token']} kernels/token", flush=True)
-        for kernel, us in row["top_kernels_us_per_token"]:
-          print(f"  {us:9.2f} us  {kernel[:110]}")
+            f"ms/token, {row['kernels_per_token']} kernels/token", flush=True)
+      for kernel, us in row["top_kernels_us_per_token"]:
+        print(f"  {us:9.2f} us  {kernel[:110]}")
     del model
   write_json(args.out, dict(section="decode_profile", device=str(jax.devices()[0].device_kind),
                             env=environment(), args=vars(args), rows=rows))
