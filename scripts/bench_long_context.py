@@ -7,7 +7,7 @@ gradient and an AdamW update (``mamba_jax.training.optimizer.make_optimizer``) w
     dtype, the residual stream in float32) and recomputes the rest one block at a time;
     ``--remat_group k`` checkpoints groups of k blocks instead (``lm.run_blocks``), keeping
     n_layer / k + k block inputs; ``--offload`` rematerializes every block and keeps the block
-    inputs in pinned host memory (``remat="offload"``, ``lm.OFFLOAD_POLICY``);
+    inputs in host memory (``remat="offload"``, ``lm.run_block_offloaded``);
   * a chunked LM-head loss: the final hidden states are cut into ``--loss_chunk`` tokens, and
     logits + cross-entropy are computed (and recomputed in the backward) one chunk at a time
     in a ``lax.scan``, so the (L, vocab) logits never exist whole.

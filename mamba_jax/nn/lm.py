@@ -38,7 +38,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
 
@@ -85,13 +84,45 @@ def run_block(layer: nnx.Module, hidden: jax.Array, residual: Optional[jax.Array
   return nnx.remat(lambda block, h, r: block(h, r, **kwargs)[:2])(layer, hidden, residual)
 
 
-OFFLOAD = "offload"          # remat mode: block inputs kept in host memory (run_blocks)
-BLOCK_INPUT = "block_input"  # checkpoint name of the (hidden, residual) entering a block
-# The offload mode's policy: the tagged block inputs go to pinned host memory in the forward
-# and come back for the backward; nothing else is saved (each block is rematerialized).
-OFFLOAD_POLICY = jax.checkpoint_policies.save_and_offload_only_these_names(
-    names_which_can_be_saved=[], names_which_can_be_offloaded=[BLOCK_INPUT],
-    offload_src="device", offload_dst="pinned_host")
+OFFLOAD = "offload"  # remat mode: each block rematerialized, its inputs kept in host memory
+
+
+def _to_memory(space, tree):
+  return jax.tree.map(lambda x: jax.device_put(x, space), tree)
+
+
+def run_block_offloaded(layer: nnx.Module, hidden: jax.Array, residual: Optional[jax.Array],
+                        **kwargs) -> tuple[jax.Array, jax.Array]:
+  """:func:`run_block` with remat, its saved inputs in host memory (``remat="offload"``).
+
+  A ``jax.custom_vjp`` around the block: the forward runs the block and saves its parameters
+  and its (hidden, residual) inputs copied to host memory (``jax.memory.Space.Host``, an
+  asynchronous copy that overlaps the next blocks); the backward waits for the incoming
+  cotangents (``optimization_barrier``, so that the recomputations run one block at a time in
+  the backward's order rather than all at once when their inputs are back), copies the inputs
+  back to the device, recomputes the block and returns its VJP. Values and gradients are
+  those of the plain block. ``kwargs`` (e.g. seq_idx) are not differentiated.
+  """
+  graphdef, params = nnx.split(layer)
+
+  def apply(params, h, r):
+    return nnx.merge(graphdef, params)(h, r, **kwargs)[:2]
+
+  @jax.custom_vjp
+  def block(params, h, r):
+    return apply(params, h, r)
+
+  def forward(params, h, r):
+    return apply(params, h, r), (params, _to_memory(jax.memory.Space.Host, (h, r)))
+
+  def backward(saved, cotangents):
+    params, inputs = saved
+    cotangents, (h, r) = jax.lax.optimization_barrier(
+        (cotangents, _to_memory(jax.memory.Space.Device, inputs)))
+    return jax.vjp(apply, params, h, r)[1](cotangents)
+
+  block.defvjp(forward, backward)
+  return block(params, hidden, residual)
 
 
 def run_blocks(layers, hidden: jax.Array, residual: Optional[jax.Array], *,
@@ -105,21 +136,14 @@ def run_blocks(layers, hidden: jax.Array, residual: Optional[jax.Array], *,
   one group, at its k blocks' entries (n_layer / k + k pairs instead of n_layer; k near
   sqrt(n_layer) keeps fewest), at the cost of a second recomputation of every block's
   forward. ``"offload"`` rematerializes each block as True does, but the two arrays entering
-  each block live in pinned host memory between the forward and the backward
-  (``OFFLOAD_POLICY``: the forward copies them out, the backward copies each back when its
-  block is recomputed), so device memory need not hold every block's pair (tested on CPU,
-  where the pairs are placed on the host; how much device memory it saves on a GPU is not
-  measured yet). Values and gradients are unchanged in every mode.
+  each block live in host memory between the forward and the backward
+  (:func:`run_block_offloaded`), so device memory need not hold every block's pair. Values
+  and gradients are unchanged in every mode.
   """
   if remat == OFFLOAD:
-    def run_all(all_layers, h, r):
-      for layer in all_layers:
-        h = checkpoint_name(h, BLOCK_INPUT)
-        if r is not None:
-          r = checkpoint_name(r, BLOCK_INPUT)
-        h, r = run_block(layer, h, r, remat=True, **kwargs)
-      return h, r
-    return nnx.remat(run_all, policy=OFFLOAD_POLICY)(tuple(layers), hidden, residual)
+    for layer in layers:
+      hidden, residual = run_block_offloaded(layer, hidden, residual, **kwargs)
+    return hidden, residual
   if isinstance(remat, bool) or remat <= 1:
     for layer in layers:
       hidden, residual = run_block(layer, hidden, residual, remat=bool(remat), **kwargs)

@@ -180,8 +180,8 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
     remat: rematerialize every residual block in the backward (True or 1, ``lm.run_block``):
       activation memory of two (b, l, d) arrays per layer, one more forward of compute; an
       int k >= 2 checkpoints groups of k blocks (``lm.run_blocks``): n_layer / k + k pairs,
-      two more forwards; "offload" rematerializes every block with those pairs kept in pinned
-      host memory (``lm.OFFLOAD_POLICY``).
+      two more forwards; "offload" rematerializes every block with those pairs kept in host
+      memory (``lm.run_block_offloaded``).
     loss_chunk: 0 (whole logits), or the LM head and loss taken this many positions at a time
       (:func:`chunked_masked_loss_and_accuracy`; language models).
   """

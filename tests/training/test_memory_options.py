@@ -101,7 +101,7 @@ def test_grouped_remat_keeps_only_the_group_entries():
 
 def test_offload_keeps_the_block_inputs_in_host_memory():
   """remat="offload": the backward keeps the two arrays entering each of 6 blocks (the first
-  block has no residual: 11) in pinned host memory and no block intermediate on the device
+  block has no residual: 11) in host memory and no block intermediate on the device
   (print_saved_residuals marks host arrays ``<host>``); the gradients are the plain ones; the
   train step takes the mode."""
   d_model, params, loss = _six_mamba2_blocks()
