@@ -7,8 +7,8 @@ time per generated token, how many kernels run per token, and the kernels that t
 time (summed over the loop, per token). Wall time per token beside busy time shows how much of a
 step is launch and host overhead rather than kernel work. ``--option_sets`` compiles the same
 loop with each set of XLA options in turn (one row each), to compare them in one process;
-``--step_impls auto,xla`` compiles it with the decoding kernels (``impl="auto"``: on a GPU the
-Pallas kernels of ``decode.STEP_KERNEL_OPS``) and with their XLA forms, one row each.
+``--step_impls auto,xla,pallas`` compiles it with the ops of ``decode.STEP_KERNEL_OPS`` as
+``impl="auto"`` picks them, all in their XLA forms, and all as Pallas kernels, one row each.
 
 Usage (GPU): PYTHONPATH=. python scripts/profile_decode.py --models mamba-1.4b,transformerpp-1.3b \
     --batches 1,64 --out /tmp/decode_profile.json
@@ -144,8 +144,8 @@ def main() -> None:
                       help='";"-separated sets of XLA compile options KEY=VALUE,... to '
                            'compare ("default": none)')
   parser.add_argument("--step_impls", default="auto",
-                      help='comma-separated: "auto" (the decoding kernels where they apply) '
-                           'and / or "xla" (their XLA forms)')
+                      help='comma-separated: "auto" (the decoding ops as impl="auto" picks '
+                           'them), "xla" (all XLA forms), "pallas" (all Pallas kernels)')
   parser.add_argument("--prompt_len", type=int, default=2048)
   parser.add_argument("--gen_len", type=int, default=64)
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
@@ -165,12 +165,12 @@ def main() -> None:
     for batch, options, step_impl in itertools.product(
         [int(b) for b in args.batches.split(",")], parse_option_sets(args.option_sets),
         args.step_impls.split(",")):
-      if step_impl not in ("auto", "xla"):
-        raise ValueError(f"--step_impls: {step_impl!r} is not 'auto' or 'xla'")
-      if step_impl == "xla" and not has_ssm(config):
-        continue  # no decoding kernel to leave out: the "auto" row is the same program
+      if step_impl not in ("auto", "xla", "pallas"):
+        raise ValueError(f"--step_impls: {step_impl!r} is not 'auto', 'xla' or 'pallas'")
+      if step_impl != "auto" and not has_ssm(config):
+        continue  # no decoding kernel to choose: the "auto" row is the same program
       jax.clear_caches()  # the choice is made when _decode is traced
-      with resolve_auto_as(**{op: "xla" for op in STEP_KERNEL_OPS if step_impl == "xla"}):
+      with resolve_auto_as(**{op: step_impl for op in STEP_KERNEL_OPS if step_impl != "auto"}):
         row = dict(profile_one(name, model, batch, options, args), step_impl=step_impl)
       rows.append(row)
       print(f"{name} batch {batch} step {step_impl} {options or 'default options'}: wall "

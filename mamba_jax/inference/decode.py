@@ -30,9 +30,10 @@ from mamba_jax.inference.sampling import SamplingParams, sample
 from mamba_jax.nn.lm import MambaLM
 from mamba_jax.ops.checks import check_rank, check_shape
 
-# The ops whose GPU kernels a decoding step runs under impl="auto" (Mamba-2: the fused conv +
-# SSD step; Mamba-1: the conv step and the SSM step). ``resolve_auto_as(**{op: "xla" for op in
-# STEP_KERNEL_OPS})`` (mamba_jax.ops.impl) compiles the step without them, for comparison.
+# The ops with a decoding kernel. Under impl="auto" a GPU runs Mamba-2's (the fused conv + SSD
+# step); Mamba-1's (the conv step, the SSM step) are opt-in, slower in its loop (see
+# ops.selective_state_update). ``resolve_auto_as(**{op: "xla" for op in STEP_KERNEL_OPS})``
+# (mamba_jax.ops.impl) compiles the step without any, for comparison; "pallas" with all.
 STEP_KERNEL_OPS = ("ssd_decode_step", "selective_state_update", "causal_conv1d_update")
 
 # How often each jitted function was traced (compiled), by name: tests check "once".

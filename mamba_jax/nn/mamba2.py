@@ -63,7 +63,7 @@ from mamba_jax.ops.norms import gated_rms_norm
 from mamba_jax.ops.padding import (check_token_mask, causal_conv1d_after_pads, left_align,
                                    take_along_length, token_positions)
 from mamba_jax.ops.ssd import NO_DT_LIMIT, preprocess_dt, ssd
-from mamba_jax.ops.ssd_decode_step import split_xbc, ssd_decode_step
+from mamba_jax.ops.ssd_decode_step import split_in_proj, split_xbc, ssd_decode_step
 
 
 @struct.dataclass
@@ -269,15 +269,8 @@ class Mamba2Mixer(nnx.Module):
   def _split(self, zxbcdt: jax.Array):
     """in_proj's output in the grouped layout [..., d_in_proj] -> z0, x0 (..., e − e_ssm),
     z (..., e_ssm) in head order, xBC (..., c) in the conv's grouped channel order, dt
-    (..., h) in head order."""
-    m, g, n = self.d_mlp, self.ngroups, self.d_state
-    width, lead = self.d_ssm // g, zxbcdt.shape[:-1]
-    z0, x0 = zxbcdt[..., :m], zxbcdt[..., m:2 * m]
-    groups = zxbcdt[..., 2 * m:].reshape(*lead, g, -1)  # (..., g, 2·width + 2·n + h/g)
-    z = groups[..., :width].reshape(*lead, self.d_ssm)
-    xBC = groups[..., width:2 * width + 2 * n].reshape(*lead, self.conv_dim)
-    dt = groups[..., 2 * width + 2 * n:].reshape(*lead, self.nheads)
-    return z0, x0, z, xBC, dt
+    (..., h) in head order (``ops.ssd_decode_step.split_in_proj``)."""
+    return split_in_proj(zxbcdt, self.d_mlp, self.nheads, self.ngroups, self.d_state)
 
   def _split_conv(self, xBC: jax.Array):
     """The conv's output in grouped channel order (..., c) -> x (..., h, p), B (..., g, n),
@@ -398,13 +391,14 @@ class Mamba2Mixer(nnx.Module):
     batch = u_t.shape[0]
     check_shape("u_t", u_t, (batch, self.d_model), "(batch, d_model)")
     self._check_state(state, batch)
-    h, p = self.nheads, self.headdim
     with jax.named_scope("mamba2_mixer_step"):
-      z0, x0, z, xBC, dt = self._split(self.in_proj(u_t))
+      zxbcdt = self.in_proj(u_t)
+      z0, x0, z, _, _ = self._split(zxbcdt)
+      a_log = self.A_log[...]
       y, conv_state, ssm_state = ssd_decode_step(
-          xBC, state.conv_state, self.conv1d.kernel[...], self.conv1d.bias_value(),
-          state.ssm_state, dt, self._A(), groups=self.ngroups, D=self._D(),
-          z=None if self.rmsnorm else z.reshape(batch, h, p), dt_bias=self.dt_bias[...],
+          zxbcdt, state.conv_state, self.conv1d.kernel[...], self.conv1d.bias_value(),
+          state.ssm_state, a_log.astype(self._ssm_dtype(a_log.dtype)), d_mlp=self.d_mlp,
+          groups=self.ngroups, D=self._D(), dt_bias=self.dt_bias[...], gate=not self.rmsnorm,
           dt_softplus=True, dt_limit=self.dt_limit)
       y = self._output(y.reshape(batch, self.d_ssm), z, z0, x0)
     return y, Mamba2State(conv_state=conv_state,

@@ -13,7 +13,10 @@ Arithmetic is in float32 (or float64 for float64 inputs); results come back in x
 
 The single-step form takes ``impl``: "xla" (below), "pallas" (one Pallas GPU kernel,
 ``pallas_kernels.gpu.causal_conv1d_update``, for s = w − 1), "pallas_interpret" (that kernel
-in the Pallas interpreter) or "auto" (the kernel on GPUs where it applies).
+in the Pallas interpreter) or "auto", the XLA form on every platform: in a decoding loop XLA
+fuses the step with its neighbours, and the kernel needs its input materialized (measured
+with Mamba-1: ``mamba_jax.ops.selective_state_update``'s docstring). Mamba-2's decoding step
+runs its conv inside its own fused kernel (``mamba_jax.ops.ssd_decode_step``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 
 from mamba_jax.ops.checks import (check_choice, check_floating, check_integer, check_rank,
                                   check_shape, is_concrete)
-from mamba_jax.ops.impl import platform, resolve_impl
+from mamba_jax.ops.impl import resolve_impl
 from pallas_kernels.gpu import causal_conv1d_update as kernel
 
 ACTIVATIONS = (None, "silu", "swish")
@@ -204,9 +207,7 @@ def causal_conv1d_update(
                      f"(shape (batch, dim, state_len)), got shape {tuple(conv_state.shape)}")
 
   impl = resolve_impl("causal_conv1d_update", impl, ("xla", "pallas", "pallas_interpret"),
-                      lambda: ("pallas" if platform() == "gpu"
-                               and not kernel.check_supported(x, conv_state, weight)
-                               else "xla"))
+                      lambda: "xla")
   if impl != "xla":
     why = kernel.check_supported(x, conv_state, weight)
     if why:

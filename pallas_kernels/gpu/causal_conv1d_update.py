@@ -32,12 +32,14 @@ import jax.numpy as jnp
 MAX_BLOCK_C = 256  # channels per program (the largest power of two <= it dividing c)
 
 
-def conv_window(x_ref, state_ref, weight_ref, bias_ref, start, count: int, width: int,
+def conv_window(x_ref, x_start, state_ref, weight_ref, bias_ref, start, count: int, width: int,
                 silu: bool):
   """The conv step of channels [start, start + count) read from whole-row refs.
 
   Args:
-    x_ref: (c,) this position's inputs.
+    x_ref: this position's inputs, channel start + i at x_start + i (a packed row: the fused
+      Mamba-2 kernel reads them from in_proj's output).
+    x_start: where channel ``start``'s input is in x_ref (may be traced).
     state_ref: (c, w − 1) the previous w − 1 inputs, oldest first.
     weight_ref: (c, w); bias_ref: (c,) or None.
     start: first channel (may be traced); count: a power of two.
@@ -49,7 +51,7 @@ def conv_window(x_ref, state_ref, weight_ref, bias_ref, start, count: int, width
     [state[:, k] for k < w − 1], each (count,) in the state's dtype).
   """
   rows = pl.ds(start, count)
-  x = x_ref[rows]
+  x = x_ref[pl.ds(x_start, count)]
   cols = [state_ref[rows, k] for k in range(width - 1)]
   acc = weight_ref[rows, width - 1].astype(jnp.float32) * x.astype(jnp.float32)
   for k, col in enumerate(cols):
@@ -113,8 +115,8 @@ def causal_conv1d_update_pallas(x: jax.Array, conv_state: jax.Array, weight: jax
     bias_ref = refs[3] if bias is not None else None
     y_ref, new_state_ref = refs[-2:]
     start = pl.program_id(1) * block
-    acc, xv, cols = conv_window(x_ref, state_ref, weight_ref, bias_ref, start, block, width,
-                                silu)
+    acc, xv, cols = conv_window(x_ref, start, state_ref, weight_ref, bias_ref, start, block,
+                                width, silu)
     y_ref[pl.ds(start, block)] = acc.astype(y_ref.dtype)
     store_shifted_state(new_state_ref, start, block, xv, cols)
 

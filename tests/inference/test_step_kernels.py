@@ -35,7 +35,9 @@ def test_kernel_steps_equal_xla_steps(kind, state_dtype, kernel_impl):
   for t in range(6, 9):
     logits = {}
     for name, impl in (("xla", "xla"), ("kernel", kernel_impl)):
-      with resolve_auto_as(**{op: impl for op in OPS}):  # decode_step traces afresh: it is not jitted
+      # decode_step is not jitted: it traces afresh under each choice. Full-precision matmuls:
+      # a GPU's default (TF32) would round the two paths' 1e-7 differences up to 1e-3.
+      with resolve_auto_as(**{op: impl for op in OPS}), jax.default_matmul_precision("highest"):
         logits[name], caches[name] = decode_step(model, ids[:, t], caches[name])
     assert_close(logits["kernel"], logits["xla"], 1e-5, f"{kind} step {t}")
   for a, b in zip(jax.tree.leaves(caches["kernel"]), jax.tree.leaves(caches["xla"])):
@@ -44,10 +46,10 @@ def test_kernel_steps_equal_xla_steps(kind, state_dtype, kernel_impl):
 
 
 def test_resolve_auto_as_scopes_and_validates():
-  args = (jnp.ones((1, 8), jnp.float32), jnp.ones((1, 8, 3), jnp.float32),
-          jnp.ones((8, 4), jnp.float32))
-  with resolve_auto_as(causal_conv1d_update="pallas"):  # "pallas" cannot run on a CPU...
-    with pytest.raises(ValueError, match="interpret"):
+  args = (jnp.ones((1, 8), jnp.float64), jnp.ones((1, 8, 3), jnp.float64),
+          jnp.ones((8, 4), jnp.float64))
+  with resolve_auto_as(causal_conv1d_update="pallas"):  # the kernel takes no float64...
+    with pytest.raises(ValueError, match="float32/bfloat16/float16"):
       causal_conv1d_update(*args)
   causal_conv1d_update(*args)  # ... and outside the block "auto" is the XLA form again
   with resolve_auto_as(causal_conv1d_update="triton"):

@@ -15,7 +15,7 @@ import pytest
 from mamba_jax.ops.causal_conv1d import causal_conv1d_update
 from mamba_jax.ops.selective_state_update import selective_state_update
 from mamba_jax.ops.ssd_decode_step import ssd_decode_step
-from pallas_kernels.gpu.ssd_decode_step import default_block_p
+from pallas_kernels.gpu.ssd_decode_step import default_block_p, in_proj_width
 from pallas_kernels.gpu.selective_state_update import default_block_d
 from tests.numerics import assert_close
 
@@ -28,19 +28,18 @@ def _normal(rng, shape, dtype, scale=1.0):
   return jnp.asarray(scale * rng.standard_normal(shape), dtype)
 
 
-def _mamba2_args(dtype, b, h, p, n, g, w=4, D_per_dim=False, z=True, bias=True, seed=0):
+def _mamba2_args(dtype, b, h, p, n, g, m=0, w=4, D_per_dim=False, bias=True, seed=0):
+  """ssd_decode_step's arrays: in_proj's output row (d_mlp m), conv and SSM states, params."""
   rng = np.random.default_rng(seed)
   c = h * p + 2 * g * n
   f32 = jnp.float32
   return dict(
-      xBC=_normal(rng, (b, c), dtype), conv_state=_normal(rng, (b, c, w - 1), dtype),
-      conv_weight=_normal(rng, (c, w), f32, 0.5),
+      zxbcdt=_normal(rng, (b, in_proj_width(m, h, p, g, n)), dtype),
+      conv_state=_normal(rng, (b, c, w - 1), dtype), conv_weight=_normal(rng, (c, w), f32, 0.5),
       conv_bias=_normal(rng, (c,), f32, 0.3) if bias else None,
-      ssm_state=_normal(rng, (b, h, p, n), f32), dt=_normal(rng, (b, h), dtype),
-      A=jnp.asarray(-rng.uniform(0.05, 1.5, h), f32),
-      D=_normal(rng, (h, p) if D_per_dim else (h,), f32),
-      z=_normal(rng, (b, h, p), dtype) if z else None,
-      dt_bias=_normal(rng, (h,), f32, 0.5))
+      ssm_state=_normal(rng, (b, h, p, n), f32),
+      A_log=jnp.asarray(np.log(rng.uniform(0.05, 1.5, h)), f32),
+      D=_normal(rng, (h, p) if D_per_dim else (h,), f32), dt_bias=_normal(rng, (h,), f32, 0.5))
 
 
 def _mamba1_args(dtype, b, e, n, g, z=True, D=True, seed=0):
@@ -71,18 +70,18 @@ class DecodeKernelCases:
   """The cases, compiled (GPU) or interpreted (CPU): the op's ``impl`` is IMPL."""
 
   IMPL = "pallas_interpret"
-  MAMBA2 = [  # (b, h, p, n, g, D per dim, z, conv bias, dt_limit)
-      (1, 4, 16, 8, 1, False, False, True, (0.0, float("inf"))),
-      (3, 6, 32, 16, 2, True, True, False, (0.01, 0.5)),
+  MAMBA2 = [  # (b, h, p, n, g, d_mlp, D per dim, gate, conv bias, dt_limit)
+      (1, 4, 16, 8, 1, 0, False, False, True, (0.0, float("inf"))),
+      (3, 6, 32, 16, 2, 24, True, True, False, (0.01, 0.5)),
   ]
   MAMBA1 = [(1, 64, 8, 1, True, True), (2, 96, 16, 3, False, False)]  # (b, e, n, g, z, D)
 
   @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
   @pytest.mark.parametrize("case", range(2))
   def test_ssd_decode_step(self, dtype, case):
-    b, h, p, n, g, D_per_dim, z, bias, limit = self.MAMBA2[case]
-    args = _mamba2_args(dtype, b, h, p, n, g, D_per_dim=D_per_dim, z=z, bias=bias, seed=case)
-    kw = dict(groups=g, dt_softplus=True, dt_limit=limit)
+    b, h, p, n, g, m, D_per_dim, gate, bias, limit = self.MAMBA2[case]
+    args = _mamba2_args(dtype, b, h, p, n, g, m, D_per_dim=D_per_dim, bias=bias, seed=case)
+    kw = dict(d_mlp=m, groups=g, gate=gate, dt_softplus=True, dt_limit=limit)
     got = ssd_decode_step(**args, **kw, impl=self.IMPL)
     _check(got, ssd_decode_step(**args, **kw, impl="xla"),
            ssd_decode_step(**_to64(args), **kw, impl="xla"), dtype)
@@ -111,13 +110,12 @@ class DecodeKernelCases:
 
   def test_state_is_updated_over_steps(self):
     """Ten chained steps (the state and conv state fed back) stay on the reference."""
-    args = _mamba2_args(jnp.float32, 2, 4, 16, 8, 2, D_per_dim=True)
-    kw = dict(groups=2, dt_softplus=True)
+    args = _mamba2_args(jnp.float32, 2, 4, 16, 8, 2, m=8, D_per_dim=True)
+    kw = dict(d_mlp=8, groups=2, gate=True, dt_softplus=True)
     states = {impl: (args["conv_state"], args["ssm_state"]) for impl in (self.IMPL, "xla")}
     rng = np.random.default_rng(7)
     for _ in range(10):
-      step = dict(args, xBC=_normal(rng, args["xBC"].shape, jnp.float32),
-                  dt=_normal(rng, args["dt"].shape, jnp.float32))
+      step = dict(args, zxbcdt=_normal(rng, args["zxbcdt"].shape, jnp.float32))
       ys = {}
       for impl, (conv, ssm) in states.items():
         y, conv, ssm = ssd_decode_step(**dict(step, conv_state=conv, ssm_state=ssm), **kw,
@@ -137,7 +135,7 @@ class TestDecodeKernelsGpu(DecodeKernelCases):
   """The compiled kernels on an NVIDIA GPU, with the model sizes' block shapes too."""
 
   IMPL = "pallas"
-  MAMBA2 = DecodeKernelCases.MAMBA2 + [(1, 64, 64, 128, 1, False, False, True,
+  MAMBA2 = DecodeKernelCases.MAMBA2 + [(1, 64, 64, 128, 1, 0, False, False, True,
                                         (0.0, float("inf")))]
   MAMBA1 = DecodeKernelCases.MAMBA1 + [(1, 4096, 16, 1, True, True)]
 
@@ -158,8 +156,8 @@ def test_lowers_to_triton():
   S = jax.ShapeDtypeStruct
   h, p, n, w, e = 64, 64, 128, 4, 4096
   c = h * p + 2 * n
-  mamba2 = (S((1, c), bf16), S((1, c, w - 1), bf16), S((c, w), f32), S((c,), f32),
-            S((1, h, p, n), f32), S((1, h), bf16), S((h,), f32))
+  mamba2 = (S((1, in_proj_width(0, h, p, 1, n)), bf16), S((1, c, w - 1), bf16), S((c, w), f32),
+            S((c,), f32), S((1, h, p, n), f32), S((h,), f32))
   mamba1 = (S((1, e, 16), f32), S((1, e), bf16), S((1, e), bf16), S((e, 16), f32),
             S((1, 16), bf16), S((1, 16), bf16), S((e,), f32), S((1, e), bf16), S((e,), f32))
   conv = (S((1, e), bf16), S((1, e, w - 1), bf16), S((e, w), f32), S((e,), f32))
@@ -167,8 +165,9 @@ def test_lowers_to_triton():
                                        platform="cuda")
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
   calls = [
-      (lambda *a: ssd_decode_step(*a, groups=1, D=jnp.ones((h,)), dt_bias=jnp.zeros((h,)),
-                                  dt_softplus=True, impl="pallas"), mamba2),
+      (lambda *a: ssd_decode_step(*a, d_mlp=0, groups=1, D=jnp.ones((h,)),
+                                  dt_bias=jnp.zeros((h,)), dt_softplus=True, impl="pallas"),
+       mamba2),
       (lambda *a: selective_state_update(*a[:6], D=a[6], z=a[7], dt_bias=a[8],
                                          dt_softplus=True, impl="pallas"), mamba1),
       (lambda *a: causal_conv1d_update(*a, activation="silu", impl="pallas"), conv),
@@ -187,12 +186,14 @@ def test_default_blocks():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: ssd_decode_step(**_mamba2_args(jnp.float32, 1, 2, 8, 4, 1, w=1), groups=1,
-                             impl="pallas_interpret"), "conv width >= 2"),
-    (lambda: ssd_decode_step(**_mamba2_args(jnp.float32, 1, 2, 6, 4, 1), groups=1,
+    (lambda: ssd_decode_step(**_mamba2_args(jnp.float32, 1, 2, 8, 4, 1, w=1), d_mlp=0,
+                             groups=1, impl="pallas_interpret"), "conv width >= 2"),
+    (lambda: ssd_decode_step(**_mamba2_args(jnp.float32, 1, 2, 6, 4, 1), d_mlp=0, groups=1,
                              impl="pallas_interpret"), "powers of two"),
-    (lambda: ssd_decode_step(**_mamba2_args(jnp.float32, 1, 4, 8, 4, 2), groups=3,
+    (lambda: ssd_decode_step(**_mamba2_args(jnp.float32, 1, 4, 8, 4, 2), d_mlp=0, groups=3,
                              impl="pallas_interpret"), "groups must be a positive int"),
+    (lambda: ssd_decode_step(**_mamba2_args(jnp.float32, 1, 4, 8, 4, 2, m=4), d_mlp=0,
+                             groups=2, impl="xla"), "zxbcdt"),
     (lambda: selective_state_update(**dict(_mamba1_args(jnp.float32, 1, 32, 8, 1),
                                            A=-jnp.ones((32, 8), jnp.complex64),
                                            state=jnp.zeros((1, 32, 8), jnp.complex64)),
