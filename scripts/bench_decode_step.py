@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from bench_timing import COPY_BYTES_PER_S, environment, time_ms, write_json  # noqa: E402
 from mamba_jax.config import preset  # noqa: E402
 from mamba_jax.ops.ssd_decode_step import ssd_decode_step  # noqa: E402
-from pallas_kernels.gpu.ssd_decode_step import (default_block_p, in_proj_width,  # noqa: E402
+from pallas_kernels.gpu.ssd_decode_step import (default_blocks, in_proj_width,  # noqa: E402
                                                 ssd_decode_step_pallas)
 
 
@@ -123,8 +123,8 @@ def main() -> None:
   print(f"\n| model | batch | impl | block_p | warps | µs / step | copy ceiling | xla / this |\n"
         f"|---|---|---|---|---|---|---|---|")
   for r in rows:
-    default = (r["impl"] == "pallas" and r["block_p"] == default_block_p(r["batch"], r["h"],
-                                                                          r["p"]))
+    default = (r["impl"] == "pallas"
+               and (r["block_p"], r["num_warps"]) == default_blocks(r["batch"], r["h"], r["p"]))
     print(f"| {r['model']} | {r['batch']} | {r['impl']}{' (default blocks)' * default} | "
           f"{r['block_p'] or '-'} | {r['num_warps'] or '-'} | {r['us_per_step']} | "
           f"{r['copy_fraction']:.0%} | {r['xla_over_this']} |")

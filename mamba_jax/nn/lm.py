@@ -98,10 +98,11 @@ def run_block_offloaded(layer: nnx.Module, hidden: jax.Array, residual: Optional
   A ``jax.custom_vjp`` around the block: the forward runs the block and saves its parameters
   and its (hidden, residual) inputs copied to host memory (``jax.memory.Space.Host``, an
   asynchronous copy that overlaps the next blocks); the backward waits for the incoming
-  cotangents (``optimization_barrier``, so that the recomputations run one block at a time in
-  the backward's order rather than all at once when their inputs are back), copies the inputs
-  back to the device, recomputes the block and returns its VJP. Values and gradients are
-  those of the plain block. ``kwargs`` (e.g. seq_idx) are not differentiated.
+  cotangents (``optimization_barrier`` over the cotangents and the host copies, so that the
+  copies come back, and the block is recomputed, one block at a time in the backward's order
+  rather than all at once), copies the inputs back to the device, recomputes the block and
+  returns its VJP. Values and gradients are those of the plain block. ``kwargs`` (e.g.
+  seq_idx) are not differentiated.
   """
   graphdef, params = nnx.split(layer)
 
@@ -117,8 +118,11 @@ def run_block_offloaded(layer: nnx.Module, hidden: jax.Array, residual: Optional
 
   def backward(saved, cotangents):
     params, inputs = saved
-    cotangents, (h, r) = jax.lax.optimization_barrier(
-        (cotangents, _to_memory(jax.memory.Space.Device, inputs)))
+    # The copy back reads inputs that have passed the barrier with the cotangents, so it cannot
+    # start before this block's backward does (the saved inputs of every block would otherwise
+    # be back on the device at once).
+    cotangents, inputs = jax.lax.optimization_barrier((cotangents, inputs))
+    h, r = _to_memory(jax.memory.Space.Device, inputs)
     return jax.vjp(apply, params, h, r)[1](cotangents)
 
   block.defvjp(forward, backward)

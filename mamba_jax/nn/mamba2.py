@@ -394,10 +394,9 @@ class Mamba2Mixer(nnx.Module):
     with jax.named_scope("mamba2_mixer_step"):
       zxbcdt = self.in_proj(u_t)
       z0, x0, z, _, _ = self._split(zxbcdt)
-      a_log = self.A_log[...]
       y, conv_state, ssm_state = ssd_decode_step(
           zxbcdt, state.conv_state, self.conv1d.kernel[...], self.conv1d.bias_value(),
-          state.ssm_state, a_log.astype(self._ssm_dtype(a_log.dtype)), d_mlp=self.d_mlp,
+          state.ssm_state, self.A_log[...], d_mlp=self.d_mlp,
           groups=self.ngroups, D=self._D(), dt_bias=self.dt_bias[...], gate=not self.rmsnorm,
           dt_softplus=True, dt_limit=self.dt_limit)
       y = self._output(y.reshape(batch, self.d_ssm), z, z0, x0)

@@ -40,19 +40,19 @@ from pallas_kernels.gpu.causal_conv1d_update import conv_window, store_shifted_s
 from pallas_kernels.gpu.selective_scan_args import softplus
 
 KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-NUM_WARPS = 4
 
 
 def _is_power_of_two(v: int) -> bool:
   return v > 0 and (v & (v - 1)) == 0
 
 
-def default_block_p(batch: int, heads: int, head_dim: int) -> int:
-  """head_dim, halved (down to 16) while there are fewer than 128 programs."""
-  block = head_dim
-  while block > 16 and batch * heads * (head_dim // block) < 128:
-    block //= 2
-  return block
+def default_blocks(batch: int, heads: int, head_dim: int) -> tuple[int, int]:
+  """(block_p, num_warps): a whole head per program; 4 warps while there are fewer than 1024
+  programs, else 2. Measured on an H100 (scripts/bench_decode_step.py, one call, the mamba2
+  presets' sizes): a whole head was as fast as or faster than 8, 16 or 32 head dims at batch 1
+  and 64; at batch 64 (1,536 / 4,096 programs) 2 warps reached 73 / 80 % of the copy ceiling
+  against 66 / 72 % with 4, and at batch 1 4 warps were the faster (or as fast)."""
+  return head_dim, (4 if batch * heads < 1024 else 2)
 
 
 def in_proj_width(d_mlp: int, heads: int, head_dim: int, groups: int, d_state: int) -> int:
@@ -142,7 +142,7 @@ def ssd_decode_step_pallas(zxbcdt: jax.Array, conv_state: jax.Array, conv_weight
                            D: jax.Array | None, dt_bias: jax.Array | None, *, d_mlp: int,
                            groups: int, gate: bool, dt_softplus: bool,
                            dt_limit: tuple[float, float], block_p: int | None = None,
-                           num_warps: int = NUM_WARPS, interpret: bool = False):
+                           num_warps: int | None = None, interpret: bool = False):
   """The module docstring's step on validated arguments (``ssd_decode_step``'s checks).
 
   Args:
@@ -153,8 +153,8 @@ def ssd_decode_step_pallas(zxbcdt: jax.Array, conv_state: jax.Array, conv_weight
     d_mlp: m. groups: g (B and C groups).
     gate: multiply y by silu(z) (Mamba2Mixer with rmsnorm=False).
     dt_softplus, dt_limit: as ``ssd_state_update``.
-    block_p: head dims per program (a power of two dividing p); default ``default_block_p``.
-    num_warps: warps per program (Triton).
+    block_p: head dims per program (a power of two dividing p); num_warps: warps per program
+      (Triton). Each None takes ``default_blocks``'.
     interpret: run in the Pallas interpreter (CPU).
 
   Returns:
@@ -164,7 +164,8 @@ def ssd_decode_step_pallas(zxbcdt: jax.Array, conv_state: jax.Array, conv_weight
   batch, row_width = zxbcdt.shape
   _, h, p, n = ssm_state.shape
   channels, width = conv_weight.shape
-  block_p = block_p or default_block_p(batch, h, p)
+  default_p, default_warps = default_blocks(batch, h, p)
+  block_p, num_warps = block_p or default_p, num_warps or default_warps
   if not (_is_power_of_two(block_p) and p % block_p == 0):
     raise ValueError(f"block_p must be a power of two dividing head_dim {p}, got {block_p}")
   row = pl.BlockSpec((None, row_width), lambda bi, i, j: (bi, 0))

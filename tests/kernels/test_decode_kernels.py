@@ -15,7 +15,7 @@ import pytest
 from mamba_jax.ops.causal_conv1d import causal_conv1d_update
 from mamba_jax.ops.selective_state_update import selective_state_update
 from mamba_jax.ops.ssd_decode_step import ssd_decode_step
-from pallas_kernels.gpu.ssd_decode_step import default_block_p, in_proj_width
+from pallas_kernels.gpu.ssd_decode_step import default_blocks, in_proj_width
 from pallas_kernels.gpu.selective_state_update import default_block_d
 from tests.numerics import assert_close
 
@@ -179,8 +179,8 @@ def test_lowers_to_triton():
 
 
 def test_default_blocks():
-  assert default_block_p(1, 64, 64) == 32  # 128 programs of 32 head dims at Mamba-2 1.3B...
-  assert default_block_p(1, 24, 64) == 16  # ... and 96 of 16 at 130M (24 heads)
+  assert default_blocks(1, 64, 64) == (64, 4)  # Mamba-2 1.3B at batch 1: 64 programs...
+  assert default_blocks(64, 24, 64) == (64, 2)  # ... 130M at batch 64: 1,536
   assert default_block_d(1, 4096, 1) == 16  # Mamba-1 1.4B: 256 programs of 16 channels
   assert default_block_d(64, 4096, 1) == 128
 
