@@ -9,7 +9,8 @@
 ``impl="xla"`` composes those ops (the reference); ``impl="pallas"`` runs everything after
 in_proj in one Pallas GPU kernel (``pallas_kernels.gpu.ssd_decode_step``, Triton lowering),
 which reads the in_proj row in place; ``"pallas_interpret"`` is that kernel in the Pallas
-interpreter (CPU tests). ``"auto"`` takes the kernel on GPUs when it supports the shapes.
+interpreter (CPU tests). ``"auto"`` takes the kernel on GPUs for batches up to
+``AUTO_MAX_BATCH`` when it supports the shapes, else the XLA form.
 
 Layout of in_proj's output zxbcdt (mamba_ssm's order, grouped): z0, x0 (d_mlp each), then for
 each of the g groups: z of its r = h / g heads (r·p), x of those heads (r·p), B (n), C (n),
@@ -32,6 +33,12 @@ from mamba_jax.ops.ssd_state_update import ssd_state_update
 from pallas_kernels.gpu import ssd_decode_step as kernel
 
 IMPLS = ("xla", "pallas", "pallas_interpret")
+# Measured on an H100, mamba2-1.3b's decoding loop (scripts/profile_decode.py, one call each):
+# batch 1, 2.16 ms per token with the kernel against 2.32 with the XLA form (439 kernels per
+# token against 583); batch 128 (float32 state), 12.52 against 12.00, where the step is bound
+# by the state's traffic and XLA's fusions reach more of the copy ceiling. Between them
+# (scripts/bench_decode_step.py, the step alone at batch 64) the two were within 8 %.
+AUTO_MAX_BATCH = 16
 
 
 def split_in_proj(zxbcdt: jax.Array, d_mlp: int, heads: int, groups: int, d_state: int):
@@ -100,7 +107,7 @@ def ssd_decode_step(zxbcdt: jax.Array, conv_state: jax.Array, conv_weight: jax.A
               "ssm_state's sizes")
   check_shape("A_log", A_log, (heads,), "(heads,)")
   impl = resolve_impl("ssd_decode_step", impl, IMPLS, lambda: (
-      "pallas" if platform() == "gpu"
+      "pallas" if platform() == "gpu" and batch <= AUTO_MAX_BATCH
       and not kernel.check_supported(zxbcdt, conv_state, conv_weight, ssm_state) else "xla"))
 
   def reference(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A_log, D, dt_bias):
