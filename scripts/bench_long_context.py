@@ -6,8 +6,7 @@ gradient and an AdamW update (``mamba_jax.training.optimizer.make_optimizer``) w
     ``lm.run_block``): the backward keeps only each block's inputs (hidden in the compute
     dtype, the residual stream in float32) and recomputes the rest one block at a time;
     ``--remat_group k`` checkpoints groups of k blocks instead (``lm.run_blocks``), keeping
-    n_layer / k + k block inputs; ``--offload`` rematerializes every block and keeps the block
-    inputs in host memory (``remat="offload"``, ``lm.run_block_offloaded``);
+    n_layer / k + k block inputs;
   * a chunked LM-head loss: the final hidden states are cut into ``--loss_chunk`` tokens, and
     logits + cross-entropy are computed (and recomputed in the backward) one chunk at a time
     in a ``lax.scan``, so the (L, vocab) logits never exist whole.
@@ -124,11 +123,8 @@ def attempt(name: str, mode: str, length: int, args) -> dict:
               peak_gib=None if peak is None else peak / 2 ** 30)
 
 
-def remat_mode(args) -> bool | int | str:
+def remat_mode(args) -> bool | int:
   """The ``remat`` argument of ``MambaLM.hidden_states`` that the flags ask for."""
-  if args.offload:
-    from mamba_jax.nn.lm import OFFLOAD   # (imports jax: not needed by the driver otherwise)
-    return OFFLOAD
   return args.remat_group if args.remat else False
 
 
@@ -146,8 +142,7 @@ def search(name: str, mode: str, args, deadline: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--attempt", f"{name}:{mode}:{length}",
            "--out", path, "--loss_chunk", str(args.loss_chunk),
            "--remat_group", str(args.remat_group)] + (
-               ["--smoke"] if args.smoke else []) + ([] if args.remat else ["--no_remat"]) + (
-               ["--offload"] if args.offload else [])
+               ["--smoke"] if args.smoke else []) + ([] if args.remat else ["--no_remat"])
     t0 = time.perf_counter()
     try:
       proc = subprocess.run(cmd, capture_output=True, text=True,
@@ -195,18 +190,12 @@ def main():
   parser.add_argument("--remat_group", type=int, default=1,
                       help="blocks per rematerialized group (lm.run_blocks): 1 = every block, "
                            "k >= 2 = groups of k blocks (n_layer / k + k block inputs kept)")
-  parser.add_argument("--offload", action="store_true",
-                      help="remat='offload': every block rematerialized, its inputs in pinned "
-                           "host memory between the forward and the backward")
   parser.add_argument("--budget_s", type=float, default=1e9)
   parser.add_argument("--attempt_s", type=float, default=300)
   parser.add_argument("--smoke", action="store_true", help="tiny models and lengths (CPU)")
   parser.add_argument("--attempt", default="", help=argparse.SUPPRESS)
   parser.add_argument("--out", default="bench_long_context.json")
   args = parser.parse_args()
-  if args.offload and (not args.remat or args.remat_group != 1):
-    parser.error("--offload rematerializes every block: it takes neither --no_remat nor "
-                 "--remat_group")
   if args.attempt:
     name, mode, length = args.attempt.split(":")
     with open(args.out, "w") as f:

@@ -196,8 +196,6 @@ def long_context_md(data: dict) -> list[str]:
   group = a.get("remat_group", 1) if a.get("remat", True) else 0
   remat = {0: "no rematerialization", 1: "per-block rematerialization"}.get(
       group, f"rematerialization in groups of {group} blocks")
-  if a.get("offload"):
-    remat = "per-block rematerialization, block inputs in host memory"
   out = [f"Batch 1, float32 parameters, bf16 compute; train = loss + gradient + AdamW update "
          f"with {remat} and the LM-head loss in "
          f"{fmt(a.get('loss_chunk'))}-token chunks; forward = all L tokens through the "
@@ -216,7 +214,7 @@ def long_context_md(data: dict) -> list[str]:
       longest = f"≥ {longest} (search capped by {r['capped_by']})" if r["longest"] else longest
     remat = r.get("remat", True)
     remat = ("none" if remat is False or remat == 0 else "per block" if remat in (True, 1)
-             else "per block, inputs on host" if remat == "offload" else f"groups of {remat}")
+             else f"groups of {remat}")
     body.append([r["model"], r["mode"], remat if r["mode"] == "train" else "-", longest, tried])
   return out + table(["model", "mode", "remat", "longest length", "attempts"], body)
 

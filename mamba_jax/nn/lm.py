@@ -84,53 +84,8 @@ def run_block(layer: nnx.Module, hidden: jax.Array, residual: Optional[jax.Array
   return nnx.remat(lambda block, h, r: block(h, r, **kwargs)[:2])(layer, hidden, residual)
 
 
-OFFLOAD = "offload"  # remat mode: each block rematerialized, its inputs kept in host memory
-
-
-def _to_memory(space, tree):
-  return jax.tree.map(lambda x: jax.device_put(x, space), tree)
-
-
-def run_block_offloaded(layer: nnx.Module, hidden: jax.Array, residual: Optional[jax.Array],
-                        **kwargs) -> tuple[jax.Array, jax.Array]:
-  """:func:`run_block` with remat, its saved inputs in host memory (``remat="offload"``).
-
-  A ``jax.custom_vjp`` around the block: the forward runs the block and saves its parameters
-  and its (hidden, residual) inputs copied to host memory (``jax.memory.Space.Host``, an
-  asynchronous copy that overlaps the next blocks); the backward waits for the incoming
-  cotangents (``optimization_barrier`` over the cotangents and the host copies, so that the
-  copies come back, and the block is recomputed, one block at a time in the backward's order
-  rather than all at once), copies the inputs back to the device, recomputes the block and
-  returns its VJP. Values and gradients are those of the plain block. ``kwargs`` (e.g.
-  seq_idx) are not differentiated.
-  """
-  graphdef, params = nnx.split(layer)
-
-  def apply(params, h, r):
-    return nnx.merge(graphdef, params)(h, r, **kwargs)[:2]
-
-  @jax.custom_vjp
-  def block(params, h, r):
-    return apply(params, h, r)
-
-  def forward(params, h, r):
-    return apply(params, h, r), (params, _to_memory(jax.memory.Space.Host, (h, r)))
-
-  def backward(saved, cotangents):
-    params, inputs = saved
-    # The copy back reads inputs that have passed the barrier with the cotangents, so it cannot
-    # start before this block's backward does (the saved inputs of every block would otherwise
-    # be back on the device at once).
-    cotangents, inputs = jax.lax.optimization_barrier((cotangents, inputs))
-    h, r = _to_memory(jax.memory.Space.Device, inputs)
-    return jax.vjp(apply, params, h, r)[1](cotangents)
-
-  block.defvjp(forward, backward)
-  return block(params, hidden, residual)
-
-
 def run_blocks(layers, hidden: jax.Array, residual: Optional[jax.Array], *,
-               remat: bool | int | str, **kwargs) -> tuple[jax.Array, jax.Array]:
+               remat: bool | int, **kwargs) -> tuple[jax.Array, jax.Array]:
   """The residual blocks ``layers`` in order: (hidden, residual) -> (hidden, residual).
 
   ``remat``: False (or 0) keeps every intermediate for the backward; True (or 1)
@@ -139,15 +94,8 @@ def run_blocks(layers, hidden: jax.Array, residual: Optional[jax.Array], *,
   group: the backward keeps the two arrays at every group's entry, and while it recomputes
   one group, at its k blocks' entries (n_layer / k + k pairs instead of n_layer; k near
   sqrt(n_layer) keeps fewest), at the cost of a second recomputation of every block's
-  forward. ``"offload"`` rematerializes each block as True does, but the two arrays entering
-  each block live in host memory between the forward and the backward
-  (:func:`run_block_offloaded`), so device memory need not hold every block's pair. Values
-  and gradients are unchanged in every mode.
+  forward. Values and gradients are unchanged in every mode.
   """
-  if remat == OFFLOAD:
-    for layer in layers:
-      hidden, residual = run_block_offloaded(layer, hidden, residual, **kwargs)
-    return hidden, residual
   if isinstance(remat, bool) or remat <= 1:
     for layer in layers:
       hidden, residual = run_block(layer, hidden, residual, remat=bool(remat), **kwargs)
@@ -166,14 +114,10 @@ def run_blocks(layers, hidden: jax.Array, residual: Optional[jax.Array], *,
 
 
 def check_remat(remat) -> None:
-  """Raises ValueError unless ``remat`` is a bool, an int >= 0 or "offload" (see
-  :func:`run_blocks`)."""
-  if remat == OFFLOAD:
-    return
+  """Raises ValueError unless ``remat`` is a bool or an int >= 0 (see :func:`run_blocks`)."""
   if not isinstance(remat, (bool, int)) or remat < 0:
-    raise ValueError(f"remat must be a bool, a block-group size int >= 0 (1 = every block, "
-                     f"k >= 2 = groups of k blocks) or {OFFLOAD!r} (every block, its inputs in "
-                     f"host memory), got {remat!r}")
+    raise ValueError(f"remat must be a bool or a block-group size int >= 0 (1 = every block, "
+                     f"k >= 2 = groups of k blocks), got {remat!r}")
 
 
 class MixerModel(nnx.Module):
@@ -202,7 +146,7 @@ class MixerModel(nnx.Module):
                        param_dtype=param_dtype)
 
   def __call__(self, input_ids: jax.Array, *, seq_idx: Optional[jax.Array] = None,
-               remat: bool | int | str = False) -> jax.Array:
+               remat: bool | int = False) -> jax.Array:
     """Final hidden states: input_ids (b, l) int -> norm_f(hidden + residual) (b, l, d).
 
     What :class:`MambaLM` feeds its LM head (float32, or wider); for heads of other tasks
@@ -269,7 +213,7 @@ class MambaLM(nnx.Module):
                                                           kernel.dtype)
 
   def hidden_states(self, input_ids: jax.Array, *, seq_idx: Optional[jax.Array] = None,
-                    remat: bool | int | str = False) -> jax.Array:
+                    remat: bool | int = False) -> jax.Array:
     """The final normed hidden states (b, l, d) float32 that the LM head reads: ``self(ids)``
     is ``self.logits_from_hidden(self.hidden_states(ids))``. For losses that take the head
     a piece at a time (``train_step.chunked_masked_loss_and_accuracy``); ``remat``: see
@@ -307,7 +251,7 @@ class MambaLM(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, *, attention_mask: Optional[jax.Array] = None,
                seq_idx: Optional[jax.Array] = None, return_state: bool = False,
-               max_length: Optional[int] = None, remat: bool | int | str = False):
+               max_length: Optional[int] = None, remat: bool | int = False):
     """Logits of every position: input_ids (b, l) int -> (b, l, v_pad) float32.
 
     Args:

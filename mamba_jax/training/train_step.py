@@ -105,7 +105,7 @@ def chunked_masked_loss_and_accuracy(head: Callable[[jax.Array], jax.Array],
   return total
 
 
-def _loss_sums(model: nnx.Module, batch: Batch, vocab_size: int, remat: bool | int | str,
+def _loss_sums(model: nnx.Module, batch: Batch, vocab_size: int, remat: bool | int,
                loss_chunk: int) -> dict[str, jax.Array]:
   """The masked sums of ``model`` on ``batch``: whole logits, or the LM head ``loss_chunk``
   positions at a time (language models only); blocks rematerialized with ``remat``."""
@@ -122,7 +122,7 @@ def _loss_sums(model: nnx.Module, batch: Batch, vocab_size: int, remat: bool | i
   return masked_loss_and_accuracy(logits, batch["targets"], batch["mask"], vocab_size)
 
 
-def _check_memory_options(remat: bool | int | str, loss_chunk: int) -> None:
+def _check_memory_options(remat: bool | int, loss_chunk: int) -> None:
   check_remat(remat)
   if not isinstance(loss_chunk, int) or loss_chunk < 0:
     raise ValueError(f"loss_chunk must be an int >= 0 (0: whole logits), got {loss_chunk!r}")
@@ -164,7 +164,7 @@ def _jit(fn: Callable, donate: bool, mesh: Mesh | None, in_shardings: Any,
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
                     vocab_size: int, *, mesh: Mesh | None = None,
                     state_shardings: Any = None, batch_shardings: Any = None,
-                    parallel: bool = False, remat: bool | int | str = False, loss_chunk: int = 0
+                    parallel: bool = False, remat: bool | int = False, loss_chunk: int = 0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """A jitted ``(state, batch) -> (state, metrics)``; the input state's buffers are donated.
 
@@ -180,8 +180,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
     remat: rematerialize every residual block in the backward (True or 1, ``lm.run_block``):
       activation memory of two (b, l, d) arrays per layer, one more forward of compute; an
       int k >= 2 checkpoints groups of k blocks (``lm.run_blocks``): n_layer / k + k pairs,
-      two more forwards; "offload" rematerializes every block with those pairs kept in host
-      memory (``lm.run_block_offloaded``).
+      two more forwards.
     loss_chunk: 0 (whole logits), or the LM head and loss taken this many positions at a time
       (:func:`chunked_masked_loss_and_accuracy`; language models).
   """
