@@ -255,6 +255,41 @@ def s6_md(data: dict) -> list[str]:
   return out
 
 
+def decode_profile_md(data: dict) -> list[str]:
+  """scripts/profile_decode.py's rows: the compiled decoding loop with the decoding ops as
+  impl="auto" picks them and in their XLA forms."""
+  a = data.get("args", {})
+  out = [f"{data.get('device', '?')}; random weights in {a.get('dtype')}, float32 SSM state, "
+         f"prompt {fmt(a.get('prompt_len'))} prefilled, then {a.get('gen_len')} tokens "
+         "decoded greedily in the compiled loop; wall time per token, the GPU's busy time per "
+         "token and the kernels it ran per token (a profiler trace). step `auto` = the "
+         "decoding ops as `impl=\"auto\"` picks them (on a GPU, Mamba-2's fused conv + SSD "
+         "kernel `ssd_decode_step` up to batch 16), `xla` = their XLA forms; `pallas` = every "
+         "decoding kernel. All rows of one model in one process.", ""]
+  return out + table(["model", "batch", "step", "wall ms / token", "GPU busy ms / token",
+                      "kernels / token"],
+                     [[r["model"], r["batch"], r.get("step_impl", "auto"),
+                       r["wall_ms_per_token"], r.get("busy_ms_per_token"),
+                       r.get("kernels_per_token")] for r in data.get("rows", [])])
+
+
+def decode_step_md(data: dict) -> list[str]:
+  """scripts/bench_decode_step.py's rows: the fused Mamba-2 step against its XLA form."""
+  a = data.get("args", {})
+  out = [f"{data.get('device', '?')}; `ops.ssd_decode_step` (conv step + SSD state update of "
+         f"one Mamba-2 layer) at the presets' sizes, {a.get('steps')} steps in one compiled "
+         f"`fori_loop` (state carried, updated in place), {a.get('state_dtype')} state; µs per "
+         "step (the loop's own per-iteration cost included: at batch 1 it dominates), the "
+         "state traffic (read + write) against the 3.0 TB/s copy ceiling, and the XLA form's "
+         "time over the row's.", ""]
+  return out + table(["model", "batch", "impl", "block_p", "warps", "µs / step",
+                      "copy ceiling", "xla / this"],
+                     [[r["model"], r["batch"], r["impl"], r.get("block_p") or "-",
+                       r.get("num_warps") or "-", r["us_per_step"],
+                       f"{r['copy_fraction']:.0%}", r.get("xla_over_this")]
+                      for r in data.get("rows", [])])
+
+
 SECTION_MD = {
     "kernels": ("Kernels: SSD and S6 against attention (Mamba Fig. 8 left, Mamba-2 Fig. 10)",
                 kernels_md),
@@ -263,6 +298,10 @@ SECTION_MD = {
     "generation": ("Generation: Mamba against Transformer++ of the same size", generation_md),
     "generation_large": ("Generation at 1.4B / 1.3B", generation_md),
     "long_context": ("Long context: the longest sequence on one device", long_context_md),
+    "decode_profile": ("Decoding loop at batch 1 and 128: the fused Mamba-2 step kernel",
+                       decode_profile_md),
+    "decode_step": ("Mamba-2's decoding step alone: kernel blocks against the XLA form",
+                    decode_step_md),
     "cpu": ("CPU: a tiny model for notebook users", cpu_md),
 }
 
