@@ -30,11 +30,12 @@ from mamba_jax.inference.sampling import SamplingParams, sample
 from mamba_jax.nn.lm import MambaLM
 from mamba_jax.ops.checks import check_rank, check_shape
 
-# The ops with a decoding kernel. Under impl="auto" a GPU runs Mamba-2's (the fused conv + SSD
-# step); Mamba-1's (the conv step, the SSM step) are opt-in, slower in its loop (see
-# ops.selective_state_update). ``resolve_auto_as(**{op: "xla" for op in STEP_KERNEL_OPS})``
-# (mamba_jax.ops.impl) compiles the step without any, for comparison; "pallas" with all.
-STEP_KERNEL_OPS = ("ssd_decode_step", "selective_state_update", "causal_conv1d_update")
+# The ops with a decoding kernel that the models' steps call: Mamba-2's fused conv + SSD step,
+# Mamba-1's conv and SSM steps (ops.ssd_decode_step, ops.selective_decode_step); impl="auto"
+# takes them on GPUs at small batches. ``resolve_auto_as(**{op: "xla" for op in
+# STEP_KERNEL_OPS})`` (mamba_jax.ops.impl) compiles the step without any, for comparison;
+# "pallas" with all.
+STEP_KERNEL_OPS = ("ssd_decode_step", "mamba1_conv_step", "mamba1_ssm_step")
 
 # How often each jitted function was traced (compiled), by name: tests check "once".
 TRACE_COUNTS: collections.Counter = collections.Counter()

@@ -90,6 +90,7 @@ from mamba_jax.ops.checks import (check_choice, check_floating, check_rank, chec
                                   check_state_dtype)
 from mamba_jax.ops.padding import (check_token_mask, left_align, take_along_length,
                                    token_positions)
+from mamba_jax.ops.selective_decode_step import conv_step_from_pairs, ssm_step_from_rows
 from mamba_jax.ops.selective_scan import prepare_delta, selective_scan
 from mamba_jax.ops.selective_state_update import selective_state_update
 
@@ -473,7 +474,23 @@ class Mamba1Mixer(SSMMixerBase):
 
   def _forward_step(self, u_t: jax.Array, state: Mamba1State
                     ) -> tuple[jax.Array, Mamba1State]:
-    x, z = self._split(self.in_proj(u_t))
-    x, conv_state = self.conv1d.step(x, state.conv_state, activation="silu")
-    y, ssm_state = self._scan_step(x, z, state.ssm_state)
-    return self.out_proj(y), Mamba1State(conv_state, ssm_state)
+    xz = self.in_proj(u_t)
+    if not (self.GATED and self.selective == SELECTIVE_PARTS and not self.is_complex):
+      x, z = self._split(xz)
+      x, conv_state = self.conv1d.step(x, state.conv_state, activation="silu")
+      y, ssm_state = self._scan_step(x, z, state.ssm_state)
+      return self.out_proj(y), Mamba1State(conv_state, ssm_state)
+    # The S6 layer: its conv and SSM steps read in_proj's and x_proj's outputs in place (the
+    # decoding kernels of ops.selective_decode_step on GPUs). At batch 1 they hand x_proj and
+    # out_proj two rows, the second zero, so that neither needs a pad kernel in front.
+    batch = u_t.shape[0]
+    rows = max(batch, 2)
+    pairs = xz.reshape(batch, self.d_inner, 2)  # (b, e, [x, z])
+    x, conv_state = conv_step_from_pairs(pairs, state.conv_state, self.conv1d.kernel[...],
+                                         self.conv1d.bias_value(), out_rows=rows)
+    x_dbl = self.x_proj(x)
+    delta = jnp.dot(x_dbl[:, :self.dt_rank], self.dt_proj.kernel[...].astype(x_dbl.dtype))
+    y, ssm_state = ssm_step_from_rows(state.ssm_state, x, delta, x_dbl, pairs, self.A_log[...],
+                                      self.D[...], self.dt_proj.bias[...],
+                                      dt_rank=self.dt_rank, out_rows=rows)
+    return self.out_proj(y)[:batch], Mamba1State(conv_state, ssm_state)

@@ -32,14 +32,14 @@ import jax.numpy as jnp
 MAX_BLOCK_C = 256  # channels per program (the largest power of two <= it dividing c)
 
 
-def conv_window(x_ref, x_start, state_ref, weight_ref, bias_ref, start, count: int, width: int,
+def conv_window(x, state_ref, weight_ref, bias_ref, start, count: int, width: int,
                 silu: bool):
-  """The conv step of channels [start, start + count) read from whole-row refs.
+  """The conv step of channels [start, start + count), their inputs ``x`` already loaded.
 
   Args:
-    x_ref: this position's inputs, channel start + i at x_start + i (a packed row: the fused
-      Mamba-2 kernel reads them from in_proj's output).
-    x_start: where channel ``start``'s input is in x_ref (may be traced).
+    x: (count,) this position's inputs of those channels (the callers read them from
+      different layouts: a (b, c) row, Mamba-1's interleaved in_proj pairs, Mamba-2's in_proj
+      row).
     state_ref: (c, w − 1) the previous w − 1 inputs, oldest first.
     weight_ref: (c, w); bias_ref: (c,) or None.
     start: first channel (may be traced); count: a power of two.
@@ -47,11 +47,10 @@ def conv_window(x_ref, x_start, state_ref, weight_ref, bias_ref, start, count: i
     silu: apply silu to the sum.
 
   Returns:
-    (y (count,) float32 before rounding, x (count,) in x's dtype, the state's columns
-    [state[:, k] for k < w − 1], each (count,) in the state's dtype).
+    (y (count,) float32 before rounding, the state's columns [state[:, k] for k < w − 1],
+    each (count,) in the state's dtype).
   """
   rows = pl.ds(start, count)
-  x = x_ref[pl.ds(x_start, count)]
   cols = [state_ref[rows, k] for k in range(width - 1)]
   acc = weight_ref[rows, width - 1].astype(jnp.float32) * x.astype(jnp.float32)
   for k, col in enumerate(cols):
@@ -60,7 +59,7 @@ def conv_window(x_ref, x_start, state_ref, weight_ref, bias_ref, start, count: i
     acc += bias_ref[rows].astype(jnp.float32)
   if silu:
     acc = acc / (1.0 + jnp.exp(-acc))
-  return acc, x, cols
+  return acc, cols
 
 
 def store_shifted_state(out_ref, start, count: int, x, cols) -> None:
@@ -92,21 +91,29 @@ def check_supported(x: jax.Array, conv_state: jax.Array, weight: jax.Array) -> s
   return ""
 
 
-@functools.partial(jax.jit, static_argnames=("silu", "interpret"))
+@functools.partial(jax.jit, static_argnames=("silu", "out_rows", "interpret"))
 def causal_conv1d_update_pallas(x: jax.Array, conv_state: jax.Array, weight: jax.Array,
                                 bias: jax.Array | None, *, silu: bool,
+                                out_rows: int | None = None,
                                 interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """The module docstring's step; validated shapes (``causal_conv1d_update``'s checks).
 
   Args:
-    x: (b, c). conv_state: (b, c, w − 1). weight: (c, w). bias: optional (c,).
+    x: (b, c), or (b, c, 2) pairs whose [..., 0] are the inputs (Mamba-1's in_proj output,
+      whose x and z channels alternate, read in place).
+    conv_state: (b, c, w − 1). weight: (c, w). bias: optional (c,).
     silu: silu activation (else none).
+    out_rows: rows of y, >= b (default b); rows past b are zeros. Mamba-1's decoding step
+      asks for 2 at batch 1 so that x_proj's product is a two-row GEMM without a pad kernel
+      (``mamba_jax.nn.linear``).
     interpret: run in the Pallas interpreter (CPU).
 
   Returns:
-    (y (b, c) in x's dtype, new_state (b, c, w − 1) in conv_state's dtype).
+    (y (out_rows, c) in x's dtype, new_state (b, c, w − 1) in conv_state's dtype).
   """
-  batch, channels = x.shape
+  batch, channels = x.shape[:2]
+  pairs = x.ndim == 3
+  out_rows = out_rows or batch
   width = weight.shape[1]
   block = block_channels(channels)
 
@@ -114,16 +121,22 @@ def causal_conv1d_update_pallas(x: jax.Array, conv_state: jax.Array, weight: jax
     x_ref, state_ref, weight_ref = refs[:3]
     bias_ref = refs[3] if bias is not None else None
     y_ref, new_state_ref = refs[-2:]
-    start = pl.program_id(1) * block
-    acc, xv, cols = conv_window(x_ref, start, state_ref, weight_ref, bias_ref, start, block,
-                                width, silu)
-    y_ref[pl.ds(start, block)] = acc.astype(y_ref.dtype)
+    bi, start = pl.program_id(0), pl.program_id(1) * block
+    rows = pl.ds(start, block)
+    xv = x_ref[rows, 0] if pairs else x_ref[rows]
+    acc, cols = conv_window(xv, state_ref, weight_ref, bias_ref, start, block, width, silu)
+    y_ref[bi, rows] = acc.astype(y_ref.dtype)
     store_shifted_state(new_state_ref, start, block, xv, cols)
+    for extra in range(batch, out_rows):  # zero rows, written once (by batch row 0)
+      @pl.when(bi == 0)
+      def _():
+        y_ref[extra, rows] = jnp.zeros((block,), y_ref.dtype)
 
-  row = pl.BlockSpec((None, channels), lambda bi, j: (bi, 0))
+  x_spec = pl.BlockSpec((None, channels, 2) if pairs else (None, channels),
+                        (lambda bi, j: (bi, 0, 0)) if pairs else (lambda bi, j: (bi, 0)))
   state_row = pl.BlockSpec((None, channels, width - 1), lambda bi, j: (bi, 0, 0))
   whole = lambda shape: pl.BlockSpec(shape, lambda bi, j: (0,) * len(shape))
-  in_specs = [row, state_row, whole(weight.shape)]
+  in_specs = [x_spec, state_row, whole(weight.shape)]
   args = [x, conv_state, weight]
   if bias is not None:
     in_specs.append(whole(bias.shape))
@@ -132,8 +145,8 @@ def causal_conv1d_update_pallas(x: jax.Array, conv_state: jax.Array, weight: jax
       kernel,
       grid=(batch, channels // block),
       in_specs=in_specs,
-      out_specs=[row, state_row],
-      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
+      out_specs=[whole((out_rows, channels)), state_row],
+      out_shape=[jax.ShapeDtypeStruct((out_rows, channels), x.dtype),
                  jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype)],
       compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=1),
       interpret=interpret,

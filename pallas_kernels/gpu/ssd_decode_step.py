@@ -98,8 +98,9 @@ def _kernel(*refs, width: int, d_mlp: int, r: int, p: int, n: int, block_p: int,
 
   def conv(at, count):
     """The conv of group channels [at, at + count) (xBC offsets)."""
-    acc, x_in, cols = conv_window(row_ref, row_start + group_width + at, conv_ref, weight_ref,
-                                  bias_ref, conv_start + at, count, width, silu=True)
+    x_in = row_ref[pl.ds(row_start + group_width + at, count)]
+    acc, cols = conv_window(x_in, conv_ref, weight_ref, bias_ref, conv_start + at, count,
+                            width, silu=True)
     return acc.astype(dtype).astype(jnp.float32), x_in, cols
 
   x, x_in, x_cols = conv(offset, block_p)

@@ -1,7 +1,7 @@
 """The models' decoding steps through the decoding kernels give the XLA steps' logits and caches.
 
 On a GPU ``impl="auto"`` routes Mamba-2's step through ``ssd_decode_step``'s kernel and
-Mamba-1's through the ``causal_conv1d_update`` and ``selective_state_update`` kernels. Here the
+Mamba-1's through ``selective_decode_step``'s conv and SSM kernels. Here the
 same routing runs with the kernels in the Pallas interpreter (``resolve_auto_as``), on float32
 tiny models, so that the models' wiring of the kernels (argument order, channel layout, state
 dtypes) is tested on CPU; the kernels themselves are tested in tests/kernels.
@@ -13,14 +13,14 @@ import pytest
 from flax import nnx
 
 from mamba_jax.config import MambaConfig
-from mamba_jax.inference.decode import decode_step
+from mamba_jax.inference.decode import STEP_KERNEL_OPS, decode_step
 from mamba_jax.inference.cache import init_cache
 from mamba_jax.nn.lm import MambaLM
 from mamba_jax.ops.causal_conv1d import causal_conv1d_update
 from mamba_jax.ops.impl import resolve_auto_as
 from tests.numerics import assert_close
 
-OPS = ("ssd_decode_step", "selective_state_update", "causal_conv1d_update")
+OPS = STEP_KERNEL_OPS
 
 
 @pytest.mark.parametrize("kind", ["Mamba1", "Mamba2", "hybrid"])

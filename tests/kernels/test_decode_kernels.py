@@ -1,10 +1,11 @@
 """Tests for the decoding kernels (Pallas, Triton lowering): ``ssd_decode_step`` (Mamba-2's conv
-+ SSD step fused), ``selective_state_update`` (Mamba-1's SSM step) and ``causal_conv1d_update``.
++ SSD step fused), ``selective_state_update`` (the SSM step, plain and reading Mamba-1's rows
+in place) and ``causal_conv1d_update`` (plain and from Mamba-1's in_proj pairs).
 
 Each kernel is compared with its op's XLA form (the reference, which the op tests tie to the
 full-sequence forward) in the kernel's dtype, and with that reference in float64. The GPU class
 runs the compiled kernels on an NVIDIA GPU; the CPU class runs the same cases in the Pallas
-interpreter. A separate test lowers all three to Triton IR for an H100 without a GPU.
+interpreter. A separate test lowers every kernel to Triton IR for an H100 without a GPU.
 """
 
 import jax
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from mamba_jax.ops.causal_conv1d import causal_conv1d_update
+from mamba_jax.ops.selective_decode_step import conv_step_from_pairs, ssm_step_from_rows
 from mamba_jax.ops.selective_state_update import selective_state_update
 from mamba_jax.ops.ssd_decode_step import ssd_decode_step
 from pallas_kernels.gpu.ssd_decode_step import default_blocks, in_proj_width
@@ -108,6 +110,32 @@ class DecodeKernelCases:
     _check(got, causal_conv1d_update(*args, activation=activation, impl="xla"),
            causal_conv1d_update(*args64, activation=activation, impl="xla"), dtype)
 
+  @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+  @pytest.mark.parametrize("batch, out_rows", [(1, 2), (3, 3)])
+  def test_mamba1_steps_from_rows(self, dtype, batch, out_rows):
+    """Mamba-1's conv and SSM steps reading in_proj's pairs and x_proj's row in place, the
+    output padded to out_rows with zero rows (ops.selective_decode_step)."""
+    rng = np.random.default_rng(batch)
+    e, n, r, w, f32 = 64, 16, 12, 4, jnp.float32
+    rows = out_rows
+    pairs = _normal(rng, (batch, e, 2), dtype)
+    conv = (_normal(rng, (batch, e, w - 1), dtype), _normal(rng, (e, w), f32, 0.5),
+            _normal(rng, (e,), f32, 0.3))
+    ssm = dict(state=_normal(rng, (batch, e, n), f32), x=_normal(rng, (rows, e), dtype),
+               dt=_normal(rng, (rows, e), dtype), x_dbl=_normal(rng, (rows, r + 2 * n), dtype),
+               xz=pairs, A_log=jnp.asarray(np.log(rng.uniform(0.1, 4.0, (e, n))), f32),
+               D=_normal(rng, (e,), f32), dt_bias=_normal(rng, (e,), f32, 0.5))
+    conv_step = lambda args, impl: conv_step_from_pairs(*args, out_rows=rows, impl=impl)
+    ssm_step = lambda args, impl: ssm_step_from_rows(**args, dt_rank=r, out_rows=rows,
+                                                     impl=impl)
+    for step, args, args64 in ((conv_step, (pairs, *conv), [jnp.asarray(a, jnp.float64)
+                                                            for a in (pairs, *conv)]),
+                               (ssm_step, ssm, _to64(ssm))):
+      got = step(args, self.IMPL)
+      _check(got, step(args, "xla"), step(args64, "xla"), dtype)
+      assert got[0].shape[0] == rows
+      np.testing.assert_array_equal(np.asarray(got[0][batch:], np.float32), 0)
+
   def test_state_is_updated_over_steps(self):
     """Ten chained steps (the state and conv state fed back) stay on the reference."""
     args = _mamba2_args(jnp.float32, 2, 4, 16, 8, 2, m=8, D_per_dim=True)
@@ -151,7 +179,8 @@ class TestDecodeKernelsGpu(DecodeKernelCases):
 
 
 def test_lowers_to_triton():
-  """All three kernels lower to Triton IR for an H100 at the 1.3B models' sizes (no GPU)."""
+  """The decoding kernels lower to Triton IR for an H100 at the 1.3B / 1.4B models' sizes
+  (no GPU)."""
   bf16, f32 = jnp.bfloat16, jnp.float32
   S = jax.ShapeDtypeStruct
   h, p, n, w, e = 64, 64, 128, 4, 4096
@@ -171,6 +200,11 @@ def test_lowers_to_triton():
       (lambda *a: selective_state_update(*a[:6], D=a[6], z=a[7], dt_bias=a[8],
                                          dt_softplus=True, impl="pallas"), mamba1),
       (lambda *a: causal_conv1d_update(*a, activation="silu", impl="pallas"), conv),
+      (lambda xz, *a: conv_step_from_pairs(xz, *a, out_rows=2, impl="pallas"),
+       (S((1, e, 2), bf16), *conv[1:])),
+      (lambda *a: ssm_step_from_rows(*a, dt_rank=128, out_rows=2, impl="pallas"),
+       (S((1, e, 16), f32), S((2, e), bf16), S((2, e), bf16), S((2, 160), bf16),
+        S((1, e, 2), bf16), S((e, 16), f32), S((e,), f32), S((e,), f32))),
   ]
   with jax.sharding.use_abstract_mesh(mesh):
     for fn, shapes in calls:
@@ -200,6 +234,11 @@ def test_default_blocks():
                                     impl="pallas_interpret"), "real A"),
     (lambda: causal_conv1d_update(jnp.zeros((1, 8)), jnp.zeros((1, 8, 5)), jnp.zeros((8, 4)),
                                   impl="pallas"), "length width - 1"),
+    (lambda: conv_step_from_pairs(jnp.zeros((2, 8, 2)), jnp.zeros((2, 8, 3)),
+                                  jnp.zeros((8, 4)), None, out_rows=1), "out_rows must be"),
+    (lambda: ssm_step_from_rows(jnp.zeros((1, 8, 4)), jnp.zeros((2, 8)), jnp.zeros((2, 8)),
+                                jnp.zeros((2, 9)), jnp.zeros((1, 8, 2)), jnp.zeros((8, 4)),
+                                jnp.zeros(8), jnp.zeros(8), dt_rank=2), "x_dbl must have"),
     (lambda: causal_conv1d_update(jnp.zeros((1, 8)), jnp.zeros((1, 8, 3)), jnp.zeros((8, 4)),
                                   impl="triton"), "impl"),
 ])
