@@ -393,12 +393,15 @@ class Mamba2Mixer(nnx.Module):
     self._check_state(state, batch)
     with jax.named_scope("mamba2_mixer_step"):
       zxbcdt = self.in_proj(u_t)
-      z0, x0, z, _, _ = self._split(zxbcdt)
+      # At batch 1 the step carries two rows (the second zero) from the SSD step on, so that
+      # out_proj's product needs no pad kernel in front (mamba_jax.nn.linear).
+      rows = max(batch, 2)
       y, conv_state, ssm_state = ssd_decode_step(
           zxbcdt, state.conv_state, self.conv1d.kernel[...], self.conv1d.bias_value(),
           state.ssm_state, self.A_log[...], d_mlp=self.d_mlp,
           groups=self.ngroups, D=self._D(), dt_bias=self.dt_bias[...], gate=not self.rmsnorm,
-          dt_softplus=True, dt_limit=self.dt_limit)
-      y = self._output(y.reshape(batch, self.d_ssm), z, z0, x0)
+          dt_softplus=True, dt_limit=self.dt_limit, out_rows=rows)
+      z0, x0, z, _, _ = self._split(jnp.pad(zxbcdt, ((0, rows - batch), (0, 0))))
+      y = self._output(y.reshape(rows, self.d_ssm), z, z0, x0)[:batch]
     return y, Mamba2State(conv_state=conv_state,
                           ssm_state=ssm_state.astype(state.ssm_state.dtype))

@@ -67,7 +67,8 @@ def ssd_decode_step(zxbcdt: jax.Array, conv_state: jax.Array, conv_weight: jax.A
                     d_mlp: int, groups: int, D: jax.Array | None = None,
                     dt_bias: jax.Array | None = None, gate: bool = False,
                     dt_softplus: bool = False, dt_limit: tuple[float, float] = NO_DT_LIMIT,
-                    impl: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
+                    out_rows: int | None = None, impl: str = "auto"
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One token from in_proj's output through the conv and the SSD recurrence (the module
   docstring's equations).
 
@@ -82,10 +83,13 @@ def ssd_decode_step(zxbcdt: jax.Array, conv_state: jax.Array, conv_weight: jax.A
     D: optional (h,) or (h, p) skip. dt_bias: optional (h,).
     gate: y ← y · silu(z) inside the step (Mamba2Mixer with rmsnorm=False).
     dt_softplus, dt_limit: as ``ssd_state_update``.
+    out_rows: rows of y (>= b; default b), the extra ones zero: at batch 1 the mixer asks for
+      2, so that the gated norm hands out_proj two rows, a GEMM without a pad kernel in front
+      (``mamba_jax.nn.linear``).
     impl: "auto", "xla", "pallas" or "pallas_interpret".
 
   Returns:
-    (y (b, h, p) in zxbcdt's dtype, new conv_state (b, c, w − 1) in its dtype, new ssm_state
+    (y (out_rows, h, p) in zxbcdt's dtype, new conv_state (b, c, w − 1) in its dtype, new ssm_state
     (b, h, p, n) in its dtype). The arithmetic is float32 (float64 for float64 inputs on the
     XLA path); the kernel rounds the conv's output to zxbcdt's dtype before the SSD, as the
     composed ops do.
@@ -106,6 +110,10 @@ def ssd_decode_step(zxbcdt: jax.Array, conv_state: jax.Array, conv_weight: jax.A
               "(batch, 2·d_mlp + 2·heads·head_dim + 2·groups·d_state + heads) with "
               "ssm_state's sizes")
   check_shape("A_log", A_log, (heads,), "(heads,)")
+  if out_rows is None:
+    out_rows = batch
+  if not isinstance(out_rows, int) or out_rows < batch:
+    raise ValueError(f"out_rows must be an int >= the batch ({batch}), got {out_rows!r}")
   impl = resolve_impl("ssd_decode_step", impl, IMPLS, lambda: (
       "pallas" if platform() == "gpu" and batch <= AUTO_MAX_BATCH
       and not kernel.check_supported(zxbcdt, conv_state, conv_weight, ssm_state) else "xla"))
@@ -123,11 +131,13 @@ def ssd_decode_step(zxbcdt: jax.Array, conv_state: jax.Array, conv_weight: jax.A
 
   args = (zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A_log, D, dt_bias)
   if impl == "xla":
-    return reference(*args)
+    y, conv_state, ssm_state = reference(*args)
+    return jnp.pad(y, ((0, out_rows - batch), (0, 0), (0, 0))), conv_state, ssm_state
   jax.eval_shape(reference, *args)  # the reference's checks (traced shapes only: no compute)
   why = kernel.check_supported(zxbcdt, conv_state, conv_weight, ssm_state)
   if why:
     raise ValueError(f"ssd_decode_step impl={impl!r}: {why}; use impl='xla'")
   return kernel.ssd_decode_step_pallas(
       *args, d_mlp=d_mlp, groups=groups, gate=gate, dt_softplus=dt_softplus,
-      dt_limit=(float(dt_limit[0]), float(dt_limit[1])), interpret=impl == "pallas_interpret")
+      dt_limit=(float(dt_limit[0]), float(dt_limit[1])), out_rows=out_rows,
+      interpret=impl == "pallas_interpret")

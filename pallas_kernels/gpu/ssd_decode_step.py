@@ -76,9 +76,9 @@ def check_supported(zxbcdt, conv_state, conv_weight, ssm_state) -> str:
   return ""
 
 
-def _kernel(*refs, width: int, d_mlp: int, r: int, p: int, n: int, block_p: int,
-            has_bias: bool, has_D: bool, D_per_dim: bool, gate: bool, has_dt_bias: bool,
-            dt_softplus: bool, dt_limit: tuple[float, float]):
+def _kernel(*refs, width: int, d_mlp: int, r: int, p: int, n: int, block_p: int, batch: int,
+            out_rows: int, has_bias: bool, has_D: bool, D_per_dim: bool, gate: bool,
+            has_dt_bias: bool, dt_softplus: bool, dt_limit: tuple[float, float]):
   """One (batch row, head, block of head dims): the module docstring's equations."""
   refs = list(refs)
   take = lambda present: refs.pop(0) if present else None
@@ -88,7 +88,7 @@ def _kernel(*refs, width: int, d_mlp: int, r: int, p: int, n: int, block_p: int,
   d_ref, dt_bias_ref = take(has_D), take(has_dt_bias)
   y_ref, new_conv_ref, new_state_ref = refs
 
-  head, pj = pl.program_id(1), pl.program_id(2)
+  bi, head, pj = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   g, head_in_group = head // r, head % r
   group_width = r * p
   row_start = 2 * d_mlp + g * (2 * group_width + 2 * n + r)  # this group's [z, xBC, dt]
@@ -133,16 +133,23 @@ def _kernel(*refs, width: int, d_mlp: int, r: int, p: int, n: int, block_p: int,
   if gate:
     z = row_ref[pl.ds(row_start + offset, block_p)].astype(jnp.float32)
     y = y * z / (1.0 + jnp.exp(-z))
-  y_ref[...] = y.astype(y_ref.dtype)
+  dims = pl.ds(pj * block_p, block_p)
+  y_ref[bi, head, dims] = y.astype(y_ref.dtype)
+  for extra in range(batch, out_rows):  # zero rows, written once (by batch row 0)
+    @pl.when(bi == 0)
+    def _():
+      y_ref[extra, head, dims] = jnp.zeros((block_p,), y_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("d_mlp", "groups", "gate", "dt_softplus",
-                                             "dt_limit", "block_p", "num_warps", "interpret"))
+                                             "dt_limit", "out_rows", "block_p", "num_warps",
+                                             "interpret"))
 def ssd_decode_step_pallas(zxbcdt: jax.Array, conv_state: jax.Array, conv_weight: jax.Array,
                            conv_bias: jax.Array | None, ssm_state: jax.Array, A_log: jax.Array,
                            D: jax.Array | None, dt_bias: jax.Array | None, *, d_mlp: int,
                            groups: int, gate: bool, dt_softplus: bool,
-                           dt_limit: tuple[float, float], block_p: int | None = None,
+                           dt_limit: tuple[float, float], out_rows: int | None = None,
+                           block_p: int | None = None,
                            num_warps: int | None = None, interpret: bool = False):
   """The module docstring's step on validated arguments (``ssd_decode_step``'s checks).
 
@@ -154,15 +161,18 @@ def ssd_decode_step_pallas(zxbcdt: jax.Array, conv_state: jax.Array, conv_weight
     d_mlp: m. groups: g (B and C groups).
     gate: multiply y by silu(z) (Mamba2Mixer with rmsnorm=False).
     dt_softplus, dt_limit: as ``ssd_state_update``.
+    out_rows: rows of y, >= b (default b); rows past b are zeros (at batch 1 the mixer asks
+      for 2: the gated norm then hands out_proj two rows, a GEMM without a pad kernel).
     block_p: head dims per program (a power of two dividing p); num_warps: warps per program
       (Triton). Each None takes ``default_blocks``'.
     interpret: run in the Pallas interpreter (CPU).
 
   Returns:
-    (y (b, h, p) in zxbcdt's dtype, new conv_state (b, c, w − 1) in its dtype, new ssm_state
+    (y (out_rows, h, p) in zxbcdt's dtype, new conv_state (b, c, w − 1) in its dtype, new ssm_state
     (b, h, p, n) in its dtype).
   """
   batch, row_width = zxbcdt.shape
+  out_rows = out_rows or batch
   _, h, p, n = ssm_state.shape
   channels, width = conv_weight.shape
   default_p, default_warps = default_blocks(batch, h, p)
@@ -186,6 +196,7 @@ def ssd_decode_step_pallas(zxbcdt: jax.Array, conv_state: jax.Array, conv_weight
       inputs.append((a, whole(a.shape)))
   kernel = functools.partial(
       _kernel, width=width, d_mlp=d_mlp, r=h // groups, p=p, n=n, block_p=block_p,
+      batch=batch, out_rows=out_rows,
       has_bias=conv_bias is not None, has_D=D is not None,
       D_per_dim=D is not None and D.ndim == 2, gate=gate, has_dt_bias=dt_bias is not None,
       dt_softplus=dt_softplus, dt_limit=(float(dt_limit[0]), float(dt_limit[1])))
@@ -193,9 +204,8 @@ def ssd_decode_step_pallas(zxbcdt: jax.Array, conv_state: jax.Array, conv_weight
       kernel,
       grid=(batch, h, p // block_p),
       in_specs=[spec for _, spec in inputs],
-      out_specs=[pl.BlockSpec((None, None, block_p), lambda bi, i, j: (bi, i, j)), conv_row,
-                 state_tile],
-      out_shape=[jax.ShapeDtypeStruct((batch, h, p), zxbcdt.dtype),
+      out_specs=[whole((out_rows, h, p)), conv_row, state_tile],
+      out_shape=[jax.ShapeDtypeStruct((out_rows, h, p), zxbcdt.dtype),
                  jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
                  jax.ShapeDtypeStruct(ssm_state.shape, ssm_state.dtype)],
       input_output_aliases={state_index: 2},

@@ -83,8 +83,10 @@ class DecodeKernelCases:
   def test_ssd_decode_step(self, dtype, case):
     b, h, p, n, g, m, D_per_dim, gate, bias, limit = self.MAMBA2[case]
     args = _mamba2_args(dtype, b, h, p, n, g, m, D_per_dim=D_per_dim, bias=bias, seed=case)
-    kw = dict(d_mlp=m, groups=g, gate=gate, dt_softplus=True, dt_limit=limit)
+    kw = dict(d_mlp=m, groups=g, gate=gate, dt_softplus=True, dt_limit=limit,
+              out_rows=max(b, 2))  # at batch 1 a second, zero row (the mixer's two-row step)
     got = ssd_decode_step(**args, **kw, impl=self.IMPL)
+    np.testing.assert_array_equal(np.asarray(got[0][b:], np.float32), 0)
     _check(got, ssd_decode_step(**args, **kw, impl="xla"),
            ssd_decode_step(**_to64(args), **kw, impl="xla"), dtype)
 
