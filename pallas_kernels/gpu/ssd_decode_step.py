@@ -47,12 +47,19 @@ def _is_power_of_two(v: int) -> bool:
 
 
 def default_blocks(batch: int, heads: int, head_dim: int) -> tuple[int, int]:
-  """(block_p, num_warps): a whole head per program; 4 warps while there are fewer than 1024
-  programs, else 2. Measured on an H100 (scripts/bench_decode_step.py, one call, the mamba2
-  presets' sizes): a whole head was as fast as or faster than 8, 16 or 32 head dims at batch 1
-  and 64; at batch 64 (1,536 / 4,096 programs) 2 warps reached 73 / 80 % of the copy ceiling
-  against 66 / 72 % with 4, and at batch 1 4 warps were the faster (or as fast)."""
-  return head_dim, (4 if batch * heads < 1024 else 2)
+  """(block_p, num_warps): head_dim halved (down to 16) while there are fewer than 128
+  programs; 4 warps while there are fewer than 1024 programs, else 2.
+
+  Measured on an H100: in mamba2-1.3b's batch-1 decoding loop (scripts/profile_decode.py) the
+  kernel took 4.4 µs per layer with 32 head dims per program (128 programs) and 5.6 µs with
+  whole heads (64); at batch 64 (4,096 programs of whole heads; scripts/bench_decode_step.py)
+  2 warps reached 80 % of the copy ceiling against 72 % with 4 (mamba2-130m: 73 / 66 %).
+  """
+  block = head_dim
+  while block > 16 and batch * heads * (head_dim // block) < 128:
+    block //= 2
+  programs = batch * heads * (head_dim // block)
+  return block, (4 if programs < 1024 else 2)
 
 
 def in_proj_width(d_mlp: int, heads: int, head_dim: int, groups: int, d_state: int) -> int:

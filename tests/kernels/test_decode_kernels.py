@@ -215,7 +215,7 @@ def test_lowers_to_triton():
 
 
 def test_default_blocks():
-  assert default_blocks(1, 64, 64) == (64, 4)  # Mamba-2 1.3B at batch 1: 64 programs...
+  assert default_blocks(1, 64, 64) == (32, 4)  # Mamba-2 1.3B at batch 1: 128 programs...
   assert default_blocks(64, 24, 64) == (64, 2)  # ... 130M at batch 64: 1,536
   assert default_block_d(1, 4096, 1) == 16  # Mamba-1 1.4B: 256 programs of 16 channels
   assert default_block_d(64, 4096, 1) == 128
