@@ -171,12 +171,12 @@ def ssd_decode_step_pallas(zxbcdt: jax.Array, conv_state: jax.Array, conv_weight
     out_rows: rows of y, >= b (default b); rows past b are zeros (at batch 1 the mixer asks
       for 2: the gated norm then hands out_proj two rows, a GEMM without a pad kernel).
     block_p: head dims per program (a power of two dividing p); num_warps: warps per program
-      (Triton). Each None takes ``default_blocks``'.
+      (Triton). None takes the value of ``default_blocks``.
     interpret: run in the Pallas interpreter (CPU).
 
   Returns:
-    (y (out_rows, h, p) in zxbcdt's dtype, new conv_state (b, c, w − 1) in its dtype, new ssm_state
-    (b, h, p, n) in its dtype).
+    (y (out_rows, h, p) in zxbcdt's dtype, new conv_state (b, c, w − 1) in its dtype, new
+    ssm_state (b, h, p, n) in its dtype).
   """
   batch, row_width = zxbcdt.shape
   out_rows = out_rows or batch
