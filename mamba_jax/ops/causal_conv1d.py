@@ -15,8 +15,9 @@ The single-step form takes ``impl``: "xla" (below), "pallas" (one Pallas GPU ker
 ``pallas_kernels.gpu.causal_conv1d_update``, for s = w − 1), "pallas_interpret" (that kernel
 in the Pallas interpreter) or "auto", the XLA form on every platform: in a decoding loop XLA
 fuses the step with its neighbours, and the kernel needs its input materialized (measured
-with Mamba-1: ``mamba_jax.ops.selective_state_update``'s docstring). Mamba-2's decoding step
-runs its conv inside its own fused kernel (``mamba_jax.ops.ssd_decode_step``).
+with Mamba-1: ``mamba_jax.ops.selective_state_update``'s docstring). The models' decoding
+steps read the conv's input in place instead: Mamba-1's in ``mamba_jax.ops.selective_decode_step``,
+Mamba-2's inside its fused step kernel (``mamba_jax.ops.ssd_decode_step``).
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ loop the kernel (with ``causal_conv1d_update``'s) made batch-1 decoding of mamba
 an H100, 2.72 against 2.43 ms per token (scripts/profile_decode.py, one call): a custom call's
 operands must be materialized, so the slices of in_proj's and x_proj's outputs and −exp(A_log)
 that XLA fuses into the step became kernels of their own (823 kernels per token against 631).
+Mamba-1's model step uses ``mamba_jax.ops.selective_decode_step`` instead, whose kernels read
+those slices in place.
 """
 
 from __future__ import annotations
