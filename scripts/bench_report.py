@@ -255,6 +255,22 @@ def s6_md(data: dict) -> list[str]:
   return out
 
 
+def ssd_md(data: dict) -> list[str]:
+  """scripts/bench_ssd.py's rows: our SSD kernels against mamba_ssm's Triton SSD."""
+  out = [f"{data.get('device', '?')}; jax {data.get('jax')}; {fmt(data.get('tokens'))} tokens "
+         f"as batch × length, chunk {data.get('chunk')}, 32 heads × 64, groups 1, bf16; "
+         "medians of repeated calls after warm-up, every implementation in one process. "
+         "`pallas_mgpu` = ours on Hopper (Mosaic GPU forward, Triton-lowered backward: what "
+         "`impl=\"auto\"` runs there), `pallas` = the Triton-lowered kernels, `triton` = "
+         "mamba_ssm 2.3.2's `mamba_chunk_scan_combined`; × = Triton's ms / this row's.", ""]
+  return out + table(["impl", "L", "N", "batch", "fwd ms", "fwd+bwd ms", "× fwd", "× fwd+bwd",
+                      "fwd % floor", "fwd+bwd % floor"],
+                     [[r["impl"], length_label(r["length"]), r["state"], r["batch"], r["fwd_ms"],
+                       r["fwd_bwd_ms"], r.get("fwd_vs_triton"), r.get("fwd_bwd_vs_triton"),
+                       r.get("fwd_floor_pct"), r.get("fwd_bwd_floor_pct")]
+                      for r in data.get("rows", [])])
+
+
 def decode_profile_md(data: dict) -> list[str]:
   """scripts/profile_decode.py's rows: the compiled decoding loop with the decoding ops as
   impl="auto" picks them and in their XLA forms."""
@@ -262,17 +278,20 @@ def decode_profile_md(data: dict) -> list[str]:
   out = [f"{data.get('device', '?')}; random weights in {a.get('dtype')}, float32 SSM state, "
          f"prompt {fmt(a.get('prompt_len'))} prefilled, then {a.get('gen_len')} tokens "
          "decoded greedily in the compiled loop; wall time per token, the GPU's busy time per "
-         "token and the kernels it ran per token (a profiler trace). step `auto` = the "
+         "token and the kernels it ran per token (a profiler trace). Earlier runs first (before "
+         "and after `mamba_jax.nn.linear`'s two-row products; `Linear pads from` = its "
+         "MIN_PADDED_WEIGHT where a run varied it). step `auto` = the "
          "decoding ops as `impl=\"auto\"` picks them (on a GPU, Mamba-2's fused conv + SSD "
          "kernel `ssd_decode_step` up to batch 16, and Mamba-1's in-place conv and SSM step "
          "kernels), `xla` = their XLA forms; `pallas` = every decoding kernel. The rows of a "
          "run (`run`: its JSON in docs/results) come from one process; runs of different code "
          "states are compared only within themselves.", ""]
-  return out + table(["run", "model", "batch", "step", "wall ms / token",
+  return out + table(["run", "model", "batch", "step", "Linear pads from", "wall ms / token",
                       "GPU busy ms / token", "kernels / token"],
                      [[r.get("run", "-"), r["model"], r["batch"], r.get("step_impl", "auto"),
-                       r["wall_ms_per_token"], r.get("busy_ms_per_token"),
-                       r.get("kernels_per_token")] for r in data.get("rows", [])])
+                       r.get("min_padded_weight") or "-", r["wall_ms_per_token"],
+                       r.get("busy_ms_per_token"), r.get("kernels_per_token")]
+                      for r in data.get("rows", [])])
 
 
 def decode_step_md(data: dict) -> list[str]:
@@ -296,11 +315,12 @@ SECTION_MD = {
     "kernels": ("Kernels: SSD and S6 against attention (Mamba Fig. 8 left, Mamba-2 Fig. 10)",
                 kernels_md),
     "s6": ("Mamba-1 selective scan (S6) against mamba_ssm's CUDA kernel", s6_md),
+    "ssd": ("Mamba-2 SSD kernels against mamba_ssm's Triton SSD", ssd_md),
     "training": ("Training step: throughput, MFU, memory (Mamba Fig. 8 right)", training_md),
     "generation": ("Generation: Mamba against Transformer++ of the same size", generation_md),
     "generation_large": ("Generation at 1.4B / 1.3B", generation_md),
     "long_context": ("Long context: the longest sequence on one device", long_context_md),
-    "decode_profile": ("Decoding loop at batch 1 and 128: the fused Mamba-2 step kernel",
+    "decode_profile": ("Decoding loop profiles: time and kernels per token",
                        decode_profile_md),
     "decode_step": ("Mamba-2's decoding step alone: kernel blocks against the XLA form",
                     decode_step_md),
