@@ -37,8 +37,10 @@ def _setup(layer: str, classifier=None, length: int = 12):
 def test_remat_and_chunked_loss_leave_the_step_unchanged():
   """One step of each memory option from the same state, on a hybrid (Mamba-2, attention,
   gated MLP): the same loss, accuracy, gradient norm and new parameters (float32: up to
-  summation order); a chunk not dividing the length and one above it (the whole logits at
-  once, so (True, 100) is remat alone)."""
+  summation order); a chunk not dividing the length and one above it (one checkpointed piece
+  of the whole length). Rematerialized blocks with the plain loss are the composition of the
+  (True, 100) and (False, 0) paths; the backbone's remat gradients are also checked by
+  test_grouped_remat_keeps_only_the_group_entries."""
   graphdef, rest, tx, fresh, batch = _setup("hybrid")
   results = {}
   for remat, chunk in ((False, 0), (False, 5), (True, 100), (2, 5)):
