@@ -19,6 +19,11 @@ import jax.numpy as jnp
 INPUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+def is_power_of_two(v: int) -> bool:
+  """Triton block dimensions must be powers of two."""
+  return v > 0 and (v & (v - 1)) == 0
+
+
 @dataclasses.dataclass(frozen=True)
 class ScanDims:
   """Sizes read off validated arguments: b, l, d, n, g."""

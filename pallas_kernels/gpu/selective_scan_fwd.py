@@ -41,11 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 import jax.numpy as jnp
 
-from pallas_kernels.gpu.selective_scan_args import silu_and_grad, softplus
-
-
-def _is_power_of_two(v: int) -> bool:
-  return v > 0 and (v & (v - 1)) == 0
+from pallas_kernels.gpu.selective_scan_args import is_power_of_two, silu_and_grad, softplus
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +65,12 @@ class ScanGpuBlockSizes:
   num_warps: int = 4
 
   def __post_init__(self):
-    if not _is_power_of_two(self.block_d):
+    if not is_power_of_two(self.block_d):
       raise ValueError(f"block_d={self.block_d} must be a power of two")
     if self.sub_l < 1:
       raise ValueError(f"sub_l={self.sub_l} must be positive")
     if self.block_l < 1 or self.block_l % self.sub_l \
-        or not _is_power_of_two(self.block_l // self.sub_l):
+        or not is_power_of_two(self.block_l // self.sub_l):
       raise ValueError(f"block_l={self.block_l} must be sub_l={self.sub_l} times a power of "
                        "two")
     if self.num_warps not in (1, 2, 4, 8, 16):
@@ -86,7 +82,7 @@ class ScanGpuBlockSizes:
     if per_group % self.block_d:
       raise ValueError(f"block_d={self.block_d} must divide d_inner / groups = {per_group} "
                        f"(d_inner={d_inner}, groups={groups})")
-    if not _is_power_of_two(d_state):
+    if not is_power_of_two(d_state):
       raise ValueError(f"d_state={d_state} must be a power of two for the GPU kernels")
 
   def compiler_params(self) -> pl_triton.CompilerParams:

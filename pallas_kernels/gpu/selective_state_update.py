@@ -27,13 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 import jax.numpy as jnp
 
-from pallas_kernels.gpu.selective_scan_args import softplus
-
-KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def _is_power_of_two(v: int) -> bool:
-  return v > 0 and (v & (v - 1)) == 0
+from pallas_kernels.gpu.selective_scan_args import INPUT_DTYPES, is_power_of_two, softplus
 
 
 def default_block_d(batch: int, d_inner: int, groups: int) -> int:
@@ -53,12 +47,12 @@ def check_supported(state, x, A, groups: int) -> str:
   d_inner, d_state = A.shape
   if jnp.iscomplexobj(A) or jnp.iscomplexobj(state):
     return "the kernel takes a real A and state (complex A runs in the XLA form)"
-  if not _is_power_of_two(d_state):
+  if not is_power_of_two(d_state):
     return f"the kernel needs d_state a power of two, got {d_state}"
   if (d_inner // groups) % 16:
     return f"the kernel needs d_inner / groups a multiple of 16, got {d_inner // groups}"
   for name, a in (("state", state), ("x", x)):
-    if jnp.dtype(a.dtype) not in KERNEL_DTYPES:
+    if jnp.dtype(a.dtype) not in INPUT_DTYPES:
       return f"the kernel takes float32/bfloat16/float16 {name}, got {a.dtype}"
   return ""
 
@@ -118,7 +112,7 @@ def selective_state_update_pallas(state: jax.Array, x: jax.Array, dt: jax.Array,
   batch, d_inner, d_state = state.shape
   groups = B.shape[1]
   block_d = block_d or default_block_d(batch, d_inner, groups)
-  if not (_is_power_of_two(block_d) and (d_inner // groups) % block_d == 0):
+  if not (is_power_of_two(block_d) and (d_inner // groups) % block_d == 0):
     raise ValueError(f"block_d must be a power of two dividing d_inner / groups = "
                      f"{d_inner // groups}, got {block_d}")
   per_group = d_inner // groups // block_d

@@ -37,13 +37,7 @@ from jax.experimental.pallas import triton as pl_triton
 import jax.numpy as jnp
 
 from pallas_kernels.gpu.causal_conv1d_update import conv_window, store_shifted_state
-from pallas_kernels.gpu.selective_scan_args import softplus
-
-KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def _is_power_of_two(v: int) -> bool:
-  return v > 0 and (v & (v - 1)) == 0
+from pallas_kernels.gpu.selective_scan_args import INPUT_DTYPES, is_power_of_two, softplus
 
 
 def default_blocks(batch: int, heads: int, head_dim: int) -> tuple[int, int]:
@@ -74,11 +68,11 @@ def check_supported(zxbcdt, conv_state, conv_weight, ssm_state) -> str:
   if width < 2 or conv_state.shape[2] != width - 1:
     return (f"the kernel needs a conv width >= 2 and a conv_state of length width - 1, got "
             f"width {width}, conv_state shape {tuple(conv_state.shape)}")
-  if not (_is_power_of_two(p) and _is_power_of_two(n)):
+  if not (is_power_of_two(p) and is_power_of_two(n)):
     return f"the kernel needs head_dim and d_state powers of two, got {p} and {n}"
   for name, a in (("zxbcdt", zxbcdt), ("conv_state", conv_state), ("conv_weight", conv_weight),
                   ("ssm_state", ssm_state)):
-    if jnp.dtype(a.dtype) not in KERNEL_DTYPES:
+    if jnp.dtype(a.dtype) not in INPUT_DTYPES:
       return f"the kernel takes float32/bfloat16/float16 {name}, got {a.dtype}"
   return ""
 
@@ -184,7 +178,7 @@ def ssd_decode_step_pallas(zxbcdt: jax.Array, conv_state: jax.Array, conv_weight
   channels, width = conv_weight.shape
   default_p, default_warps = default_blocks(batch, h, p)
   block_p, num_warps = block_p or default_p, num_warps or default_warps
-  if not (_is_power_of_two(block_p) and p % block_p == 0):
+  if not (is_power_of_two(block_p) and p % block_p == 0):
     raise ValueError(f"block_p must be a power of two dividing head_dim {p}, got {block_p}")
   row = pl.BlockSpec((None, row_width), lambda bi, i, j: (bi, 0))
   conv_row = pl.BlockSpec((None, channels, width - 1), lambda bi, i, j: (bi, 0, 0))
