@@ -8,6 +8,8 @@ runs the compiled kernels on an NVIDIA GPU; the CPU class runs the same cases in
 interpreter. A separate test lowers every kernel to Triton IR for an H100 without a GPU.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,6 +181,12 @@ class TestDecodeKernelsGpu(DecodeKernelCases):
   def test_selective_state_update(self, dtype, case):
     super().test_selective_state_update(dtype, case)
 
+  @pytest.mark.parametrize("dtype, activation, bias, channels", [
+      (jnp.float32, "silu", True, 96), (jnp.bfloat16, None, False, 40),
+      (jnp.bfloat16, "silu", True, 4096)])  # 4096: 4 warps, each thread rewriting its taps
+  def test_causal_conv1d_update(self, dtype, activation, bias, channels):
+    super().test_causal_conv1d_update(dtype, activation, bias, channels)
+
 
 def test_lowers_to_triton():
   """The decoding kernels lower to Triton IR for an H100 at the 1.3B / 1.4B models' sizes
@@ -198,20 +206,26 @@ def test_lowers_to_triton():
   calls = [
       (lambda *a: ssd_decode_step(*a, d_mlp=0, groups=1, D=jnp.ones((h,)),
                                   dt_bias=jnp.zeros((h,)), dt_softplus=True, impl="pallas"),
-       mamba2),
+       mamba2, ("2", "5")),
       (lambda *a: selective_state_update(*a[:6], D=a[6], z=a[7], dt_bias=a[8],
-                                         dt_softplus=True, impl="pallas"), mamba1),
-      (lambda *a: causal_conv1d_update(*a, activation="silu", impl="pallas"), conv),
+                                         dt_softplus=True, impl="pallas"), mamba1,
+       ("1", "0")),
+      (lambda *a: causal_conv1d_update(*a, activation="silu", impl="pallas"), conv, ("1", "1")),
       (lambda xz, *a: conv_step_from_pairs(xz, *a, out_rows=2, impl="pallas"),
-       (S((1, e, 2), bf16), *conv[1:])),
+       (S((1, e, 2), bf16), *conv[1:]), ("1", "1")),
       (lambda *a: ssm_step_from_rows(*a, dt_rank=128, out_rows=2, impl="pallas"),
        (S((1, e, 16), f32), S((2, e), bf16), S((2, e), bf16), S((2, 160), bf16),
-        S((1, e, 2), bf16), S((e, 16), f32), S((e,), f32), S((e,), f32))),
+        S((1, e, 2), bf16), S((e, 16), f32), S((e,), f32), S((e,), f32)), ("1", "0")),
   ]
   with jax.sharding.use_abstract_mesh(mesh):
-    for fn, shapes in calls:
+    for fn, shapes, alias in calls:
       text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
       assert text.count("xla.gpu.triton") == 1
+      # (output, operand): the state updated in place, so that a decoding loop does not copy
+      # it. Only the SSM state for the fused Mamba-2 kernel: its programs share B and C's taps
+      # of the conv state, which one program rewrites.
+      assert re.findall(r"output_operand_alias<output_tuple_indices = \[(\d+)\], "
+                        r"operand_index = (\d+)", text) == [alias]
 
 
 def test_default_blocks():
