@@ -9,8 +9,9 @@
 ``impl="xla"`` composes those ops (the reference); ``impl="pallas"`` runs everything after
 in_proj in one Pallas GPU kernel (``pallas_kernels.gpu.ssd_decode_step``, Triton lowering),
 which reads the in_proj row in place; ``"pallas_interpret"`` is that kernel in the Pallas
-interpreter (CPU tests). ``"auto"`` takes the kernel on GPUs for batches up to
-``AUTO_MAX_BATCH`` when it supports the shapes, else the XLA form.
+interpreter (CPU tests). ``"auto"`` takes the kernel on GPUs, when it supports the shapes, for
+batches up to ``AUTO_MAX_BATCH`` and at every batch with a 16-bit SSM state; else the XLA
+form.
 
 Layout of in_proj's output zxbcdt (mamba_ssm's order, grouped): z0, x0 (d_mlp each), then for
 each of the g groups: z of its r = h / g heads (r·p), x of those heads (r·p), B (n), C (n),
@@ -37,7 +38,9 @@ IMPLS = ("xla", "pallas", "pallas_interpret")
 # batch 1, 2.16 ms per token with the kernel against 2.32 with the XLA form (439 kernels per
 # token against 583); batch 128 (float32 state), 12.52 against 12.00, where the step is bound
 # by the state's traffic and XLA's fusions reach more of the copy ceiling. Between them
-# (scripts/bench_decode_step.py, the step alone at batch 64) the two were within 8 %.
+# (scripts/bench_decode_step.py, the step alone at batch 64) the two were within 8 %. With a
+# bfloat16 state the kernel is ahead at large batches too (the step alone, µs: mamba2-1.3b
+# 62 against 72 at batch 64, 117 against 131 at 128; mamba2-130m 18 against 24, 48 against 58).
 AUTO_MAX_BATCH = 16
 
 
@@ -115,7 +118,8 @@ def ssd_decode_step(zxbcdt: jax.Array, conv_state: jax.Array, conv_weight: jax.A
   if not isinstance(out_rows, int) or out_rows < batch:
     raise ValueError(f"out_rows must be an int >= the batch ({batch}), got {out_rows!r}")
   impl = resolve_impl("ssd_decode_step", impl, IMPLS, lambda: (
-      "pallas" if platform() == "gpu" and batch <= AUTO_MAX_BATCH
+      "pallas" if platform() == "gpu"
+      and (batch <= AUTO_MAX_BATCH or jnp.dtype(ssm_state.dtype).itemsize == 2)
       and not kernel.check_supported(zxbcdt, conv_state, conv_weight, ssm_state) else "xla"))
 
   def reference(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A_log, D, dt_bias):
