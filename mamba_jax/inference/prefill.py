@@ -4,7 +4,10 @@ The prompt goes through each layer's full-sequence form (the chunked selective s
 Mamba-1, chunked SSD for Mamba-2, masked attention filling the KV cache), never token by
 token, and each layer returns its state after the last position. A long prompt can be fed in
 pieces of ``chunk_size`` tokens, each continuing from the previous piece's state: the result
-is the same as one pass (and peak activation memory is that of one piece).
+is the same as one pass. :func:`mamba_jax.inference.generate.jit_prefill` compiles one piece
+(:func:`prefill_piece`) and calls it per piece with the states donated, so that its memory is
+one piece's activations beside the cache; traced as one program, ``prefill`` leaves XLA free
+to schedule the pieces' buffers together.
 
 Padding (``attention_mask`` (b, l), 1 = token, 0 = pad) must be left padding here: every row's
 pads come before its tokens, so that every row's last token is at position l − 1 and decoding
@@ -58,10 +61,23 @@ def _layer(block: Block, hidden: jax.Array, residual: Optional[jax.Array], state
   return block(hidden, residual, initial_state=state, mask=mask, return_state=True)
 
 
-def _piece(model: MambaLM, ids: jax.Array, layers: tuple[Any, ...], fresh: bool,
-           mask: Optional[jax.Array], max_length: int):
-  """The model over one piece of the prompt: (logits of its last position (b, v_pad),
-  the per-layer states after it)."""
+def prefill_piece(model: MambaLM, ids: jax.Array, layers: tuple[Any, ...], *, fresh: bool,
+                  mask: Optional[jax.Array], max_length: int):
+  """The model over one piece of the prompt, continuing from ``layers``.
+
+  Args:
+    model: the language model.
+    ids: (b, c) this piece's tokens.
+    layers: one state per layer after the previous piece (float32 SSM states, as the layers
+      return them); ignored when ``fresh``.
+    fresh: the first piece of a new cache (each layer starts from zero / an empty KV cache
+      of ``max_length`` positions).
+    mask: optional (b, c) int left-padded mask of this piece (module docstring).
+    max_length: the KV caches' length.
+
+  Returns:
+    (logits of the piece's last position (b, v_pad) float32, the per-layer states after it).
+  """
   hidden, residual = model.backbone.embedding(ids), None
   states = []
   for block, state in zip(model.backbone.layers, layers):
@@ -71,12 +87,44 @@ def _piece(model: MambaLM, ids: jax.Array, layers: tuple[Any, ...], fresh: bool,
   return model.logits_from_hidden(model.backbone._final(last(hidden), last(residual))), tuple(states)
 
 
-def _like(state: Any, template: Any) -> Any:
+def like_cache(state: Any, template: Any) -> Any:
   """``state`` with its SSM state rounded to ``template``'s (the cache's) state dtype; the
   layers return float32 (or wider) states, whatever the cache stores."""
   if not isinstance(state, (Mamba1State, Mamba2State)):
     return state
   return state.replace(ssm_state=state.ssm_state.astype(template.ssm_state.dtype))
+
+
+def check_prefill_args(model: MambaLM, input_ids: jax.Array, *, max_length: int,
+                       attention_mask: Optional[jax.Array] = None,
+                       chunk_size: Optional[int] = None, cache: Optional[Cache] = None,
+                       state_dtype: Any = None) -> tuple[int, int]:
+  """:func:`prefill`'s argument checks (ValueError naming the argument); returns (b, l)."""
+  check_rank("input_ids", input_ids, 2, "(batch, length)")
+  check_integer("input_ids", input_ids)
+  batch, length = input_ids.shape
+  if length < 1:
+    raise ValueError(f"input_ids must hold at least one token, got shape {input_ids.shape}")
+  if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < length:
+    raise ValueError(f"max_length must be an int >= the prompt length {length}, got "
+                     f"{max_length!r}")
+  if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                 or chunk_size < 1):
+    raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+  if attention_mask is not None:
+    if cache is not None:
+      raise ValueError("attention_mask cannot be combined with cache: a padded prompt "
+                       "starts a new cache")
+    check_left_padded(attention_mask, batch, length)
+  if cache is not None:
+    if state_dtype is not None:
+      raise ValueError("state_dtype is for a new cache; a given cache keeps its own state "
+                       "dtype: pass state_dtype or cache, not both")
+    check_cache(cache, model, batch)
+    if cache.max_length != max_length:
+      raise ValueError(f"max_length={max_length} differs from the cache's "
+                       f"{cache.max_length}")
+  return batch, length
 
 
 def prefill(model: MambaLM, input_ids: jax.Array, *, max_length: int,
@@ -105,31 +153,9 @@ def prefill(model: MambaLM, input_ids: jax.Array, *, max_length: int,
     (logits (b, v_pad) float32 at the last position, the :class:`Cache` after the prompt;
     its SSM states in the cache's state dtype).
   """
-  check_rank("input_ids", input_ids, 2, "(batch, length)")
-  check_integer("input_ids", input_ids)
-  batch, length = input_ids.shape
-  if length < 1:
-    raise ValueError(f"input_ids must hold at least one token, got shape {input_ids.shape}")
-  if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < length:
-    raise ValueError(f"max_length must be an int >= the prompt length {length}, got "
-                     f"{max_length!r}")
-  if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                 or chunk_size < 1):
-    raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-  if attention_mask is not None:
-    if cache is not None:
-      raise ValueError("attention_mask cannot be combined with cache: a padded prompt "
-                       "starts a new cache")
-    check_left_padded(attention_mask, batch, length)
-  if cache is not None:
-    if state_dtype is not None:
-      raise ValueError("state_dtype is for a new cache; a given cache keeps its own state "
-                       "dtype: pass state_dtype or cache, not both")
-    check_cache(cache, model, batch)
-    if cache.max_length != max_length:
-      raise ValueError(f"max_length={max_length} differs from the cache's "
-                       f"{cache.max_length}")
-
+  batch, length = check_prefill_args(model, input_ids, max_length=max_length,
+                                     attention_mask=attention_mask, chunk_size=chunk_size,
+                                     cache=cache, state_dtype=state_dtype)
   fresh = cache is None
   if fresh:
     cache = init_cache(model, batch, max_length, dtype, state_dtype)
@@ -138,8 +164,8 @@ def prefill(model: MambaLM, input_ids: jax.Array, *, max_length: int,
   for begin in range(0, length, step):
     piece = slice(begin, min(begin + step, length))
     mask = None if attention_mask is None else attention_mask[:, piece].astype(jnp.int32)
-    logits, layers = _piece(model, input_ids[:, piece], layers, fresh and begin == 0, mask,
-                            max_length)
-  layers = tuple(_like(new, old) for new, old in zip(layers, cache.layers))
+    logits, layers = prefill_piece(model, input_ids[:, piece], layers,
+                                   fresh=fresh and begin == 0, mask=mask, max_length=max_length)
+  layers = tuple(like_cache(new, old) for new, old in zip(layers, cache.layers))
   return logits, Cache(layers=layers, max_length=max_length)
 

@@ -13,7 +13,8 @@ from flax import nnx
 
 from mamba_jax.config import MambaConfig
 from mamba_jax.inference.cache import Cache, astype_states, init_cache
-from mamba_jax.inference.decode import decode_step
+from mamba_jax.inference.decode import TRACE_COUNTS, decode_step
+from mamba_jax.inference.generate import jit_prefill
 from mamba_jax.inference.prefill import prefill
 from mamba_jax.nn.attention import KVCache
 from mamba_jax.nn.lm import MambaLM
@@ -89,6 +90,32 @@ def test_chunked_prefill_equals_one_shot(kind, padded):
     assert_close(logits, one_logits, RTOL[kind], f"{kind} chunk {chunk} logits")
     for i, (a, b) in enumerate(zip(jax.tree.leaves(cache), jax.tree.leaves(one))):
       assert_close(a, b, RTOL[kind], f"{kind} chunk {chunk} state leaf {i}")
+
+
+@pytest.mark.parametrize("kind, padded", [("Mamba1", False), ("Mamba2", True),
+                                           ("hybrid", True)])
+def test_jit_prefill_in_pieces_equals_one_shot(kind, padded):
+  """jit_prefill's pieces (one compiled call each, the states donated) give the one-shot
+  prefill's logits and cache, with the final SSM states rounded to the asked state dtype; the
+  full pieces share one program."""
+  model = _model(kind)
+  ids = _ids(3, LENGTH, model.config.vocab_size, seed=3)
+  mask = (jnp.asarray(np.arange(LENGTH)[None, :] >= np.array([[0], [5], [9]]), jnp.int32)
+          if padded else None)
+  one_logits, one = prefill(model, ids, max_length=LENGTH + 2, attention_mask=mask)
+  before = TRACE_COUNTS["prefill"]
+  for _ in range(2):
+    logits, cache = jit_prefill(model, ids, max_length=LENGTH + 2, attention_mask=mask,
+                                chunk_size=4)  # pieces [0, 4) [4, 8) [8, 11)
+  assert TRACE_COUNTS["prefill"] - before == 3  # the first, the next full, the last piece
+  assert_close(logits, one_logits, RTOL[kind], f"{kind} logits")
+  assert jax.tree.structure(cache) == jax.tree.structure(one)
+  for i, (a, b) in enumerate(zip(jax.tree.leaves(cache), jax.tree.leaves(one))):
+    assert a.dtype == b.dtype, (i, a.dtype, b.dtype)
+    assert_close(a, b, RTOL[kind], f"{kind} state leaf {i}")
+  _, half = jit_prefill(model, ids, max_length=LENGTH + 2, attention_mask=mask,
+                        chunk_size=4, state_dtype=jnp.bfloat16)
+  _check_rounded(half, cache)
 
 
 @pytest.mark.slow  # generate's padded-batch tests cover this end to end
