@@ -115,6 +115,15 @@ def kernels_md(data: dict) -> list[str]:
   return out + _problems(data)
 
 
+def _with_run(rows: list[dict], headers: list[str], cells: list[list]
+              ) -> tuple[list[str], list[list]]:
+  """(headers, cells) with a first "run" column (the JSON a row came from) when the section
+  joins several runs (``--section``), unchanged otherwise."""
+  if not any("run" in r for r in rows):
+    return headers, cells
+  return ["run", *headers], [[r.get("run", "-"), *c] for r, c in zip(rows, cells)]
+
+
 def training_md(data: dict) -> list[str]:
   rows = data.get("rows", [])
   out = ["Random tokens, float32 parameters, `compute` dtype activations, AdamW (β 0.9 / 0.95, weight decay "
@@ -129,15 +138,16 @@ def training_md(data: dict) -> list[str]:
          "step exceeded 85 % of the device, or the plain step ran out of memory).", ""]
   memory = lambda r: (f"remat, loss in {r['loss_chunk']}" if r.get("remat")
                       else "plain" if r["impl"] == "jax" else "-")
-  out += table(["model", "impl", "compute", "memory", "L", "batch", "params (M)", "step ms",
-                "tokens/s", "MFU %", "peak GiB", "compile s", "vs mamba_ssm",
-                "SSM / attention path"],
-               [[r["model"], r["impl"], r.get("dtype", "bfloat16"), memory(r),
-                 length_label(r["length"]), r["batch"],
-                 r["params"] / 1e6, r["step_ms"], r["tokens_per_s"], 100 * r["mfu"],
-                 r.get("peak_gib"), r["compile_s"], r.get("jax_vs_torch"),
-                 ", ".join(r.get("ops_impl") or []) or (r.get("attention") or "-")]
-                for r in rows])
+  out += table(*_with_run(
+      rows, ["model", "impl", "compute", "memory", "L", "batch", "params (M)", "step ms",
+             "tokens/s", "MFU %", "peak GiB", "compile s", "vs mamba_ssm",
+             "SSM / attention path"],
+      [[r["model"], r["impl"], r.get("dtype", "bfloat16"), memory(r),
+        length_label(r["length"]), r["batch"],
+        r["params"] / 1e6, r["step_ms"], r["tokens_per_s"], 100 * r["mfu"],
+        r.get("peak_gib"), r["compile_s"], r.get("jax_vs_torch"),
+        ", ".join(r.get("ops_impl") or []) or (r.get("attention") or "-")]
+       for r in rows]))
   return out + _problems(data)
 
 
@@ -168,13 +178,14 @@ def generation_md(data: dict) -> list[str]:
          "at the same batch. SSM state: the SSM states' storage dtype (float32 exact, "
          "bfloat16 as mamba_ssm; updates in float32 either way). Peak memory is process-wide "
          "(monotone over the rows).", ""]
-  out += table(["model", "params (M)", "batch", "SSM state", "prefill ms", "ms/token",
-                "decode tokens/s", "end-to-end tokens/s", "vs Transformer++", "state MiB",
-                "decode program MiB", "peak MiB"],
-               [[r["model"], r["params_m"], r["batch"], r.get("state_dtype", "-"),
-                 r["prefill_ms"], r["decode_ms_step"], r["decode_tok_s"], r["e2e_tok_s"],
-                 r.get("vs_transformer"), r["state_mib"], r.get("decode_prog_mib"),
-                 r.get("peak_mib")] for r in rows])
+  out += table(*_with_run(
+      rows, ["model", "params (M)", "batch", "SSM state", "prefill ms", "ms/token",
+             "decode tokens/s", "end-to-end tokens/s", "vs Transformer++", "state MiB",
+             "decode program MiB", "peak MiB"],
+      [[r["model"], r["params_m"], r["batch"], r.get("state_dtype", "-"),
+        r["prefill_ms"], r["decode_ms_step"], r["decode_tok_s"], r["e2e_tok_s"],
+        r.get("vs_transformer"), r["state_mib"], r.get("decode_prog_mib"),
+        r.get("peak_mib")] for r in rows]))
   ctx = data.get("state_vs_context") or []
   if ctx:
     names = [k for k in ctx[0] if k != "context"]
@@ -186,8 +197,9 @@ def generation_md(data: dict) -> list[str]:
   errors = [r for r in data.get("rows", []) if "error" in r]
   if errors:
     state = lambda r: "" if r.get("state_dtype", "-") == "-" else f" {r['state_dtype']} state"
-    out += ["", "Failed rows: " + "; ".join(f"{r['model']} batch {r['batch']}{state(r)}: "
-                                            f"{r['error']}" for r in errors)]
+    run = lambda r: f" ({r['run']})" if "run" in r else ""
+    out += ["", "Failed rows: " + "; ".join(f"{r['model']} batch {r['batch']}{state(r)}"
+                                            f"{run(r)}: {r['error']}" for r in errors)]
   return out + _problems(data, errors=False)
 
 
@@ -275,20 +287,27 @@ def decode_profile_md(data: dict) -> list[str]:
   """scripts/profile_decode.py's rows: the compiled decoding loop with the decoding ops as
   impl="auto" picks them and in their XLA forms."""
   a = data.get("args", {})
-  out = [f"{data.get('device', '?')}; random weights in {a.get('dtype')}, float32 SSM state, "
-         f"prompt {fmt(a.get('prompt_len'))} prefilled, then {a.get('gen_len')} tokens "
+  out = [f"{data.get('device', '?')}; random weights in {a.get('dtype')}, SSM state in the "
+         f"`state` dtype, prompt {fmt(a.get('prompt_len'))} prefilled, then {a.get('gen_len')} "
+         "tokens "
          "decoded greedily in the compiled loop; wall time per token, the GPU's busy time per "
          "token and the kernels it ran per token (a profiler trace). Earlier runs first (before "
          "and after `mamba_jax.nn.linear`'s two-row products; `Linear pads from` = its "
          "MIN_PADDED_WEIGHT where a run varied it). step `auto` = the "
-         "decoding ops as `impl=\"auto\"` picks them (on a GPU, Mamba-2's fused conv + SSD "
-         "kernel `ssd_decode_step` up to batch 16, and Mamba-1's in-place conv and SSM step "
-         "kernels), `xla` = their XLA forms; `pallas` = every decoding kernel. The rows of a "
+         "decoding ops as `impl=\"auto\"` picks them: on a GPU, Mamba-1's conv and SSM step "
+         "kernels and Mamba-2's fused conv + SSD kernel `ssd_decode_step` up to batch 16, and "
+         "since the runs `decode_profile_mamba1_b1_conv_in_place` and "
+         "`decode_profile_mamba2_b128_bf16` (2026-11-23) Mamba-1's at every batch and "
+         "Mamba-2's also at larger batches with a bf16 state; `xla` = their XLA forms; "
+         "`pallas` = every decoding kernel. The rows of a "
          "run (`run`: its JSON in docs/results) come from one process; runs of different code "
          "states are compared only within themselves.", ""]
-  return out + table(["run", "model", "batch", "step", "Linear pads from", "wall ms / token",
-                      "GPU busy ms / token", "kernels / token"],
-                     [[r.get("run", "-"), r["model"], r["batch"], r.get("step_impl", "auto"),
+  options = lambda r: ", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items())
+  return out + table(["run", "model", "batch", "state", "step", "XLA options",
+                      "Linear pads from", "wall ms / token", "GPU busy ms / token",
+                      "kernels / token"],
+                     [[r.get("run", "-"), r["model"], r["batch"], r.get("state_dtype", "float32"),
+                       r.get("step_impl", "auto"), options(r) or "-",
                        r.get("min_padded_weight") or "-", r["wall_ms_per_token"],
                        r.get("busy_ms_per_token"), r.get("kernels_per_token")]
                       for r in data.get("rows", [])])
@@ -299,13 +318,14 @@ def decode_step_md(data: dict) -> list[str]:
   a = data.get("args", {})
   out = [f"{data.get('device', '?')}; `ops.ssd_decode_step` (conv step + SSD state update of "
          f"one Mamba-2 layer) at the presets' sizes, {a.get('steps')} steps in one compiled "
-         f"`fori_loop` (state carried, updated in place), {a.get('state_dtype')} state; µs per "
+         "`fori_loop` (state carried, updated in place), the state in the row's dtype; µs per "
          "step (the loop's own per-iteration cost included: at batch 1 it dominates), the "
          "state traffic (read + write) against the 3.0 TB/s copy ceiling, and the XLA form's "
          "time over the row's.", ""]
-  return out + table(["model", "batch", "impl", "block_p", "warps", "µs / step",
+  return out + table(["model", "batch", "state", "impl", "block_p", "warps", "µs / step",
                       "copy ceiling", "xla / this"],
-                     [[r["model"], r["batch"], r["impl"], r.get("block_p") or "-",
+                     [[r["model"], r["batch"], r.get("state_dtype", "-"), r["impl"],
+                       r.get("block_p") or "-",
                        r.get("num_warps") or "-", r["us_per_step"],
                        f"{r['copy_fraction']:.0%}", r.get("xla_over_this")]
                       for r in data.get("rows", [])])

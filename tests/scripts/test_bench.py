@@ -304,6 +304,15 @@ def test_section_from_separate_runs_joins_rows_and_contexts(tmp_path):
     bench_report.section_from_runs([run("c", "x"), run("d", "y", device="H200")])
 
 
+def test_joined_training_rows_name_their_run():
+  """A --section of several runs gets a leading `run` column; one run's section does not."""
+  row = dict(model="m", impl="jax", length=2048, batch=16, params=1e8, step_ms=100.0,
+             tokens_per_s=1e5, mfu=0.1, compile_s=5.0)
+  joined = "\n".join(bench_report.training_md({"rows": [dict(row, run="a.json")]}))
+  assert "| run | model |" in joined and "| a.json | m |" in joined
+  assert "| run |" not in "\n".join(bench_report.training_md({"rows": [row]}))
+
+
 def test_s6_section_renders_bench_selective_scan_rows(tmp_path):
   """--section s6=...: bench_selective_scan.py's JSON (no bench_all env) becomes a table with
   the ratios to the CUDA kernel that the script computed."""
