@@ -122,7 +122,8 @@ def section_commands(mode: str) -> dict[str, list[str]]:
       "kernels_n": script("bench_kernels.py") + ["--parts", "states", "--ssd_impls", FULL_SSD],
       "kernels_s6": script("bench_kernels.py") + ["--parts", "s6"],
       "generation": script("bench_generation.py"),
-      "generation_large": script("bench_generation.py") + ["--large"],
+      "generation_large": script("bench_generation.py") + [
+          "--large", "--prefill_chunk", "64", "--chunk_from_batch", "128"],
       "long_context": script("bench_long_context.py") + ["--modes", "train"],
       "long_context_forward": script("bench_long_context.py") + ["--modes", "forward"],
       "cpu": script("bench_training.py") + ["--cpu"],

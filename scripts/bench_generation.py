@@ -42,10 +42,12 @@ Usage:
   PYTHONPATH=. python scripts/bench_generation.py --large --out gen.json    # 1.4B / 1.3B
   PYTHONPATH=. python scripts/bench_generation.py --small                   # CPU smoke check
 
-``--large`` prefills in one piece at every batch unless --chunk_from_batch is given: at batch
-128, Transformer++ 1.3B's later pieces would run XLA attention whose (b, h, 1024, L) float32
-logits (37 GB) do not fit beside its 55 GB KV cache on an 80 GB GPU; one piece runs cuDNN
-flash attention.
+``--large`` prefills in one piece at every batch unless --chunk_from_batch is given. At batch
+128 Transformer++ 1.3B's 51 GiB KV cache leaves room (75 GiB allowed on an 80 GB H100) neither
+for one piece (13 GiB more asked) nor for 256-token pieces (21.5 GiB: XLA's cached attention
+keeps several (b, h, piece, L) float32 arrays); ``--prefill_chunk 64 --chunk_from_batch 128``
+fits, each piece one compiled call (``jit_prefill``), and is what ``bench_all.py``'s
+generation_large section passes.
 
 Time on an H100 (estimated from the 130M rows measured there: compiling takes most of it):
 the 130M models at batches 1,64 with both state dtypes and --reps 2 about 100 s; --large at
