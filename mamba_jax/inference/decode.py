@@ -32,9 +32,9 @@ from mamba_jax.ops.checks import check_rank, check_shape
 
 # The ops with a decoding kernel that the models' steps call: Mamba-2's fused conv + SSD step,
 # Mamba-1's conv and SSM steps (ops.ssd_decode_step, ops.selective_decode_step); impl="auto"
-# takes them on GPUs at small batches. ``resolve_auto_as(**{op: "xla" for op in
-# STEP_KERNEL_OPS})`` (mamba_jax.ops.impl) compiles the step without any, for comparison;
-# "pallas" with all.
+# takes them on GPUs where they measured faster (each op's docstring).
+# ``resolve_auto_as(**{op: "xla" for op in STEP_KERNEL_OPS})`` (mamba_jax.ops.impl) compiles
+# the step without any, for comparison; "pallas" with all.
 STEP_KERNEL_OPS = ("ssd_decode_step", "mamba1_conv_step", "mamba1_ssm_step")
 
 # How often each jitted function was traced (compiled), by name: tests check "once".

@@ -51,7 +51,7 @@ from mamba_jax.nn.linear import Linear
 from mamba_jax.nn.mamba1 import Mamba1Mixer
 from mamba_jax.nn.mamba2 import Mamba2Mixer
 from mamba_jax.nn.mlp import GatedMLP
-from mamba_jax.ops.checks import check_float_dtype, check_integer, check_rank, check_shape
+from mamba_jax.ops.checks import check_float_dtype, check_integer, check_rank
 from mamba_jax.ops.padding import check_token_mask
 
 MIXERS = {"Mamba1": Mamba1Mixer, "Mamba2": Mamba2Mixer, "H3": H3Mixer,

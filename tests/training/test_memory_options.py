@@ -5,7 +5,6 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from mamba_jax.config import MambaConfig
