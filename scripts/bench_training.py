@@ -123,15 +123,17 @@ def device_limit_bytes() -> int | None:
   return None if not stats else int(stats.get("bytes_limit", 0)) or None
 
 
-def jax_case(name: str, length: int, tokens: int, steps: int, warmup: int, cpu: bool,
-             dtype: str, memory: str = "plain", loss_chunk: int = 8192) -> dict:
+def jax_train_setup(name: str, length: int, tokens: int, cpu: bool, dtype: str
+                    ) -> types.SimpleNamespace:
+  """One of our models' training setup: ``config``, ``graphdef``, ``rest`` (the non-Param
+  state), the optimizer ``tx``, the train ``state``, one batch of random ``data``, ``n_params``
+  and ``batch`` (= tokens // length sequences of ``length``)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from bench_timing import peak_device_bytes
   from mamba_jax.nn.lm import MambaLM, weight_decay_mask
   from mamba_jax.training.optimizer import default_optimizer_config, make_optimizer
-  from mamba_jax.training.train_step import init_train_state, make_train_step
+  from mamba_jax.training.train_step import init_train_state
 
   config = model_config(name, cpu, jax.default_backend() == "gpu")
   batch = max(tokens // length, 1)
@@ -145,6 +147,20 @@ def jax_case(name: str, length: int, tokens: int, steps: int, warmup: int, cpu: 
   del model, params
   ids = jax.random.randint(jax.random.key(1), (batch, length + 1), 0, config.vocab_size)
   data = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "mask": jnp.ones((batch, length), bool)}
+  return types.SimpleNamespace(config=config, graphdef=graphdef, rest=rest, tx=tx, state=state,
+                               data=data, n_params=n_params, batch=batch)
+
+
+def jax_case(name: str, length: int, tokens: int, steps: int, warmup: int, cpu: bool,
+             dtype: str, memory: str = "plain", loss_chunk: int = 8192) -> dict:
+  import jax
+  from bench_timing import peak_device_bytes
+  from mamba_jax.training.train_step import make_train_step
+
+  setup = jax_train_setup(name, length, tokens, cpu, dtype)
+  config, graphdef, rest, tx = setup.config, setup.graphdef, setup.rest, setup.tx
+  state, data, n_params, batch = setup.state, setup.data, setup.n_params, setup.batch
+  del setup
   remat, plain_estimate, step_fn, estimate_s = memory == "remat", None, None, 0.0
   limit = device_limit_bytes() if memory == "auto" else None
   if limit is not None:

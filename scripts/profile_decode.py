@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
 import itertools
-import json
 import os
 import sys
 import tempfile
@@ -44,6 +41,7 @@ from flax import nnx  # noqa: E402
 
 from bench_generation import has_ssm, small_config  # noqa: E402
 from bench_timing import environment, write_json  # noqa: E402
+from trace_events import device_events  # noqa: E402
 from mamba_jax.config import preset  # noqa: E402
 from mamba_jax.inference.decode import STEP_KERNEL_OPS, _decode  # noqa: E402
 from mamba_jax.inference.generate import jit_prefill  # noqa: E402
@@ -55,26 +53,11 @@ from mamba_jax.ops.impl import resolve_auto_as  # noqa: E402
 def device_kernel_times(trace_dir: str) -> tuple[dict[str, float], int]:
   """({kernel name: summed µs}, event count) over the device-stream events of the perfetto
   trace that ``jax.profiler.trace(..., create_perfetto_trace=True)`` wrote under trace_dir."""
-  paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-  if not paths:
-    raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
-  with gzip.open(paths[0], "rt", encoding="utf-8") as f:
-    events = json.load(f)["traceEvents"]
-  device_pids = {e["pid"] for e in events
-                 if e.get("ph") == "M" and e.get("name") == "process_name"
-                 and "/device:" in e.get("args", {}).get("name", "")
-                 and "/device:CPU" not in e["args"]["name"]}
-  if not device_pids:
-    names = sorted({e.get("args", {}).get("name", "") for e in events
-                    if e.get("ph") == "M" and e.get("name") == "process_name"})
-    print(f"no device events in the trace; its processes: {names}", flush=True)
   times: dict[str, float] = collections.defaultdict(float)
-  count = 0
+  events = device_events(trace_dir)
   for e in events:
-    if e.get("ph") == "X" and e.get("pid") in device_pids:
-      times[e["name"]] += float(e.get("dur", 0.0))
-      count += 1
-  return dict(times), count
+    times[e["name"]] += e["dur"]
+  return dict(times), len(events)
 
 
 def parse_option_sets(text: str) -> list[dict]:
