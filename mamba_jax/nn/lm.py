@@ -48,6 +48,7 @@ from mamba_jax.nn.h3 import H3Mixer, SSMNoGate
 from mamba_jax.nn.init import (NO_WEIGHT_DECAY, embedding_init, residual_scale,
                                torch_default_init)
 from mamba_jax.nn.linear import Linear
+from mamba_jax.nn.logits import logits_product
 from mamba_jax.nn.mamba1 import Mamba1Mixer
 from mamba_jax.nn.mamba2 import Mamba2Mixer
 from mamba_jax.nn.mlp import GatedMLP
@@ -223,14 +224,12 @@ class MambaLM(nnx.Module):
 
   def logits_from_hidden(self, x: jax.Array) -> jax.Array:
     """LM head: x (..., d) -> logits (..., v_pad) in float32 (wider for float64), the
-    matmul in the compute dtype."""
-    out_dtype = jnp.promote_types(self.dtype, jnp.float32)
+    matmul in the compute dtype, its backward too (``mamba_jax.nn.logits``)."""
     x = x.astype(self.dtype)
     if self.lm_head is None:
       w = self.backbone.embedding.embedding[...].astype(self.dtype)
-      return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=out_dtype)
-    w = self.lm_head.kernel[...].astype(self.dtype)
-    return jnp.einsum("...d,dv->...v", x, w, preferred_element_type=out_dtype)
+      return logits_product(x, w, "vd")
+    return logits_product(x, self.lm_head.kernel[...].astype(self.dtype), "dv")
 
   def _check_ids(self, name: str, ids: jax.Array, rank: int, layout: str) -> None:
     check_rank(name, ids, rank, layout)
