@@ -52,11 +52,16 @@ _TRANSFORM_SCOPES = ("jit", "jvp", "transpose", "checkpoint", "remat", "rematted
 
 def instruction_op_names(hlo_text: str) -> dict[str, str]:
   """{HLO instruction name, with '.' and '-' as '_' (as XLA names its kernels): op_name} for
-  every instruction of the compiled module's text that carries an op_name."""
+  every instruction of the compiled module's text that carries an op_name; also the
+  ``deduplicated_name`` that identical fusions (e.g. of every layer) share as one kernel."""
   names = {}
-  for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]+)\"", hlo_text,
-                       re.MULTILINE):
+  for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]+)\"([^\n]*)",
+                       hlo_text, re.MULTILINE):
     names[re.sub(r"[.\-]", "_", m.group(1))] = m.group(2)
+    # Identical fusions share one kernel, named after the first (its deduplicated_name).
+    shared = re.search(r'deduplicated_name="([^"]+)"', m.group(3))
+    if shared:
+      names.setdefault(re.sub(r"[.\-]", "_", shared.group(1)), m.group(2))
   return names
 
 

@@ -12,7 +12,7 @@ HLO = "\n".join([
     "ENTRY %main.3 (x.1: f32[8,8]) -> f32[8,8] {",
     "  %input_transpose_fusion.143 = f32[16,1,1792,2048]{3,2,1,0} fusion(%x), kind=kInput, "
     'metadata={op_name="jit(step)/train_step/jvp(mamba_lm)/block/mamba2_mixer/slice" '
-    "stack_frame_id=3}",
+    'deduplicated_name="input_transpose_fusion.120" stack_frame_id=3}',
     "  ROOT %custom-call.12 = f32[8,8]{1,0} custom-call(%x), "
     'metadata={op_name="jit(step)/train_step/transpose(jvp(mamba_lm))/block/dot_general"}',
     "  %no_metadata.1 = f32[8] parameter(0)",
@@ -23,6 +23,8 @@ def test_instruction_op_names_keys_are_kernel_names():
   names = profile_training.instruction_op_names(HLO)
   assert names == {
       "input_transpose_fusion_143":
+          "jit(step)/train_step/jvp(mamba_lm)/block/mamba2_mixer/slice",
+      "input_transpose_fusion_120":
           "jit(step)/train_step/jvp(mamba_lm)/block/mamba2_mixer/slice",
       "custom_call_12": "jit(step)/train_step/transpose(jvp(mamba_lm))/block/dot_general"}
 
