@@ -133,10 +133,12 @@ def training_md(data: dict) -> list[str]:
          "2.3.2.post1's MambaLMHeadModel (bf16 autocast, fused AdamW, Triton SSD; torch "
          "conv1d: no causal_conv1d extension, so not its fused mem-efficient path). Peak: "
          "`peak_bytes_in_use` (JAX) / `max_memory_allocated` (torch), each case in its own "
-         "process. `memory`: `remat` = each block rematerialized in the backward and the loss "
-         "taken in chunks of the given positions (where XLA's memory estimate of the plain "
-         "step exceeded 85 % of the device, or the plain step ran out of memory).", ""]
+         "process. `memory`: `loss in N` = the LM head and loss taken N positions at a time "
+         "(where XLA's memory estimate of the plain step exceeded 85 % of the device); `remat` "
+         "= also each block rematerialized in the backward (where the chunked-loss step's "
+         "estimate exceeded it too, or a step ran out of memory).", ""]
   memory = lambda r: (f"remat, loss in {r['loss_chunk']}" if r.get("remat")
+                      else f"loss in {r['loss_chunk']}" if r.get("loss_chunk")
                       else "plain" if r["impl"] == "jax" else "-")
   out += table(*_with_run(
       rows, ["model", "impl", "compute", "memory", "L", "batch", "params (M)", "step ms",

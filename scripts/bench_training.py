@@ -24,16 +24,18 @@ Every case runs in its own process (clean peak memory; an OOM ends only that cas
 timeout from ``--budget_s``; the JSON is rewritten after each case.
 
 Memory (``--memory``, our models only): ``plain`` keeps every activation and the whole
-logits; ``remat`` rematerializes each residual block in the backward and takes the LM head and
-loss ``--loss_chunk`` positions at a time (``make_train_step(remat=True, loss_chunk=...)``: one
-more forward of compute, a fraction of the memory); ``auto`` (default) compiles ``plain``,
-reads XLA's memory analysis of the compiled step (arguments + outputs + temporaries, less the
-donated aliases) and runs it, or, if that exceeds ``PLAIN_MEMORY_FRACTION`` of the device's
-memory limit, compiles ``remat`` instead, in the same process and without running the plain
-step (should a plain step still run out of memory, the case runs again with ``remat``). Each
-row says which it ran (``remat``, ``loss_chunk``, and ``plain_estimate_gib`` where ``auto``
-decided; ``compile_s`` includes every compilation); MFU counts 6 · params either way, not the
-recomputation.
+logits; ``chunked_loss`` keeps every block's activations but takes the LM head and loss
+``--loss_chunk`` positions at a time (``make_train_step(loss_chunk=...)``: the whole logits and
+their gradient never exist at once); ``remat`` also rematerializes each residual block in the
+backward (``remat=True``: one more forward of compute, a fraction of the memory); ``auto``
+(default) compiles ``plain``, reads XLA's memory analysis of the compiled step (arguments +
+outputs + temporaries, less the donated aliases) and runs it, or, if that exceeds
+``PLAIN_MEMORY_FRACTION`` of the device's memory limit, does the same with ``chunked_loss``,
+then takes ``remat``, in the same process and without running the steps that did not fit
+(should a chosen step still run out of memory, the case runs again with ``remat``). Each row
+says which it ran (``remat``, ``loss_chunk``, and ``plain_estimate_gib`` /
+``chunked_loss_estimate_gib`` where ``auto`` decided; ``compile_s`` includes every
+compilation); MFU counts 6 · params either way, not the recomputation.
 
 Usage (GPU):
   PYTHONPATH=.:.device/training_site python scripts/bench_training.py \
@@ -161,18 +163,26 @@ def jax_case(name: str, length: int, tokens: int, steps: int, warmup: int, cpu: 
   config, graphdef, rest, tx = setup.config, setup.graphdef, setup.rest, setup.tx
   state, data, n_params, batch = setup.state, setup.data, setup.n_params, setup.batch
   del setup
-  remat, plain_estimate, step_fn, estimate_s = memory == "remat", None, None, 0.0
+  chunk, remat = loss_chunk, memory == "remat"
+  loss_chunk = chunk if memory in ("remat", "chunked_loss") else 0
+  estimates, step_fn, estimate_s = {}, None, 0.0
   limit = device_limit_bytes() if memory == "auto" else None
   if limit is not None:
     start = time.perf_counter()
-    plain, plain_estimate = compile_with_bytes(
-        make_train_step(graphdef, rest, tx, config.vocab_size), state, data)
+    for level, level_chunk in (("plain", 0), ("chunked_loss", chunk)):
+      compiled, estimates[level] = compile_with_bytes(
+          make_train_step(graphdef, rest, tx, config.vocab_size, loss_chunk=level_chunk),
+          state, data)
+      fits = estimates[level] <= PLAIN_MEMORY_FRACTION * limit
+      print(f"{name}:{length}: {level} step needs {estimates[level] / 2 ** 30:.1f} GiB of "
+            f"{limit / 2 ** 30:.1f}: {'runs' if fits else 'too much'}", flush=True)
+      if fits:
+        step_fn, remat, loss_chunk = compiled, False, level_chunk
+        break
+      del compiled
+    else:
+      remat, loss_chunk = True, chunk
     estimate_s = time.perf_counter() - start
-    remat = plain_estimate > PLAIN_MEMORY_FRACTION * limit
-    step_fn = None if remat else plain
-    print(f"{name}:{length}: plain step needs {plain_estimate / 2 ** 30:.1f} GiB of "
-          f"{limit / 2 ** 30:.1f}: {'remat' if remat else 'plain'}", flush=True)
-  loss_chunk = loss_chunk if remat else 0
   if step_fn is None:
     step_fn = make_train_step(graphdef, rest, tx, config.vocab_size, remat=remat,
                               loss_chunk=loss_chunk)
@@ -193,7 +203,7 @@ def jax_case(name: str, length: int, tokens: int, steps: int, warmup: int, cpu: 
               flops_per_token=train_flops_per_token(n_params, n_att, d_att, length),
               peak_bytes=peak_device_bytes(), loss_first=loss0, loss_last=loss,
               remat=remat, loss_chunk=loss_chunk,
-              plain_estimate_gib=None if plain_estimate is None else plain_estimate / 2 ** 30,
+              **{f"{level}_estimate_gib": v / 2 ** 30 for level, v in estimates.items()},
               attention=config.attn_cfg.get("implementation") if n_att else None)
 
 
@@ -350,10 +360,11 @@ def main():
   parser.add_argument("--dtype", default="", choices=("", "bfloat16", "float32"),
                       help="compute dtype of our models (default bfloat16; float32 with --cpu, "
                            "where XLA's bf16 arithmetic is emulated and slow)")
-  parser.add_argument("--memory", default="auto", choices=("auto", "plain", "remat"),
+  parser.add_argument("--memory", default="auto",
+                      choices=("auto", "plain", "chunked_loss", "remat"),
                       help="activation memory of our models (see the module docstring)")
   parser.add_argument("--loss_chunk", type=int, default=8192,
-                      help="positions of logits at a time with --memory remat")
+                      help="positions of logits at a time with --memory chunked_loss / remat")
   parser.add_argument("--case", default="", help=argparse.SUPPRESS)
   parser.add_argument("--out", default="bench_training.json")
   args = parser.parse_args()

@@ -87,15 +87,29 @@ def test_training_flops_per_token():
   assert row["peak_gib"] == 2.0
 
 
-@pytest.mark.parametrize("fraction, remat", [(0.85, False), (1e-9, True)])
-def test_memory_auto_picks_remat_from_the_compiled_estimate(monkeypatch, fraction, remat):
+@pytest.mark.parametrize("fraction, inflate_plain, level", [
+    (0.85, False, "plain"), (0.85, True, "chunked_loss"), (1e-9, False, "remat")])
+def test_memory_auto_picks_the_first_level_that_fits(monkeypatch, fraction, inflate_plain,
+                                                      level):
   """--memory auto: the plain step where XLA's estimate fits the device (a pretend 1 GiB
-  limit on CPU), remat + the chunked loss where it does not; the same first loss either way."""
+  limit on CPU), else the chunked loss where that fits, else remat + the chunked loss; the
+  same first loss either way."""
+  real = bench_training.compile_with_bytes
+  calls = []
+
+  def estimate(step_fn, *args):  # a plain step (the first compiled) of 1000x its size
+    compiled, size = real(step_fn, *args)
+    calls.append(size)
+    return compiled, size * (1000 if inflate_plain and len(calls) == 1 else 1)
+
+  monkeypatch.setattr(bench_training, "compile_with_bytes", estimate)
   monkeypatch.setattr(bench_training, "device_limit_bytes", lambda: 2 ** 30)
   monkeypatch.setattr(bench_training, "PLAIN_MEMORY_FRACTION", fraction)
   row = bench_training.jax_case("mamba2-130m", 32, 64, 1, 0, True, "float32", "auto", 16)
-  assert row["remat"] is remat and row["loss_chunk"] == (16 if remat else 0)
-  assert 0 < row["plain_estimate_gib"] < 1
+  assert row["remat"] is (level == "remat")
+  assert row["loss_chunk"] == (0 if level == "plain" else 16)
+  assert 0 < row["plain_estimate_gib"] < (1000 if inflate_plain else 1)
+  assert (level == "plain") == ("chunked_loss_estimate_gib" not in row)
   np.testing.assert_allclose(row["loss_first"], np.log(256), rtol=0.05)
 
 
