@@ -136,8 +136,10 @@ def training_md(data: dict) -> list[str]:
          "process. `memory`: `loss in N` = the LM head and loss taken N positions at a time "
          "(where XLA's memory estimate of the plain step exceeded 85 % of the device); `remat` "
          "= also each block rematerialized in the backward (where the chunked-loss step's "
-         "estimate exceeded it too, or a step ran out of memory).", ""]
-  memory = lambda r: (f"remat, loss in {r['loss_chunk']}" if r.get("remat")
+         "estimate exceeded it too, or a step ran out of memory; `(asked)`: the run asked for "
+         "it, without estimates).", ""]
+  asked = lambda r: "" if r.get("plain_estimate_gib") is not None else " (asked)"
+  memory = lambda r: (f"remat{asked(r)}, loss in {r['loss_chunk']}" if r.get("remat")
                       else f"loss in {r['loss_chunk']}" if r.get("loss_chunk")
                       else "plain" if r["impl"] == "jax" else "-")
   out += table(*_with_run(
@@ -333,6 +335,28 @@ def decode_step_md(data: dict) -> list[str]:
                       for r in data.get("rows", [])])
 
 
+# profile_training.py's kernel kinds, in the report's column order.
+PROFILE_KINDS = ("matmul", "custom", "elementwise", "reduce", "transpose", "attention")
+
+
+def training_profile_md(data: dict) -> list[str]:
+  """scripts/profile_training.py's rows: one training step's GPU time by kernel kind."""
+  out = [f"{data.get('device', '?')}; one training step as `bench_training.py` runs it "
+         "(random tokens, float32 parameters, bf16 compute, AdamW), traced once after "
+         "warm-up: wall ms per step (median of the timed steps), the GPU's busy ms and kernels "
+         "in the traced step, and the busy ms by kernel kind (`custom` = our Pallas / Mosaic "
+         "GPU kernels; `transpose`, `reduce`, `elementwise` = XLA fusions by their names). "
+         "Earlier runs first: before and after the SSD wrapper's pinned dt transpose and the "
+         "LM head's compute-dtype backward (2026-11-23); each run is one process.", ""]
+  return out + table(
+      ["run", "model", "L", "memory", "wall ms", "GPU busy ms", "kernels",
+       *[f"{k} ms" for k in PROFILE_KINDS]],
+      [[r.get("run", "-"), r["model"], length_label(r["length"]), r["memory"],
+        r["wall_ms_per_step"], r.get("busy_ms_per_step"), r.get("kernels_per_step"),
+        *[(r.get("kinds_ms") or {}).get(k, 0.0) for k in PROFILE_KINDS]]
+       for r in data.get("rows", [])])
+
+
 SECTION_MD = {
     "kernels": ("Kernels: SSD and S6 against attention (Mamba Fig. 8 left, Mamba-2 Fig. 10)",
                 kernels_md),
@@ -346,6 +370,7 @@ SECTION_MD = {
                        decode_profile_md),
     "decode_step": ("Mamba-2's decoding step alone: kernel blocks against the XLA form",
                     decode_step_md),
+    "training_profile": ("Where a training step's GPU time goes", training_profile_md),
     "cpu": ("CPU: a tiny model for notebook users", cpu_md),
 }
 
@@ -455,7 +480,8 @@ def figures(results: dict, png_dir: str) -> dict[str, str]:
       ax.legend(fontsize=7)
     fig.suptitle(d.get("device") or device)
     made["s6"] = _save(fig, png_dir, "bench_s6.png")
-  rows = [r for n, d in secs.items() if n == "training" or n.startswith("training_")
+  rows = [r for n, d in secs.items()
+          if (n == "training" or n.startswith("training_")) and n != "training_profile"
           for r in d.get("rows", [])]
   if rows:
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows)), 4))
@@ -541,6 +567,10 @@ def section_from_runs(paths: list[str]) -> dict:
   data = dict(datas[0])
   data["rows"] = [{**r, "run": os.path.basename(p)} for p, d in zip(paths, datas)
                   for r in d.get("rows", [])]
+  data["errors"] = [{**e, "case": f"{os.path.basename(p)}: {e.get('case')}"}
+                    if isinstance(e, dict) else f"{os.path.basename(p)}: {e}"
+                    for p, d in zip(paths, datas) for e in d.get("errors") or []]
+  data["skipped"] = [s for d in datas for s in d.get("skipped") or []]
   contexts: dict[int, dict] = {}
   for d in datas:
     for c in d.get("state_vs_context") or []:
