@@ -8,12 +8,12 @@ times, timed over ``--steps`` steps (median wall ms), then one step under
 ``jax.profiler.trace``. Each GPU kernel of the trace is traced back to the HLO instruction that
 launched it (for XLA's fusions the kernel's own name; for library kernels the profiler's
 ``hlo_op``, which inside a command buffer names only the buffer) and from there to the
-instruction's ``op_name``:
-the jax name stack, whose NNX module scopes (``mamba_lm/block/mamba2_mixer/...``) and named
-scopes (``ssd_chunked``, ...) say which part of the model it computes, and whose
-``transpose(...)`` says it is the backward. Reported per case: wall and GPU-busy ms per step,
-kernels per step, the busy time summed per (direction, part) to ``--depth`` scopes, and the
-``--top`` kernels.
+instruction's ``op_name``: the jax name stack, whose NNX module scopes
+(``mamba_lm/block/mamba2_mixer/...``) and named scopes (``ssd_chunked``, ...) say which part of
+the model it computes, and whose ``transpose(...)`` says it is the backward. Reported per
+case: wall and GPU-busy ms per step, kernels per step, the busy time by kernel kind
+(:func:`kernel_kind`) and summed per (direction, part) to ``--depth`` scopes, and the ``--top``
+kernels.
 
 Usage (GPU): PYTHONPATH=. python scripts/profile_training.py \
     --cases mamba2-130m:2048:plain,transformerpp-125m:2048:plain --out /tmp/train_profile.json
