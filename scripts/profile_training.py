@@ -126,13 +126,13 @@ def profile_case(case: str, args: argparse.Namespace) -> dict:
     return metrics["loss"]
 
   wall_ms = time_ms(run, jax.block_until_ready, reps=args.steps, inner=1, warmup=args.warmup)
-  trace_dir = tempfile.mkdtemp(prefix="train_trace_")
-  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-    jax.block_until_ready(run())
-  try:
-    events = device_events(trace_dir)
-  except FileNotFoundError:
-    events = []
+  with tempfile.TemporaryDirectory(prefix="train_trace_") as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      jax.block_until_ready(run())
+    try:
+      events = device_events(trace_dir)
+    except FileNotFoundError:
+      events = []
   parts: dict[tuple[str, str], float] = collections.defaultdict(float)
   kernels: dict[str, float] = collections.defaultdict(float)
   kernel_op: dict[str, str] = {}
@@ -160,7 +160,6 @@ def profile_case(case: str, args: argparse.Namespace) -> dict:
       busy_ms_per_step=round(busy_us / 1e3, 3) if events else None,
       kernels_per_step=len(events) if events else None,
       unmatched_ms=round(unmatched_us / 1e3, 3) if events else None,
-      event_arg_keys=sorted({k for e in events for k in e["args"]})[:20],
       kinds_ms={k: round(v / 1e3, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
       parts_ms=[(direction, part, round(us / 1e3, 3)) for (direction, part), us in by_part
                 if us >= args.min_part_us],
