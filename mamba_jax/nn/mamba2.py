@@ -177,9 +177,9 @@ class RMSNormGated(nnx.Module):
     self.group_size, self.norm_before_gate, self.eps = group_size, norm_before_gate, eps
     self.weight = nnx.Param(jnp.ones((dim,), param_dtype), **{NO_WEIGHT_DECAY: True})
 
-  def __call__(self, x: jax.Array, z: Optional[jax.Array]) -> jax.Array:
+  def __call__(self, x: jax.Array, z: Optional[jax.Array], impl: str = "auto") -> jax.Array:
     return gated_rms_norm(x, z, self.weight[...], group_size=self.group_size,
-                          norm_before_gate=self.norm_before_gate, eps=self.eps)
+                          norm_before_gate=self.norm_before_gate, eps=self.eps, impl=impl)
 
 
 class Mamba2Mixer(nnx.Module):
@@ -277,10 +277,14 @@ class Mamba2Mixer(nnx.Module):
     C (..., g, n)."""
     return split_xbc(xBC, self.nheads, self.ngroups, self.d_state)
 
-  def _output(self, y: jax.Array, z: jax.Array, z0: jax.Array, x0: jax.Array) -> jax.Array:
-    """Gated norm, the d_mlp side branch and out_proj; y, z (..., e_ssm) -> (..., d)."""
+  def _output(self, y: jax.Array, z: jax.Array, z0: jax.Array, x0: jax.Array,
+              norm_impl: str = "auto") -> jax.Array:
+    """Gated norm, the d_mlp side branch and out_proj; y, z (..., e_ssm) -> (..., d).
+
+    ``norm_impl``: ``ops.norms.gated_rms_norm``'s impl ("auto": its Pallas kernels on a GPU).
+    """
     if self.rmsnorm:
-      y = self.norm(y, z)
+      y = self.norm(y, z, impl=norm_impl)
     if self.d_mlp > 0:
       y = jnp.concatenate([jax.nn.silu(z0) * x0, y.astype(x0.dtype)], axis=-1)
     return self.out_proj(y)
@@ -402,6 +406,8 @@ class Mamba2Mixer(nnx.Module):
           groups=self.ngroups, D=self._D(), dt_bias=self.dt_bias[...], gate=not self.rmsnorm,
           dt_softplus=True, dt_limit=self.dt_limit, out_rows=rows)
       z0, x0, z, _, _ = self._split(jnp.pad(zxbcdt, ((0, rows - batch), (0, 0))))
-      y = self._output(y.reshape(rows, self.d_ssm), z, z0, x0)[:batch]
+      # XLA's norm: in a decoding step it fuses with its neighbours, where a kernel of its
+      # own would add a launch per layer for a row or two.
+      y = self._output(y.reshape(rows, self.d_ssm), z, z0, x0, norm_impl="xla")[:batch]
     return y, Mamba2State(conv_state=conv_state,
                           ssm_state=ssm_state.astype(state.ssm_state.dtype))

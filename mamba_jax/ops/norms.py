@@ -6,6 +6,11 @@ before the output projection (Mamba-2 §7.1, "extra normalization"), ``RMSNormGa
 ``mamba_ssm``. The statistics are taken in float32 (float64 for float64 inputs) and the
 result comes back in x's dtype.
 
+The gated norm takes ``impl``: "xla" (below), "pallas" (the Pallas GPU kernels of
+``pallas_kernels.gpu.gated_rms_norm``, forward and backward: the backward saves only rstd and
+writes no float32 (rows, d) tensor), "pallas_interpret" (those kernels in the Pallas
+interpreter) or "auto": the kernels on a GPU where they apply, else the XLA form.
+
 Letter legend: d the normalised (last) axis, g groups, "..." any leading axes.
 """
 
@@ -18,6 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from mamba_jax.ops.checks import check_divisible, check_floating, check_rank, check_shape
+from mamba_jax.ops.impl import platform, resolve_impl
+from pallas_kernels.gpu import gated_rms_norm as kernel
 
 
 def _compute_dtype(*arrays: Optional[jax.Array]) -> jnp.dtype:
@@ -94,7 +101,7 @@ def layer_norm(x: jax.Array, weight: jax.Array, bias: Optional[jax.Array] = None
 
 def gated_rms_norm(x: jax.Array, z: Optional[jax.Array], weight: jax.Array,
                    group_size: Optional[int] = None, norm_before_gate: bool = False,
-                   eps: float = 1e-5) -> jax.Array:
+                   eps: float = 1e-5, impl: str = "auto") -> jax.Array:
   """Gated, grouped RMSNorm of Mamba-2 (§7.1; ``mamba_ssm``'s ``RMSNormGated``).
 
   With G(x) the RMSNorm applied to each group of ``group_size`` consecutive channels
@@ -114,6 +121,7 @@ def gated_rms_norm(x: jax.Array, z: Optional[jax.Array], weight: jax.Array,
     group_size: the size of each group; must divide d. None means one group of d.
     norm_before_gate: see above.
     eps: added to each group's mean square.
+    impl: "auto", "xla", "pallas" or "pallas_interpret" (module docstring).
 
   Returns:
     (..., d) in x's dtype.
@@ -128,6 +136,18 @@ def gated_rms_norm(x: jax.Array, z: Optional[jax.Array], weight: jax.Array,
     raise ValueError(f"group_size must be an int or None, got {group_size!r}")
   group_size = int(group_size)
   check_divisible("d (x.shape[-1])", d, "group_size", group_size)
+
+  impl = resolve_impl(
+      "gated_rms_norm", impl, ("xla", "pallas", "pallas_interpret"),
+      lambda: ("pallas" if platform() == "gpu"
+               and not kernel.check_supported(x, z, weight, group_size) else "xla"))
+  if impl != "xla":
+    why = kernel.check_supported(x, z, weight, group_size)
+    if why:
+      raise ValueError(f"gated_rms_norm impl={impl!r}: {why}; use impl='xla'")
+    return kernel.gated_rms_norm_pallas(x, z, weight, group_size=group_size,
+                                        norm_before_gate=norm_before_gate, eps=eps,
+                                        interpret=impl == "pallas_interpret")
 
   dtype = _compute_dtype(x, z, weight)
   xf = x.astype(dtype)

@@ -92,7 +92,10 @@ def mamba2_forward(mixer: Mamba2Mixer, u: jax.Array, mesh: Mesh, *,
       dt_limit=mixer.dt_limit, seq_idx=seq_idx, mesh=mesh, head_axis=head_axis,
       ssd_fn=ssd_fn)
   y = lg.constrain(y.reshape(b, l, s), (*_BL, lg.ACT_INNER))
-  out = mixer._output(y, z.reshape(b, l, s), z0, x0)
+  # The norm runs under jit's partitioner, which cannot split a Pallas call: over several
+  # devices XLA's form, which it shards like the activations.
+  out = mixer._output(y, z.reshape(b, l, s), z0, x0,
+                      norm_impl="auto" if mesh.devices.size == 1 else "xla")
   return lg.constrain(out, (*_BL, lg.ACT_EMBED))
 
 
