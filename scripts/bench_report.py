@@ -137,9 +137,13 @@ def training_md(data: dict) -> list[str]:
          "(where XLA's memory estimate of the plain step exceeded 85 % of the device); `remat` "
          "= also each block rematerialized in the backward (where the chunked-loss step's "
          "estimate exceeded it too, or a step ran out of memory; `(asked)`: the run asked for "
-         "it, without estimates).", ""]
+         "it, without estimates; `remat 25 %`: that fraction of the blocks, spread evenly, "
+         "asked).", ""]
   asked = lambda r: "" if r.get("plain_estimate_gib") is not None else " (asked)"
-  memory = lambda r: (f"remat{asked(r)}, loss in {r['loss_chunk']}" if r.get("remat")
+  share = lambda r: (f" {100 * r['remat']:.0f} %" if isinstance(r.get("remat"), float)
+                     else "")
+  memory = lambda r: (f"remat{share(r)}{asked(r)}, loss in {r['loss_chunk']}"
+                      if r.get("remat")
                       else f"loss in {r['loss_chunk']}" if r.get("loss_chunk")
                       else "plain" if r["impl"] == "jax" else "-")
   out += table(*_with_run(

@@ -27,7 +27,9 @@ Memory (``--memory``, our models only): ``plain`` keeps every activation and the
 logits; ``chunked_loss`` keeps every block's activations but takes the LM head and loss
 ``--loss_chunk`` positions at a time (``make_train_step(loss_chunk=...)``: the whole logits and
 their gradient never exist at once); ``remat`` also rematerializes each residual block in the
-backward (``remat=True``: one more forward of compute, a fraction of the memory); ``auto``
+backward (``remat=True``: one more forward of compute, a fraction of the memory);
+``partial`` rematerializes ``--remat_fraction`` of the blocks (spread evenly; the rest keep
+their activations) with the chunked loss, for a model that does not quite fit; ``auto``
 (default) compiles ``plain``, reads XLA's memory analysis of the compiled step (arguments +
 outputs + temporaries, less the donated aliases) and runs it, or, if that exceeds
 ``PLAIN_MEMORY_FRACTION`` of the device's memory limit, does the same with ``chunked_loss``,
@@ -154,7 +156,8 @@ def jax_train_setup(name: str, length: int, tokens: int, cpu: bool, dtype: str
 
 
 def jax_case(name: str, length: int, tokens: int, steps: int, warmup: int, cpu: bool,
-             dtype: str, memory: str = "plain", loss_chunk: int = 8192) -> dict:
+             dtype: str, memory: str = "plain", loss_chunk: int = 8192,
+             remat_fraction: float = 0.25) -> dict:
   import jax
   from bench_timing import peak_device_bytes
   from mamba_jax.training.train_step import make_train_step
@@ -163,8 +166,8 @@ def jax_case(name: str, length: int, tokens: int, steps: int, warmup: int, cpu: 
   config, graphdef, rest, tx = setup.config, setup.graphdef, setup.rest, setup.tx
   state, data, n_params, batch = setup.state, setup.data, setup.n_params, setup.batch
   del setup
-  chunk, remat = loss_chunk, memory == "remat"
-  loss_chunk = chunk if memory in ("remat", "chunked_loss") else 0
+  chunk, remat = loss_chunk, {"remat": True, "partial": remat_fraction}.get(memory, False)
+  loss_chunk = chunk if memory in ("remat", "chunked_loss", "partial") else 0
   estimates, step_fn, estimate_s = {}, None, 0.0
   limit = device_limit_bytes() if memory == "auto" else None
   if limit is not None:
@@ -319,7 +322,7 @@ def run_case_in_process(args) -> None:
     row = torch_case(name, length, args.tokens, args.steps, args.warmup, args.mamba_ssm_root)
   else:
     row = jax_case(name, length, args.tokens, args.steps, args.warmup, args.cpu, args.dtype,
-                   args.memory, args.loss_chunk)
+                   args.memory, args.loss_chunk, args.remat_fraction)
   row = finish(dict(model=name, length=length, **row), length)
   with open(args.out, "w") as f:
     json.dump(row, f)
@@ -333,7 +336,8 @@ def run_case(args, case: str, tokens: int, memory: str, timeout: float
   cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--out", path,
          "--tokens", str(tokens), "--steps", str(args.steps), "--warmup",
          str(args.warmup), "--mamba_ssm_root", args.mamba_ssm_root, "--dtype", args.dtype,
-         "--memory", memory, "--loss_chunk", str(args.loss_chunk)] + (
+         "--memory", memory, "--loss_chunk", str(args.loss_chunk),
+         "--remat_fraction", str(args.remat_fraction)] + (
              ["--cpu"] if args.cpu else [])
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -361,10 +365,12 @@ def main():
                       help="compute dtype of our models (default bfloat16; float32 with --cpu, "
                            "where XLA's bf16 arithmetic is emulated and slow)")
   parser.add_argument("--memory", default="auto",
-                      choices=("auto", "plain", "chunked_loss", "remat"),
+                      choices=("auto", "plain", "chunked_loss", "remat", "partial"),
                       help="activation memory of our models (see the module docstring)")
   parser.add_argument("--loss_chunk", type=int, default=8192,
                       help="positions of logits at a time with --memory chunked_loss / remat")
+  parser.add_argument("--remat_fraction", type=float, default=0.25,
+                      help="blocks rematerialized with --memory partial (0 < f < 1)")
   parser.add_argument("--case", default="", help=argparse.SUPPRESS)
   parser.add_argument("--out", default="bench_training.json")
   args = parser.parse_args()

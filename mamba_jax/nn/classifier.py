@@ -56,7 +56,7 @@ class SequenceClassifier(nnx.Module):
                        kernel_init=torch_default_init(config.d_model),
                        bias_metadata={NO_WEIGHT_DECAY: True}, rngs=rngs)
 
-  def __call__(self, input_ids: jax.Array, *, remat: bool | int = False) -> jax.Array:
+  def __call__(self, input_ids: jax.Array, *, remat: bool | int | float = False) -> jax.Array:
     """input_ids (b, l) int -> logits (b, 1, k) float32; ``remat`` rematerializes the
     backbone's blocks in the backward (``lm.run_blocks``)."""
     check_rank("input_ids", input_ids, 2, "(batch, length)")

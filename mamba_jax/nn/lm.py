@@ -85,18 +85,34 @@ def run_block(layer: nnx.Module, hidden: jax.Array, residual: Optional[jax.Array
   return nnx.remat(lambda block, h, r: block(h, r, **kwargs)[:2])(layer, hidden, residual)
 
 
+def remat_blocks(n_layer: int, fraction: float) -> frozenset[int]:
+  """The blocks a ``remat`` fraction rematerializes: round(fraction · n_layer) of the n_layer,
+  spread evenly (block ⌊i · n_layer / k⌋ for i < k)."""
+  k = round(fraction * n_layer)
+  return frozenset(i * n_layer // k for i in range(k)) if k else frozenset()
+
+
 def run_blocks(layers, hidden: jax.Array, residual: Optional[jax.Array], *,
-               remat: bool | int, **kwargs) -> tuple[jax.Array, jax.Array]:
+               remat: bool | int | float, **kwargs) -> tuple[jax.Array, jax.Array]:
   """The residual blocks ``layers`` in order: (hidden, residual) -> (hidden, residual).
 
   ``remat``: False (or 0) keeps every intermediate for the backward; True (or 1)
   rematerializes each block (:func:`run_block`): the backward keeps two (b, l, d) arrays per
-  block. An int k >= 2 checkpoints groups of k blocks, each block rematerialized inside its
-  group: the backward keeps the two arrays at every group's entry, and while it recomputes
-  one group, at its k blocks' entries (n_layer / k + k pairs instead of n_layer; k near
-  sqrt(n_layer) keeps fewest), at the cost of a second recomputation of every block's
+  block. A float in (0, 1) rematerializes that fraction of the blocks, spread evenly
+  (:func:`remat_blocks`), and keeps every intermediate of the others: memory and the extra
+  forward both scale with the fraction (for a model that does not quite fit without
+  rematerialization). An int k >= 2 checkpoints groups of k blocks, each block rematerialized
+  inside its group: the backward keeps the two arrays at every group's entry, and while it
+  recomputes one group, at its k blocks' entries (n_layer / k + k pairs instead of n_layer; k
+  near sqrt(n_layer) keeps fewest), at the cost of a second recomputation of every block's
   forward. Values and gradients are unchanged in every mode.
   """
+  if isinstance(remat, float):
+    layers = list(layers)
+    chosen = remat_blocks(len(layers), remat)
+    for i, layer in enumerate(layers):
+      hidden, residual = run_block(layer, hidden, residual, remat=i in chosen, **kwargs)
+    return hidden, residual
   if isinstance(remat, bool) or remat <= 1:
     for layer in layers:
       hidden, residual = run_block(layer, hidden, residual, remat=bool(remat), **kwargs)
@@ -115,10 +131,17 @@ def run_blocks(layers, hidden: jax.Array, residual: Optional[jax.Array], *,
 
 
 def check_remat(remat) -> None:
-  """Raises ValueError unless ``remat`` is a bool or an int >= 0 (see :func:`run_blocks`)."""
+  """Raises ValueError unless ``remat`` is a bool, an int >= 0 or a float in (0, 1) (see
+  :func:`run_blocks`)."""
+  if isinstance(remat, float):
+    if not 0.0 < remat < 1.0:
+      raise ValueError(f"a float remat is the fraction of blocks rematerialized, in (0, 1), "
+                       f"got {remat!r}")
+    return
   if not isinstance(remat, (bool, int)) or remat < 0:
-    raise ValueError(f"remat must be a bool or a block-group size int >= 0 (1 = every block, "
-                     f"k >= 2 = groups of k blocks), got {remat!r}")
+    raise ValueError(f"remat must be a bool, a block-group size int >= 0 (1 = every block, "
+                     f"k >= 2 = groups of k blocks) or a fraction of blocks in (0, 1), got "
+                     f"{remat!r}")
 
 
 class MixerModel(nnx.Module):
@@ -147,7 +170,7 @@ class MixerModel(nnx.Module):
                        param_dtype=param_dtype)
 
   def __call__(self, input_ids: jax.Array, *, seq_idx: Optional[jax.Array] = None,
-               remat: bool | int = False) -> jax.Array:
+               remat: bool | int | float = False) -> jax.Array:
     """Final hidden states: input_ids (b, l) int -> norm_f(hidden + residual) (b, l, d).
 
     What :class:`MambaLM` feeds its LM head (float32, or wider); for heads of other tasks
@@ -214,7 +237,7 @@ class MambaLM(nnx.Module):
                                                           kernel.dtype)
 
   def hidden_states(self, input_ids: jax.Array, *, seq_idx: Optional[jax.Array] = None,
-                    remat: bool | int = False) -> jax.Array:
+                    remat: bool | int | float = False) -> jax.Array:
     """The final normed hidden states (b, l, d) float32 that the LM head reads: ``self(ids)``
     is ``self.logits_from_hidden(self.hidden_states(ids))``. For losses that take the head
     a piece at a time (``train_step.chunked_masked_loss_and_accuracy``); ``remat``: see
@@ -250,7 +273,7 @@ class MambaLM(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, *, attention_mask: Optional[jax.Array] = None,
                seq_idx: Optional[jax.Array] = None, return_state: bool = False,
-               max_length: Optional[int] = None, remat: bool | int = False):
+               max_length: Optional[int] = None, remat: bool | int | float = False):
     """Logits of every position: input_ids (b, l) int -> (b, l, v_pad) float32.
 
     Args:

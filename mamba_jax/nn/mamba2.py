@@ -59,6 +59,9 @@ from mamba_jax.nn.linear import Linear
 from mamba_jax.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from mamba_jax.ops.checks import (check_divisible, check_float_dtype, check_floating,
                                   check_rank, check_shape)
+from mamba_jax.ops.impl import platform, resolve_impl
+from mamba_jax.ops.mamba2_inner import Mamba2InnerConfig, mamba2_inner
+from mamba_jax.ops.mamba2_inner import check_supported as inner_supported
 from mamba_jax.ops.norms import gated_rms_norm
 from mamba_jax.ops.padding import (check_token_mask, causal_conv1d_after_pads, left_align,
                                    take_along_length, token_positions)
@@ -289,6 +292,29 @@ class Mamba2Mixer(nnx.Module):
       y = jnp.concatenate([jax.nn.silu(z0) * x0, y.astype(x0.dtype)], axis=-1)
     return self.out_proj(y)
 
+  def _inner(self, zxbcdt: jax.Array) -> Optional[jax.Array]:
+    """conv → SSD → gated norm by ``ops.mamba2_inner`` (kernels reading and writing in_proj's
+    output in place), or None where it does not apply: it needs one group, no d_mlp, the gated
+    norm and a GPU ("auto"; ``impl.resolve_auto_as(mamba2_inner=...)`` picks "composed",
+    "pallas" or, on CPU, "pallas_interpret" with the chunked SSD)."""
+    if self.ngroups != 1 or self.d_mlp or not self.rmsnorm:
+      return None
+    cfg = Mamba2InnerConfig(
+        heads=self.nheads, head_dim=self.headdim, d_state=self.d_state,
+        chunk_size=self.chunk_size, dt_limit=self.dt_limit, norm_eps=self.norm.eps,
+        norm_before_gate=self.norm.norm_before_gate)
+    weight = self.conv1d.kernel[...]
+    impl = resolve_impl("mamba2_inner", "auto", ("composed", "pallas", "pallas_interpret"),
+                        lambda: ("pallas" if platform() == "gpu"
+                                 and not inner_supported(zxbcdt, weight, cfg)
+                                 else "composed"))
+    if impl == "composed":
+      return None
+    if impl == "pallas_interpret":
+      cfg = cfg._replace(ssd_impl="chunked", interpret=True)
+    return mamba2_inner(zxbcdt, weight, self.conv1d.bias_value(), self.dt_bias[...],
+                        self._A(), self._D(), self.norm.weight[...], cfg)
+
   def init_state(self, batch: int, dtype: Any = None, state_dtype: Any = None
                  ) -> Mamba2State:
     """Zero state: conv_state (b, c, w − 1) in dtype (the compute dtype by default) and
@@ -349,7 +375,13 @@ class Mamba2Mixer(nnx.Module):
       u = take_along_length(u, order)
     h, p = self.nheads, self.headdim
     with jax.named_scope("mamba2_mixer"):
-      z0, x0, z, xBC, dt = self._split(self.in_proj(u))
+      zxbcdt = self.in_proj(u)
+      plain = (initial_state is None and seq_idx is None and num_pads is None
+               and not return_state)
+      inner = self._inner(zxbcdt) if plain else None
+      if inner is not None:
+        return self.out_proj(inner)
+      z0, x0, z, xBC, dt = self._split(zxbcdt)
       conv = self.conv1d(
           xBC, activation="silu", seq_idx=seq_idx, return_final_states=return_state,
           initial_states=None if initial_state is None else initial_state.conv_state,

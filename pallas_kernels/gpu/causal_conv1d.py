@@ -78,16 +78,16 @@ def block_channels(channels: int, largest: int = 128) -> int:
 def check_supported(x: jax.Array, weight: jax.Array) -> str:
   """'' when the kernels take these shapes and dtypes, else why not (the XLA form takes all).
 
-  x: (b, l, c); weight: (c, w).
+  x: (b, l, c) (or wider, the conv reading some of its columns); weight: (c, w).
   """
   if x.ndim != 3:
     return f"the kernel takes x of rank 3 (batch, length, dim), got rank {x.ndim}"
   for name, a in (("x", x), ("weight", weight)):
     if jnp.dtype(a.dtype) not in _DTYPES:
       return f"the kernel takes float32/bfloat16/float16 {name}, got {a.dtype}"
-  if not block_channels(x.shape[2]):
+  if not block_channels(weight.shape[0]):
     return (f"the kernel needs a channel count divisible by {MIN_BLOCK_C}, got "
-            f"{x.shape[2]}")
+            f"{weight.shape[0]}")
   return ""
 
 
@@ -121,36 +121,45 @@ def _load_rows(ref, start, size: int, length: int, cols) -> jax.Array:
 
 
 def _forward_kernel(*refs, length: int, width: int, block_l: int, block_c: int,
-                    has_bias: bool, silu: bool, fast: bool):
+                    has_bias: bool, silu: bool, fast: bool, x_offset: int):
   x_ref, w_ref = refs[:2]
   b_ref = refs[2] if has_bias else None
   y_ref = refs[-1]
   t0, c0 = pl.program_id(1) * block_l, pl.program_id(2) * block_c
   cols = (c0 + jnp.arange(block_c, dtype=jnp.int32))[None, :]
+  x_cols = cols + x_offset
   chans = pl.ds(c0, block_c)
   acc = jnp.zeros((block_l, block_c), jnp.float32)
   if has_bias:
     acc += b_ref[chans].astype(jnp.float32)[None, :]
   for k in range(width):
     tap = w_ref[chans, k].astype(jnp.float32)[None, :]
-    acc += tap * _load_rows(x_ref, t0 - (width - 1) + k, block_l, length, cols)
+    acc += tap * _load_rows(x_ref, t0 - (width - 1) + k, block_l, length, x_cols)
   if silu:
     acc = acc * _sigmoid(acc, fast)
   idx, valid = _rows(t0, block_l, length, clamp=False)
   pl_triton.store(y_ref.at[idx, cols], acc.astype(y_ref.dtype), mask=valid)
 
 
-@functools.partial(jax.jit, static_argnames=("silu", "interpret", "blocks"))
+def _check_columns(name: str, x: jax.Array, offset: int, channels: int) -> None:
+  if not 0 <= offset <= x.shape[2] - channels:
+    raise ValueError(f"{name} columns [{offset}, {offset + channels}) are not inside its "
+                     f"{x.shape[2]} columns")
+
+
+@functools.partial(jax.jit, static_argnames=("silu", "interpret", "blocks", "x_offset"))
 def causal_conv1d_fwd_pallas(x: jax.Array, weight: jax.Array, bias: jax.Array | None, *,
                              silu: bool, interpret: bool = False,
-                             blocks: ConvBlocks = FWD_BLOCKS) -> jax.Array:
+                             blocks: ConvBlocks = FWD_BLOCKS, x_offset: int = 0) -> jax.Array:
   """y = act(causal_conv(x)), the module docstring's forward.
 
   Args:
-    x: (b, l, c). weight: (c, w). bias: optional (c,).
+    x: (b, l, c), or (b, l, c') holding the conv's input in columns [x_offset, x_offset + c)
+      (read in place: e.g. Mamba-2's in_proj output). weight: (c, w). bias: optional (c,).
     silu: silu activation (else none).
     interpret: run in the Pallas interpreter (CPU).
     blocks: tile sizes and warps (``sub_tiles`` unused).
+    x_offset: the first of x's columns the conv reads.
 
   Returns:
     y (b, l, c) in x's dtype.
@@ -158,16 +167,18 @@ def causal_conv1d_fwd_pallas(x: jax.Array, weight: jax.Array, bias: jax.Array | 
   why = check_supported(x, weight)
   if why:
     raise ValueError(why)
-  batch, length, channels = x.shape
-  width = weight.shape[1]
+  batch, length, _ = x.shape
+  channels, width = weight.shape
+  _check_columns("x", x, x_offset, channels)
   block_c = block_channels(channels, blocks.block_c)
   block_l = min(blocks.block_l, pl.next_power_of_2(length))
   kernel = functools.partial(_forward_kernel, length=length, width=width, block_l=block_l,
                              block_c=block_c, has_bias=bias is not None, silu=silu,
-                             fast=not interpret)
+                             fast=not interpret, x_offset=x_offset)
   row = pl.BlockSpec((None, length, channels), lambda bi, li, ci: (bi, 0, 0))
+  x_row = pl.BlockSpec((None, length, x.shape[2]), lambda bi, li, ci: (bi, 0, 0))
   whole = lambda shape: pl.BlockSpec(shape, lambda bi, li, ci: (0,) * len(shape))
-  in_specs, args = [row, whole(weight.shape)], [x, weight]
+  in_specs, args = [x_row, whole(weight.shape)], [x, weight]
   if bias is not None:
     in_specs.append(whole(bias.shape))
     args.append(bias)
@@ -176,7 +187,7 @@ def causal_conv1d_fwd_pallas(x: jax.Array, weight: jax.Array, bias: jax.Array | 
       grid=(batch, pl.cdiv(length, block_l), channels // block_c),
       in_specs=in_specs,
       out_specs=row,
-      out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+      out_shape=jax.ShapeDtypeStruct((batch, length, channels), x.dtype),
       compiler_params=pl_triton.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
       interpret=interpret,
       name="causal_conv1d_fwd",
@@ -184,12 +195,15 @@ def causal_conv1d_fwd_pallas(x: jax.Array, weight: jax.Array, bias: jax.Array | 
 
 
 def _backward_kernel(*refs, length: int, width: int, block_l: int, sub_tiles: int,
-                     block_c: int, has_bias: bool, silu: bool, fast: bool):
+                     block_c: int, has_bias: bool, silu: bool, fast: bool, x_offset: int,
+                     dx_offset: int, into: bool):
   x_ref, w_ref = refs[:2]
   b_ref = refs[2] if has_bias else None
-  dy_ref, dx_ref, dw_ref, db_ref = refs[-4:]
+  dx_ref, dw_ref, db_ref = refs[-3:]
+  dy_ref = refs[-5] if into else refs[-4]  # (the buffer dx goes into, aliased, is refs[-4])
   run, c0 = pl.program_id(1), pl.program_id(2) * block_c
   cols = (c0 + jnp.arange(block_c, dtype=jnp.int32))[None, :]
+  x_cols, dx_cols = cols + x_offset, cols + dx_offset
   chans = pl.ds(c0, block_c)
   taps = [w_ref[chans, k].astype(jnp.float32)[None, :] for k in range(width)]
   bias = b_ref[chans].astype(jnp.float32)[None, :] if has_bias else 0.0
@@ -200,7 +214,7 @@ def _backward_kernel(*refs, length: int, width: int, block_l: int, sub_tiles: in
     # dpre at the shifts j = 0 .. w - 1 (positions t0 + j ...), zero past the end; dx
     # gathers weight[w - 1 - j] · dpre_j.
     if silu:
-      xs = {s: _load_rows(x_ref, t0 + s, block_l, length, cols)
+      xs = {s: _load_rows(x_ref, t0 + s, block_l, length, x_cols)
             for s in range(-(width - 1), width)}
     dx = own = None
     for j in range(width):
@@ -212,9 +226,10 @@ def _backward_kernel(*refs, length: int, width: int, block_l: int, sub_tiles: in
       own = g if j == 0 else own
       dx = taps[width - 1 - j] * g if j == 0 else dx + taps[width - 1 - j] * g
     idx, valid = _rows(t0, block_l, length, clamp=False)
-    pl_triton.store(dx_ref.at[idx, cols], dx.astype(dx_ref.dtype), mask=valid)
+    pl_triton.store(dx_ref.at[idx, dx_cols], dx.astype(dx_ref.dtype), mask=valid)
     if not silu:
-      xs = {s: _load_rows(x_ref, t0 + s, block_l, length, cols) for s in range(-(width - 1), 1)}
+      xs = {s: _load_rows(x_ref, t0 + s, block_l, length, x_cols)
+            for s in range(-(width - 1), 1)}
     # Tile-shaped accumulators: one reduction over positions per program, not per tile.
     dw = tuple(dw[k] + own * xs[k - (width - 1)] for k in range(width))
     return dw, db + own
@@ -226,58 +241,86 @@ def _backward_kernel(*refs, length: int, width: int, block_l: int, sub_tiles: in
   db_ref[chans] = jnp.sum(db, axis=0)
 
 
-@functools.partial(jax.jit, static_argnames=("silu", "interpret", "blocks"))
+@functools.partial(jax.jit, static_argnames=("silu", "interpret", "blocks", "x_offset",
+                                             "dx_offset"),
+                   donate_argnames=("dx_into",))
 def causal_conv1d_bwd_pallas(x: jax.Array, weight: jax.Array, bias: jax.Array | None,
                              dy: jax.Array, *, silu: bool, interpret: bool = False,
-                             blocks: ConvBlocks = BWD_BLOCKS
+                             blocks: ConvBlocks = BWD_BLOCKS, x_offset: int = 0,
+                             dx_into: jax.Array | None = None, dx_offset: int = 0
                              ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The module docstring's backward.
 
   Args:
-    x: (b, l, c) the forward's input. weight: (c, w). bias: optional (c,).
+    x: (b, l, c), or (b, l, c') with the forward's input in columns [x_offset, x_offset + c).
+    weight: (c, w). bias: optional (c,).
     dy: (b, l, c) cotangent of y.
     silu: the forward's activation.
     interpret: run in the Pallas interpreter (CPU).
     blocks: tile sizes, tiles per program and warps.
+    x_offset: as in the forward.
+    dx_into: optional (b, l, c'') buffer that dx is written into, in place, at columns
+      [dx_offset, dx_offset + c); its other columns are left as they are (e.g. Mamba-2's
+      in_proj gradient, assembled column block by column block).
 
   Returns:
-    (dx (b, l, c) in x's dtype, dweight (c, w) float32, dbias (c,) float32).
+    (dx (b, l, c) in x's dtype, or ``dx_into`` with dx in its columns; dweight (c, w)
+    float32; dbias (c,) float32).
   """
   why = check_supported(x, weight)
   if why:
     raise ValueError(why)
-  if dy.shape != x.shape:
-    raise ValueError(f"dy has shape {dy.shape}; expected x's {x.shape}")
-  batch, length, channels = x.shape
-  width = weight.shape[1]
+  batch, length, _ = x.shape
+  channels, width = weight.shape
+  _check_columns("x", x, x_offset, channels)
+  if dy.shape != (batch, length, channels):
+    raise ValueError(f"dy has shape {dy.shape}; expected {(batch, length, channels)}")
+  if dx_into is not None:
+    if dx_into.shape[:2] != (batch, length):
+      raise ValueError(f"dx_into has shape {dx_into.shape}; expected ({batch}, {length}, ...)")
+    _check_columns("dx_into", dx_into, dx_offset, channels)
+  elif dx_offset:
+    raise ValueError("dx_offset needs dx_into")
   block_c = block_channels(channels, blocks.block_c)
   block_l = min(blocks.block_l, pl.next_power_of_2(length))
   sub_tiles = min(blocks.sub_tiles, pl.cdiv(length, block_l))
   runs = pl.cdiv(length, block_l * sub_tiles)
   kernel = functools.partial(_backward_kernel, length=length, width=width, block_l=block_l,
                              sub_tiles=sub_tiles, block_c=block_c,
-                             has_bias=bias is not None, silu=silu, fast=not interpret)
-  row = pl.BlockSpec((None, length, channels), lambda bi, ri, ci: (bi, 0, 0))
+                             has_bias=bias is not None, silu=silu, fast=not interpret,
+                             x_offset=x_offset, dx_offset=dx_offset,
+                             into=dx_into is not None)
+  row = lambda cols: pl.BlockSpec((None, length, cols), lambda bi, ri, ci: (bi, 0, 0))
   whole = lambda shape: pl.BlockSpec(shape, lambda bi, ri, ci: (0,) * len(shape))
-  in_specs, args = [row, whole(weight.shape)], [x, weight]
+  in_specs, args = [row(x.shape[2]), whole(weight.shape)], [x, weight]
   if bias is not None:
     in_specs.append(whole(bias.shape))
     args.append(bias)
+  in_specs.append(row(channels))
+  args.append(dy)
+  dx_shape = jax.ShapeDtypeStruct((batch, length, channels), x.dtype)
+  aliases = {}
+  if dx_into is not None:
+    in_specs.append(row(dx_into.shape[2]))
+    args.append(dx_into)
+    dx_shape = jax.ShapeDtypeStruct(dx_into.shape, dx_into.dtype)
+    aliases = {len(args) - 1: 0}
   dx, dw, db = pl.pallas_call(
       kernel,
       grid=(batch, runs, channels // block_c),
-      in_specs=in_specs + [row],
-      out_specs=[row,
+      in_specs=in_specs,
+      out_specs=[row(dx_shape.shape[2]),
                  pl.BlockSpec((None, None, width, channels),
                               lambda bi, ri, ci: (bi, ri, 0, 0)),
                  pl.BlockSpec((None, None, channels), lambda bi, ri, ci: (bi, ri, 0))],
-      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
+      out_shape=[dx_shape,
                  jax.ShapeDtypeStruct((batch, runs, width, channels), jnp.float32),
                  jax.ShapeDtypeStruct((batch, runs, channels), jnp.float32)],
+      input_output_aliases=aliases,
       compiler_params=pl_triton.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
       interpret=interpret,
       name="causal_conv1d_bwd",
-  )(*args, dy)
+  )(*args)
   return dx, jnp.sum(dw, axis=(0, 1)).T, jnp.sum(db, axis=(0, 1))
 
 

@@ -156,7 +156,8 @@ def _silu_parts(z):
 
 
 def _forward_kernel(*refs, has_z: bool, norm_before_gate: bool, n_rows: int,
-                    group_size: int, block_rows: int, block_cols: int, eps: float):
+                    group_size: int, block_rows: int, block_cols: int, eps: float,
+                    z_offset: int):
   """x_ref, z_ref (r, d), w_ref (d,) -> y_ref (r, d), rstd_ref (r, g); z_ref only with z."""
   if has_z:
     x_ref, z_ref, w_ref, y_ref, rstd_ref = refs
@@ -169,7 +170,7 @@ def _forward_kernel(*refs, has_z: bool, norm_before_gate: bool, n_rows: int,
   v = _load(x_ref, rows, cols, mask)
   gate = None
   if has_z:
-    gate = _silu_parts(_load(z_ref, rows, cols, mask))[0]
+    gate = _silu_parts(_load(z_ref, rows, cols + z_offset, mask))[0]
     if not norm_before_gate:
       v = v * gate
   rstd = lax.rsqrt(jnp.sum(v * v, axis=1, keepdims=True) / group_size + eps)  # (tile rows, 1)
@@ -181,23 +182,35 @@ def _forward_kernel(*refs, has_z: bool, norm_before_gate: bool, n_rows: int,
   pl_triton.store(rstd_ref.at[rows, j], rstd, mask=row_ok)
 
 
+def _check_columns(name: str, a: jax.Array, offset: int, d: int) -> None:
+  if not 0 <= offset <= a.shape[-1] - d:
+    raise ValueError(f"{name} columns [{offset}, {offset + d}) are not inside its "
+                     f"{a.shape[-1]} columns")
+
+
 @functools.partial(jax.jit, static_argnames=("group_size", "norm_before_gate", "eps",
-                                             "interpret"))
+                                             "interpret", "z_offset"))
 def gated_rms_norm_fwd(x: jax.Array, z: Optional[jax.Array], weight: jax.Array, *,
                        group_size: int, norm_before_gate: bool, eps: float,
-                       interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                       interpret: bool = False, z_offset: int = 0
+                       ) -> tuple[jax.Array, jax.Array]:
   """The forward kernel on flattened rows (validated shapes).
 
   Args:
-    x: (r, d) float32/bfloat16/float16. z: optional (r, d), same dtypes. weight: (d,).
+    x: (r, d) float32/bfloat16/float16. z: optional (r, d), same dtypes, or (r, d') holding
+      the gate in columns [z_offset, z_offset + d) (read in place: e.g. Mamba-2's in_proj
+      output). weight: (d,).
     group_size: s, divides d. norm_before_gate: see the module docstring. eps: >= 0.
     interpret: run in the Pallas interpreter (CPU).
+    z_offset: the first of z's columns the gate reads.
 
   Returns:
     (y (r, d) in x's dtype, rstd (r, g) float32).
   """
   _check_dtypes(x=x, z=z, weight=weight)
   n_rows, d = x.shape
+  if z is not None:
+    _check_columns("z", z, z_offset, d)
   groups = d // group_size
   if n_rows == 0:
     return jnp.zeros_like(x), jnp.zeros((0, groups), jnp.float32)
@@ -205,7 +218,8 @@ def gated_rms_norm_fwd(x: jax.Array, z: Optional[jax.Array], weight: jax.Array, 
   block_rows = block_rows_for(n_rows, block_cols)
   kernel = functools.partial(
       _forward_kernel, has_z=z is not None, norm_before_gate=norm_before_gate, n_rows=n_rows,
-      group_size=group_size, block_rows=block_rows, block_cols=block_cols, eps=float(eps))
+      group_size=group_size, block_rows=block_rows, block_cols=block_cols, eps=float(eps),
+      z_offset=z_offset)
   args = [x] + ([z] if z is not None else []) + [weight]
   return pl.pallas_call(
       kernel,
@@ -220,7 +234,8 @@ def gated_rms_norm_fwd(x: jax.Array, z: Optional[jax.Array], weight: jax.Array, 
 
 
 def _backward_kernel(*refs, has_z: bool, norm_before_gate: bool, n_rows: int,
-                     group_size: int, tile_rows: int, block_cols: int, rows_per_program: int):
+                     group_size: int, tile_rows: int, block_cols: int, rows_per_program: int,
+                     z_offset: int, dz_offset: int):
   """x_ref, z_ref, dy_ref (r, d), w_ref (d,), rstd_ref (r, g) -> dx_ref, dz_ref (r, d),
   dw_ref (p, d) (this program's partial Σ over its rows); z_ref and dz_ref only with z."""
   if has_z:
@@ -242,7 +257,7 @@ def _backward_kernel(*refs, has_z: bool, norm_before_gate: bool, n_rows: int,
     dy = _load(dy_ref, rows, cols, mask)
     rstd = pl_triton.load(rstd_ref.at[rows, j], mask=row_ok, other=0.)  # (tile rows, 1)
     if has_z:
-      zv = _load(z_ref, rows, cols, mask)
+      zv = _load(z_ref, rows, cols + z_offset, mask)
       gate, dgate = _silu_parts(zv)
     if has_z and not norm_before_gate:
       xhat = x * gate * rstd
@@ -263,7 +278,7 @@ def _backward_kernel(*refs, has_z: bool, norm_before_gate: bool, n_rows: int,
       acc = acc + dy * xhat
     pl_triton.store(dx_ref.at[rows, cols], dx.astype(dx_ref.dtype), mask=mask)
     if has_z:
-      pl_triton.store(dz_ref.at[rows, cols], dz.astype(dz_ref.dtype), mask=mask)
+      pl_triton.store(dz_ref.at[rows, cols + dz_offset], dz.astype(dz_ref.dtype), mask=mask)
     return acc
 
   acc = lax.fori_loop(0, rows_per_program // tile_rows, body,
@@ -273,11 +288,12 @@ def _backward_kernel(*refs, has_z: bool, norm_before_gate: bool, n_rows: int,
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "norm_before_gate", "interpret",
-                                             "programs"))
+                                             "programs", "z_offset", "dz_width", "dz_offset"))
 def gated_rms_norm_bwd(x: jax.Array, z: Optional[jax.Array], weight: jax.Array,
                        rstd: jax.Array, dy: jax.Array, *, group_size: int,
                        norm_before_gate: bool, interpret: bool = False,
-                       programs: Optional[int] = None
+                       programs: Optional[int] = None, z_offset: int = 0,
+                       dz_width: Optional[int] = None, dz_offset: int = 0
                        ) -> tuple[jax.Array, Optional[jax.Array], jax.Array]:
   """The backward kernel on flattened rows (the module docstring's formulas).
 
@@ -289,15 +305,24 @@ def gated_rms_norm_bwd(x: jax.Array, z: Optional[jax.Array], weight: jax.Array,
     interpret: run in the Pallas interpreter (CPU).
     programs: about how many programs in all (default ``BACKWARD_PROGRAMS``); fewer gives
       each program more row tiles (the tests use it to exercise the row loop).
+    z_offset: as in the forward.
+    dz_width, dz_offset: dz is written into columns [dz_offset, dz_offset + d) of an
+      (r, dz_width) array (default d, 0) whose other columns the kernel leaves unwritten, for
+      the caller to fill (e.g. Mamba-2's in_proj gradient, assembled column block by column
+      block).
 
   Returns:
-    (dx (r, d) in x's dtype, dz (r, d) in z's dtype or None, dweight (d,) float32).
+    (dx (r, d) in x's dtype, dz (r, dz_width) in z's dtype or None, dweight (d,) float32).
   """
   _check_dtypes(x=x, z=z, weight=weight, dy=dy)
   n_rows, d = x.shape
+  dz_width = d if dz_width is None else dz_width
+  if z is not None:
+    _check_columns("z", z, z_offset, d)
+    _check_columns("dz", jax.ShapeDtypeStruct((n_rows, dz_width), z.dtype), dz_offset, d)
   groups = d // group_size
   if n_rows == 0:
-    return (jnp.zeros_like(x), None if z is None else jnp.zeros_like(z),
+    return (jnp.zeros_like(x), None if z is None else jnp.zeros((0, dz_width), z.dtype),
             jnp.zeros((d,), jnp.float32))
   block_cols = padded_group(group_size)
   tile_rows = block_rows_for(n_rows, block_cols)
@@ -306,11 +331,11 @@ def gated_rms_norm_bwd(x: jax.Array, z: Optional[jax.Array], weight: jax.Array,
   kernel = functools.partial(
       _backward_kernel, has_z=has_z, norm_before_gate=norm_before_gate, n_rows=n_rows,
       group_size=group_size, tile_rows=tile_rows, block_cols=block_cols,
-      rows_per_program=rows_per_program)
+      rows_per_program=rows_per_program, z_offset=z_offset, dz_offset=dz_offset)
   args = [x] + ([z] if has_z else []) + [weight, rstd, dy]
   out_shape = [jax.ShapeDtypeStruct((n_rows, d), x.dtype)]
   if has_z:
-    out_shape.append(jax.ShapeDtypeStruct((n_rows, d), z.dtype))
+    out_shape.append(jax.ShapeDtypeStruct((n_rows, dz_width), z.dtype))
   out_shape.append(jax.ShapeDtypeStruct((per_group, d), jnp.float32))
   outs = pl.pallas_call(
       kernel,

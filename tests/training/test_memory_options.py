@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mamba_jax.config import MambaConfig
+from mamba_jax.nn.lm import remat_blocks
 from mamba_jax.training import models, optimizer
 from mamba_jax.training.train_step import (chunked_masked_loss_and_accuracy, init_train_state,
                                            make_eval_step, make_train_step,
@@ -101,6 +102,28 @@ def test_grouped_remat_keeps_only_the_group_entries():
     assert_close(got, want, 1e-6, "grouped remat gradient")
 
 
+def test_partial_remat_keeps_the_other_blocks_activations():
+  """remat=0.5 on 6 blocks rematerializes blocks 0, 2, 4 (lm.remat_blocks): the backward keeps
+  fewer (b, l, d) arrays than without remat and more than with every block rematerialized;
+  the gradients are the same."""
+  assert remat_blocks(6, 0.5) == {0, 2, 4} and remat_blocks(48, 0.25) == set(range(0, 48, 4))
+  assert remat_blocks(6, 0.05) == set()
+  d_model, params, loss = _six_mamba2_blocks()
+  counts = {remat: len(_saved_stream(loss, params, remat, d_model))
+            for remat in (False, True, 0.5)}
+  assert counts[True] < counts[0.5] < counts[False], counts
+  grads = {remat: jax.grad(loss)(params, remat) for remat in (False, 0.5)}
+  for got, want in zip(jax.tree.leaves(grads[0.5]), jax.tree.leaves(grads[False])):
+    assert_close(got, want, 1e-6, "partial remat gradient")
+
+
+@pytest.mark.parametrize("remat", [1.0, 0.0, -0.5, "yes"])
+def test_bad_remat_is_refused(remat):
+  graphdef, rest, tx, _, _ = _setup("Mamba1")
+  with pytest.raises(ValueError, match="remat"):
+    make_train_step(graphdef, rest, tx, VOCAB, remat=remat)
+
+
 def test_eval_step_chunked_sums_match():
   graphdef, rest, tx, fresh, batch = _setup("Mamba1", length=11)
   params = fresh()["params"]
@@ -149,7 +172,7 @@ def test_bad_memory_options_are_refused():
     make_train_step(graphdef, rest, tx, VOCAB, loss_chunk=-1)
   with pytest.raises(ValueError, match="remat must be a bool"):
     make_train_step(graphdef, rest, tx, VOCAB, remat="yes")
-  with pytest.raises(ValueError, match="remat must be a bool or a block-group size"):
+  with pytest.raises(ValueError, match="remat must be a bool, a block-group size"):
     make_train_step(graphdef, rest, tx, VOCAB, remat=-2)
   with pytest.raises(ValueError, match="chunk must be a positive int"):
     chunked_masked_loss_and_accuracy(lambda h: h, jnp.zeros((1, 4, 2)), jnp.zeros((1, 4), int),
