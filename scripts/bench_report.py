@@ -14,7 +14,7 @@ import json
 import math
 import os
 import sys
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,8 +124,21 @@ def _with_run(rows: list[dict], headers: list[str], cells: list[list]
   return ["run", *headers], [[r.get("run", "-"), *c] for r, c in zip(rows, cells)]
 
 
+def latest_rows(rows: list[dict], key: Callable[[dict], tuple]) -> list[dict]:
+  """``rows`` less those measured again later (in order) with the same ``key``: a case rerun
+  after a change replaces its earlier row, in the earlier row's place."""
+  last = {key(r): r for r in rows}
+  seen, out = set(), []
+  for r in rows:
+    if key(r) not in seen:
+      seen.add(key(r))
+      out.append(last[key(r)])
+  return out
+
+
 def training_md(data: dict) -> list[str]:
-  rows = data.get("rows", [])
+  rows = latest_rows(data.get("rows", []), lambda r: (
+      r["model"], r["length"], r["impl"], r.get("batch"), r.get("remat"), r.get("loss_chunk")))
   out = ["Random tokens, float32 parameters, `compute` dtype activations, AdamW (β 0.9 / 0.95, weight decay "
          "0.1, clip 1.0); median step of the timed steps after warm-up (the first step, "
          "compile included, is `compile s`). MFU = tokens/s · (6 · params + 12 · attention "
@@ -137,8 +150,9 @@ def training_md(data: dict) -> list[str]:
          "(where XLA's memory estimate of the plain step exceeded 85 % of the device); `remat` "
          "= also each block rematerialized in the backward (where the chunked-loss step's "
          "estimate exceeded it too, or a step ran out of memory; `(asked)`: the run asked for "
-         "it, without estimates; `remat 25 %`: that fraction of the blocks, spread evenly, "
-         "asked).", ""]
+         "it, without estimates; `remat 50 %`: that fraction of the blocks, spread evenly, "
+         "asked). A case measured again in a later run (later in the report's command) "
+         "replaces its earlier row.", ""]
   asked = lambda r: "" if r.get("plain_estimate_gib") is not None else " (asked)"
   share = lambda r: (f" {100 * r['remat']:.0f} %" if isinstance(r.get("remat"), float)
                      else "")
@@ -351,13 +365,30 @@ def training_profile_md(data: dict) -> list[str]:
          "in the traced step, and the busy ms by kernel kind (`custom` = our Pallas / Mosaic "
          "GPU kernels; `transpose`, `reduce`, `elementwise` = XLA fusions by their names). "
          "Earlier runs first: before and after the SSD wrapper's pinned dt transpose and the "
-         "LM head's compute-dtype backward (2026-11-23); each run is one process.", ""]
+         "LM head's compute-dtype backward, then with the conv and gated-norm kernels "
+         "reading and writing in_proj's output in place (`ops.mamba2_inner`) and the loss "
+         "masking the vocabulary padding (2026-11-23); each run is one process.", ""]
   return out + table(
       ["run", "model", "L", "memory", "wall ms", "GPU busy ms", "kernels",
        *[f"{k} ms" for k in PROFILE_KINDS]],
       [[r.get("run", "-"), r["model"], length_label(r["length"]), r["memory"],
         r["wall_ms_per_step"], r.get("busy_ms_per_step"), r.get("kernels_per_step"),
         *[(r.get("kinds_ms") or {}).get(k, 0.0) for k in PROFILE_KINDS]]
+       for r in data.get("rows", [])])
+
+
+def mixer_ops_md(data: dict) -> list[str]:
+  """scripts/bench_mixer_ops.py's rows: the mixers' conv and gated norm, XLA and kernels."""
+  out = [f"{data.get('device', '?')}; bf16 activations, float32 parameters, "
+         f"{(data.get('rows') or [{}])[0].get('tokens', '?')} tokens; forward and "
+         "forward+backward (`jax.vjp`, every gradient) median ms of each op alone, "
+         "`% floor` = fewest bytes / 3.0 TB/s / measured, speed-up of forward+backward over "
+         "XLA's form in the same process.", ""]
+  return out + table(
+      ["model", "op", "channels", "impl", "fwd ms", "fwd % floor", "fwd+bwd ms",
+       "fwd+bwd % floor", "fwd+bwd speed-up"],
+      [[r["model"], r["op"], r["channels"], r["impl"], r["fwd_ms"], r["fwd_floor_pct"],
+        r["fwd_bwd_ms"], r["fwd_bwd_floor_pct"], r["fwd_bwd_speedup"]]
        for r in data.get("rows", [])])
 
 
@@ -375,6 +406,8 @@ SECTION_MD = {
     "decode_step": ("Mamba-2's decoding step alone: kernel blocks against the XLA form",
                     decode_step_md),
     "training_profile": ("Where a training step's GPU time goes", training_profile_md),
+    "mixer_ops": ("The mixers' conv and gated norm: XLA against the Pallas kernels",
+                  mixer_ops_md),
     "cpu": ("CPU: a tiny model for notebook users", cpu_md),
 }
 
@@ -484,9 +517,12 @@ def figures(results: dict, png_dir: str) -> dict[str, str]:
       ax.legend(fontsize=7)
     fig.suptitle(d.get("device") or device)
     made["s6"] = _save(fig, png_dir, "bench_s6.png")
-  rows = [r for n, d in secs.items()
-          if (n == "training" or n.startswith("training_")) and n != "training_profile"
-          for r in d.get("rows", [])]
+  rows = latest_rows(
+      [r for n, d in secs.items()
+       if (n == "training" or n.startswith("training_")) and n != "training_profile"
+       for r in d.get("rows", [])],
+      lambda r: (r["model"], r["length"], r["impl"], r.get("batch"), r.get("remat"),
+                 r.get("loss_chunk")))
   if rows:
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows)), 4))
     labels = [f"{r['model']}\n{r['impl']} L={length_label(r['length'])}" for r in rows]

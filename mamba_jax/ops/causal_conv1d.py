@@ -17,7 +17,7 @@ The full-sequence form takes ``impl``: "xla" (below), "pallas" (the Pallas GPU k
 interpreter) or "auto": the kernels on a GPU where they apply, else the XLA form. On an H100
 at Mamba-2 130M's conv (16 × 2048 tokens, 1792 channels, bf16) XLA's form took 0.22 ms
 forward and 0.93 ms forward + backward (its autodiff writes float32 copies of the whole
-activation), the kernels 0.13 ms and about 0.56 ms (``scripts/bench_mixer_ops.py``).
+activation), the kernels 0.14 ms and 0.53 ms (``scripts/bench_mixer_ops.py``).
 
 The single-step form takes ``impl``: "xla" (below), "pallas" (one Pallas GPU kernel,
 ``pallas_kernels.gpu.causal_conv1d_update``, for s = w − 1), "pallas_interpret" (that kernel

@@ -327,6 +327,43 @@ def test_joined_training_rows_name_their_run():
   assert "| run |" not in "\n".join(bench_report.training_md({"rows": [row]}))
 
 
+def test_a_rerun_case_replaces_its_earlier_row():
+  """Training rows of the same case (model, length, impl, batch, memory) from a later run
+  replace the earlier ones, in their place; other cases stay; a remat fraction is labelled."""
+  row = dict(model="m", impl="jax", length=2048, batch=16, params=1e8, step_ms=100.0,
+             tokens_per_s=1e5, mfu=0.1, compile_s=5.0, remat=False, loss_chunk=0)
+  rows = [dict(row, run="old.json"), dict(row, model="t", run="old.json"),
+          dict(row, tokens_per_s=2e5, run="new.json"),
+          dict(row, remat=0.5, loss_chunk=8192, run="new.json")]
+  md = "\n".join(bench_report.training_md({"rows": rows}))
+  lines = [ln for ln in md.splitlines() if ln.startswith("| new.json") or
+           ln.startswith("| old.json")]
+  assert [ln.split(" | ")[:2] for ln in lines] == [["| new.json", "m"], ["| old.json", "t"],
+                                                  ["| new.json", "m"]]
+  assert "200,000.00" in lines[0] and "remat 50 % (asked), loss in 8192" in lines[2]
+
+
+def test_bench_mixer_ops_smoke(tmp_path):
+  """The script end to end on CPU (tiny shapes, kernels interpreted): a row per op and impl."""
+  out = tmp_path / "mixer_ops.json"
+  subprocess.run([sys.executable, str(REPO / "scripts" / "bench_mixer_ops.py"), "--smoke",
+                  "--models", "mamba2-130m", "--out", str(out)], check=True, cwd=REPO,
+                 env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True)
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["op"], r["impl"]) for r in rows] == [
+      ("conv", "xla"), ("conv", "pallas_interpret"), ("norm", "xla"),
+      ("norm", "pallas_interpret")]
+  assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in rows)
+
+
+def test_mixer_ops_section_renders_its_rows():
+  rows = [dict(model="mamba2-130m", op="conv", channels=1792, impl=impl, tokens=32768,
+               fwd_ms=0.2, fwd_bwd_ms=ms, fwd_floor_pct=37.0, fwd_bwd_floor_pct=20.0,
+               fwd_bwd_speedup=0.96 / ms) for impl, ms in (("xla", 0.96), ("pallas", 0.53))]
+  md = "\n".join(bench_report.mixer_ops_md({"device": "H100", "rows": rows}))
+  assert "32768 tokens" in md and "| mamba2-130m | conv | 1792 | pallas |" in md
+
+
 def test_s6_section_renders_bench_selective_scan_rows(tmp_path):
   """--section s6=...: bench_selective_scan.py's JSON (no bench_all env) becomes a table with
   the ratios to the CUDA kernel that the script computed."""
