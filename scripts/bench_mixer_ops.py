@@ -43,10 +43,10 @@ SHAPES = {
 
 
 def op_fn(op: str, impl: str):
-  """(forward(*args), number of activation-sized inputs) of one op and impl."""
+  """The forward of one op and impl, taking ``op_args``' arrays."""
   if op == "conv":
-    return (lambda x, w, b: causal_conv1d(x, w, b, activation="silu", impl=impl)), 1
-  return (lambda x, z, w: gated_rms_norm(x, z, w, impl=impl)), 2
+    return lambda x, w, b: causal_conv1d(x, w, b, activation="silu", impl=impl)
+  return lambda x, z, w: gated_rms_norm(x, z, w, impl=impl)
 
 
 def op_args(op: str, key, batch: int, length: int, channels: int):
@@ -96,7 +96,7 @@ def main():
       fwd_bytes, total_bytes = bytes_moved(op, tokens, channels)
       base = None
       for impl in impls:
-        fwd, _ = op_fn(op, impl)
+        fwd = op_fn(op, impl)
         fwd_jit = jax.jit(fwd)
 
         @jax.jit

@@ -147,6 +147,16 @@ def _check_columns(name: str, x: jax.Array, offset: int, channels: int) -> None:
                      f"{x.shape[2]} columns")
 
 
+def _checked_sizes(x: jax.Array, weight: jax.Array, x_offset: int) -> tuple[int, int, int, int]:
+  """(b, l, c, w) of the kernels' arguments, or ValueError saying what they do not take."""
+  why = check_supported(x, weight)
+  if why:
+    raise ValueError(why)
+  channels, width = weight.shape
+  _check_columns("x", x, x_offset, channels)
+  return x.shape[0], x.shape[1], channels, width
+
+
 @functools.partial(jax.jit, static_argnames=("silu", "interpret", "blocks", "x_offset"))
 def causal_conv1d_fwd_pallas(x: jax.Array, weight: jax.Array, bias: jax.Array | None, *,
                              silu: bool, interpret: bool = False,
@@ -164,12 +174,7 @@ def causal_conv1d_fwd_pallas(x: jax.Array, weight: jax.Array, bias: jax.Array | 
   Returns:
     y (b, l, c) in x's dtype.
   """
-  why = check_supported(x, weight)
-  if why:
-    raise ValueError(why)
-  batch, length, _ = x.shape
-  channels, width = weight.shape
-  _check_columns("x", x, x_offset, channels)
+  batch, length, channels, width = _checked_sizes(x, weight, x_offset)
   block_c = block_channels(channels, blocks.block_c)
   block_l = min(blocks.block_l, pl.next_power_of_2(length))
   kernel = functools.partial(_forward_kernel, length=length, width=width, block_l=block_l,
@@ -267,12 +272,7 @@ def causal_conv1d_bwd_pallas(x: jax.Array, weight: jax.Array, bias: jax.Array | 
     (dx (b, l, c) in x's dtype, or ``dx_into`` with dx in its columns; dweight (c, w)
     float32; dbias (c,) float32).
   """
-  why = check_supported(x, weight)
-  if why:
-    raise ValueError(why)
-  batch, length, _ = x.shape
-  channels, width = weight.shape
-  _check_columns("x", x, x_offset, channels)
+  batch, length, channels, width = _checked_sizes(x, weight, x_offset)
   if dy.shape != (batch, length, channels):
     raise ValueError(f"dy has shape {dy.shape}; expected {(batch, length, channels)}")
   if dx_into is not None:
