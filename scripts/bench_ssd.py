@@ -5,6 +5,7 @@ Compares, at heads 32 x head_dim 64, groups 1, a fixed token count (batch x leng
            lowering, forward and backward)
   pallas_mgpu  ``ssd_pallas_gpu(backend="mosaic")``: the forward in Mosaic GPU wgmma kernels
            (Hopper), the backward the Triton-lowered one
+  pallas_mgpu_shared_w  the same with ``bwd="shared_w"`` (dB / dC through the head-summed W)
   chunked  ``mamba_jax.ops.ssd.ssd(..., impl="chunked")`` (plain jnp / XLA)
   triton   mamba_ssm 2.3.2.post1's ``mamba_chunk_scan_combined`` (PyTorch + Triton)
   cudnn    ``jax.nn.dot_product_attention(implementation="cudnn")``, causal, same width
@@ -228,10 +229,11 @@ def main():
       if impl == "cudnn" and any(r["impl"] == "cudnn" and r["length"] == length for r in rows):
         continue
       try:
-        if impl in ("pallas", "pallas_mgpu"):
+        if impl in ("pallas", "pallas_mgpu", "pallas_mgpu_shared_w"):
           backend = "triton" if impl == "pallas" else "mosaic"
-          t = bench_jax_ssd(functools.partial(ssd_pallas_gpu, backend=backend), inp,
-                            args.chunk, args.reps, args.inner, bwd)
+          kernels_bwd = "shared_w" if impl.endswith("shared_w") else "per_head"
+          t = bench_jax_ssd(functools.partial(ssd_pallas_gpu, backend=backend, bwd=kernels_bwd),
+                            inp, args.chunk, args.reps, args.inner, bwd)
         elif impl == "chunked":
           t = bench_jax_ssd(lambda *a, **k: ssd(*a, **k, impl="chunked"), inp, args.chunk,
                             args.reps, args.inner, bwd)

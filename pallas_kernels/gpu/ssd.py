@@ -23,7 +23,8 @@ prologue (``ssd_mgpu``); the backward below is the same for both backends.
 The backward (a ``jax.custom_vjp``) saves only the inputs and the chunk-boundary states, and
 recomputes the rest: the gate backward re-runs the chunk scan (when z is given), dprev reuses the
 chunk-state kernel, the state passing runs in reverse, and ``ssd_bwd`` computes dx / dB / dC /
-ddt / dD; the decay gradient dcs is reverse-cumsummed into ddt and dA in XLA.
+ddt / dD (``bwd="shared_w"``: dB / dC through ``ssd_bwd_shared_w``); the decay
+gradient dcs is reverse-cumsummed into ddt and dA in XLA.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.layout import Layout, with_layout_constraint
 
-from pallas_kernels.gpu import ssd_bwd, ssd_mgpu
+from mamba_jax.ops.impl import resolve_impl
+from pallas_kernels.gpu import ssd_bwd, ssd_bwd_shared_w, ssd_mgpu
 from pallas_kernels.gpu.ssd_blocks import SSDBlockSizes, tuned_block_sizes
 from pallas_kernels.gpu.ssd_chunk_scan import chunk_scan_fwd, chunk_scan_gate_bwd
 from pallas_kernels.gpu.ssd_chunk_state import chunk_state
@@ -108,19 +110,23 @@ def _heads_major(dtp: jax.Array) -> jax.Array:
   return row_major(jnp.transpose(row_major(dtp), (0, 2, 1)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
-def _ssd_core(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret, backend):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12, 13))
+def _ssd_core(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret, backend,
+              bwd):
+  del bwd
   return _forward(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret, backend,
                   keep_all=False)
 
 
-def _ssd_core_fwd(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret, backend):
+def _ssd_core_fwd(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret, backend,
+                  bwd):
+  del bwd
   y, all_states = _forward(x, dt, a, b, c, d, z, init, seq_idx, chunk_size, blocks, interpret,
                            backend, keep_all=True)
   return (y, all_states[:, -1]), (x, dt, a, b, c, d, z, init, seq_idx, all_states)
 
 
-def _ssd_core_bwd(chunk_size, blocks, interpret, backend, res, cotangents):
+def _ssd_core_bwd(chunk_size, blocks, interpret, backend, bwd, res, cotangents):
   del backend  # both forwards share the Triton-lowered backward kernels
   x, dt, a, b, c, d, z, init, seq_idx, all_states = res
   dout, dfinal = cotangents
@@ -143,8 +149,14 @@ def _ssd_core_bwd(chunk_size, blocks, interpret, backend, res, cotangents):
       blocks=blocks, interpret=interpret)
   dstates = dstates.reshape(batch, chunks, heads, head_dim, state)
   dx, ddt, dd = ssd_bwd.ssd_bwd_dx(x, dy, b, c, dt, cs, dte, dstates, d, seq_idx, **kw)
-  db, r_b = ssd_bwd.ssd_bwd_db(x, dy, b, c, dt, cs, dte, dstates, seq_idx, **kw)
-  dc, r_c = ssd_bwd.ssd_bwd_dc(x, dy, b, c, dt, cs, w_off, all_states, seq_idx, **kw)
+  if bwd == "shared_w":
+    db, w, r_b, r_c = ssd_bwd_shared_w.ssd_bwd_w(x, dy, b, c, dt, cs, dte, dstates, seq_idx,
+                                                 **kw)
+    dc, r_c_state = ssd_bwd_shared_w.ssd_bwd_dc_from_w(dy, b, c, w, w_off, all_states, **kw)
+    r_c = r_c + r_c_state
+  else:
+    db, r_b = ssd_bwd.ssd_bwd_db(x, dy, b, c, dt, cs, dte, dstates, seq_idx, **kw)
+    dc, r_c = ssd_bwd.ssd_bwd_dc(x, dy, b, c, dt, cs, w_off, all_states, seq_idx, **kw)
   dcs = (r_c - r_b).reshape(batch, heads, chunks, chunk_size)
   dcs = dcs.at[..., -1].add(dcs_last)
   da = jnp.flip(jnp.cumsum(jnp.flip(dcs, -1), axis=-1), -1).reshape(batch, heads, length)
@@ -193,12 +205,12 @@ def _check_args(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx):
 
 @functools.partial(jax.jit, static_argnames=(
     "chunk_size", "dt_softplus", "dt_limit", "return_final_states", "blocks", "interpret",
-    "backend"))
+    "backend", "bwd"))
 def ssd_pallas_gpu(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None,
                    dt_softplus: bool = False, dt_limit: tuple[float, float] = (0.0, math.inf),
                    initial_states=None, seq_idx=None, return_final_states: bool = False, *,
                    blocks: SSDBlockSizes | None = None, interpret: bool = False,
-                   backend: str | None = None):
+                   backend: str | None = None, bwd: str = "auto"):
   """Mamba-2 SSD (Dao & Gu 2024, Sec. 6), forward and backward as Pallas GPU kernels.
 
   Args:
@@ -221,6 +233,11 @@ def ssd_pallas_gpu(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bia
       ``ssd_mgpu``; bfloat16 / float16 only, else a ValueError naming "triton"), "triton" (the
       Triton-lowered kernels), or None: "mosaic" on an sm90 GPU when it supports the inputs,
       else "triton". The backward is the Triton-lowered kernels' either way.
+    bwd: the backward's dB / dC kernels: "per_head" (``ssd_bwd``: dB and dC kernels that loop
+      over a group's heads, each with its own (q, q) x (q, n) products), "shared_w"
+      (``ssd_bwd_shared_w``: W, summed over the heads, then one product per group), or "auto":
+      "per_head", the form timed and tested on an H100 ("shared_w" has passed the interpreter's
+      tests only; ``resolve_auto_as(ssd_gpu_bwd="shared_w")`` selects it in a model).
 
   Returns:
     out (b, l, h, p) in x's dtype, and the final states when ``return_final_states``.
@@ -257,7 +274,8 @@ def ssd_pallas_gpu(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bia
     d = jnp.broadcast_to(D.astype(jnp.float32).reshape(heads, -1), (heads, head_dim))
   init = None if initial_states is None else initial_states.astype(jnp.float32)
   seq = None if seq_idx is None else seq_idx.astype(jnp.int32)
+  bwd = resolve_impl("ssd_gpu_bwd", bwd, ("per_head", "shared_w"), lambda: "per_head")
   out, final = _ssd_core(x, dtp, A.astype(jnp.float32), B, C, d, z, init, seq,
-                         chunk_size, blocks, interpret, backend)
+                         chunk_size, blocks, interpret, backend, bwd)
   out = out[:, :length]
   return (out, final) if return_final_states else out

@@ -157,7 +157,8 @@ def _dc_kernel(*refs, has_seq: bool, block_m: int, block_k: int, per_group: int)
   r_ref[...] = r
 
 
-def _shapes(x, b, dt, chunk_size, blocks):
+def shapes(x, b, dt, chunk_size, blocks):
+  """(b, l, h, p, g, n) of the backward's inputs, checked against the chunk and blocks."""
   batch, length, heads, head_dim = x.shape
   groups, state = b.shape[2:]
   if length % chunk_size:
@@ -182,7 +183,7 @@ def ssd_bwd_dx(x, dy, b, c, dt, cs, dte, dstates, d=None, seq_idx=None, *, chunk
     dx (b, l, h, p) in x's dtype; ddt (b, h, l) float32 (without the decay's share);
     dD (h, p) float32 summed over batch and positions.
   """
-  batch, length, heads, head_dim, groups, state = _shapes(x, b, dt, chunk_size, blocks)
+  batch, length, heads, head_dim, groups, state = shapes(x, b, dt, chunk_size, blocks)
   per_group = heads // groups
   bm, q = blocks.block_m, chunk_size
   nm, chunks = q // bm, length // q
@@ -223,16 +224,17 @@ def ssd_bwd_dx(x, dy, b, c, dt, cs, dte, dstates, d=None, seq_idx=None, *, chunk
 
 
 def head_split(per_group: int) -> tuple[int, int]:
-  """(heads per block, blocks per group) of the dB / dC kernels: a block is the largest power
-  of two dividing a group's heads (the Triton lowering tiles in powers of two), so 24 heads
-  per group run as 3 blocks of 8 whose partial dB / dC are summed after the kernel."""
+  """(heads per block, blocks per group) of the dB / dC kernels (and ``ssd_bwd_shared_w``'s): a
+  block is the largest power of two dividing a group's heads (the Triton lowering tiles in
+  powers of two), so 24 heads per group run as 3 blocks of 8 whose partial dB / dC are summed
+  after the kernel."""
   sub = per_group & -per_group
   return sub, per_group // sub
 
 
 def _grouped_call(kernel, x, dy, b, c, dt, cs, w, states, seq_idx, *, rows_of: str,
                   chunk_size: int, blocks: SSDBlockSizes, interpret: bool, name: str):
-  batch, length, heads, head_dim, groups, state = _shapes(x, b, dt, chunk_size, blocks)
+  batch, length, heads, head_dim, groups, state = shapes(x, b, dt, chunk_size, blocks)
   sub, split = head_split(heads // groups)
   bm, q = blocks.block_m, chunk_size
   nm, chunks = q // bm, length // q

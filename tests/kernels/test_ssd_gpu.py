@@ -55,6 +55,7 @@ def _inputs(key, dtype, b, l, h, p, g, n, *, d_per_channel, use_z, use_seq, use_
 class SSDCases:
   """The checks, shared by the compiled (GPU) and interpreted (CPU) classes below."""
   INTERPRET = False
+  BWD = "auto"  # the backward's dB / dC kernels (ssd_pallas_gpu's ``bwd``)
   # (b, l, h, p, g, n, chunk, block_m, block_k, block_pn)
   SHAPE = (2, 700, 8, 64, 2, 64, 256, 64, 64, 1024)
   CASES = {
@@ -71,7 +72,7 @@ class SSDCases:
     def pallas(x, dt, a, bb, cc, d, z, bias, init):
       return ssd_pallas_gpu(x, dt, a, bb, cc, q, D=d, z=z, dt_bias=bias, dt_softplus=True,
                             initial_states=init, seq_idx=seq, return_final_states=True,
-                            blocks=blocks, interpret=self.INTERPRET)
+                            blocks=blocks, interpret=self.INTERPRET, bwd=self.BWD)
 
     def oracle(x, dt, a, bb, cc, d, z, bias, init):
       return ssd(x, dt, a, bb, cc, q, D=d, z=z, dt_bias=bias, dt_softplus=True,
@@ -108,6 +109,9 @@ class SSDCases:
 
   def test_rejects_bad_shapes(self):
     x = jnp.zeros((1, 32, 2, 16), jnp.float32)
+    with pytest.raises(ValueError, match="bwd"):
+      ssd_pallas_gpu(x, x[..., 0], -jnp.ones((2,)), x[:, :, :1], x[:, :, :1], 16,
+                     interpret=self.INTERPRET, bwd="per_group")
     dt = jnp.zeros((1, 32, 2), jnp.float32)
     a = -jnp.ones((2,), jnp.float32)
     bb = jnp.zeros((1, 32, 1, 16), jnp.float32)
@@ -137,6 +141,18 @@ class TestSSDPallasGPU24HeadsPerGroup(SSDCases):
     self._check(dtype, case, seed=11)
 
 
+@pytest.mark.gpu
+class TestSSDPallasGPUSharedW(TestSSDPallasGPU):
+  """``bwd="shared_w"`` compiled: dB / dC through the head-summed W."""
+  BWD = "shared_w"
+
+
+@pytest.mark.gpu
+class TestSSDPallasGPU24HeadsPerGroupSharedW(TestSSDPallasGPU24HeadsPerGroup):
+  """``bwd="shared_w"`` with 24 heads per group: W, dB and dC summed over 3 head blocks."""
+  BWD = "shared_w"
+
+
 class TestSSDPallasGPUInterpret(SSDCases):
   """The same kernels in the Pallas interpreter on CPU: tiny shapes, two chunks + a tail."""
   INTERPRET = True
@@ -146,3 +162,20 @@ class TestSSDPallasGPUInterpret(SSDCases):
   @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
   def test_matches_oracle(self, dtype, case):
     self._check(dtype, case, seed=3)
+
+
+class TestSSDPallasGPUInterpretTiles(SSDCases):
+  """The interpreter with two row / inner blocks per chunk (the backward's skipped tiles) and 6
+  heads per group (the dB / dC kernels' head blocks: 3 blocks of 2, summed after)."""
+  INTERPRET = True
+  SHAPE = (1, 72, 12, 16, 2, 16, 32, 16, 16, 128)
+
+  @pytest.mark.parametrize("case", ["full", "plain"])
+  @pytest.mark.parametrize("dtype", [jnp.float32], ids=["f32"])
+  def test_matches_oracle(self, dtype, case):
+    self._check(dtype, case, seed=5)
+
+
+class TestSSDPallasGPUInterpretTilesSharedW(TestSSDPallasGPUInterpretTiles):
+  """The same with ``bwd="shared_w"``: W's zeroed tiles and the summed head blocks."""
+  BWD = "shared_w"
