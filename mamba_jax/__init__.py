@@ -5,7 +5,7 @@ converter pulls in orbax, the models flax):
 
   ops        selective_scan, selective_state_update, ssd, ssd_state_update, causal_conv1d,
              causal_conv1d_update, rms_norm, layer_norm, gated_rms_norm, zoh_discretize,
-             simplified_discretize                                   (mamba_jax.ops.*)
+             simplified_discretize, softmax_cross_entropy_with_accuracy (mamba_jax.ops.*)
   models     MambaConfig, preset, MambaLM, weight_decay_mask         (mamba_jax.config, .nn)
   checkpoints load_pretrained, save_pretrained                       (mamba_jax.convert)
   decoding   generate                                                (mamba_jax.inference)
@@ -27,6 +27,7 @@ _EXPORTS = {
     "gated_rms_norm": "mamba_jax.ops.norms",
     "zoh_discretize": "mamba_jax.ops.discretization",
     "simplified_discretize": "mamba_jax.ops.discretization",
+    "softmax_cross_entropy_with_accuracy": "mamba_jax.ops.cross_entropy",
     "MambaConfig": "mamba_jax.config",
     "preset": "mamba_jax.config",
     "MambaLM": "mamba_jax.nn.lm",
