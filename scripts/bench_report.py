@@ -168,7 +168,9 @@ def training_md(data: dict) -> list[str]:
         length_label(r["length"]), r["batch"],
         r["params"] / 1e6, r["step_ms"], r["tokens_per_s"], 100 * r["mfu"],
         r.get("peak_gib"), r["compile_s"], r.get("jax_vs_torch"),
-        ", ".join(r.get("ops_impl") or []) or (r.get("attention") or "-")]
+        ", ".join((r.get("ops_impl") or [])
+                  + ([f"auto as {r['auto_as']}"] if r.get("auto_as") else []))
+        or (r.get("attention") or "-")]
        for r in rows]))
   return out + _problems(data)
 

@@ -86,3 +86,16 @@ def write_json(path: str, data: Any) -> None:
   with open(tmp, "w") as f:
     json.dump(data, f, indent=1, default=str)
   os.replace(tmp, path)
+
+
+def parse_auto_as(text: str) -> dict[str, str]:
+  """"op=impl,op=impl" -> {op: impl}, the keyword arguments of
+  ``mamba_jax.ops.impl.resolve_auto_as`` (what impl="auto" of each named op resolves to)."""
+  choices = {}
+  for item in filter(None, text.split(",")):
+    op, sep, impl = item.partition("=")
+    if not sep or not op or not impl:
+      raise ValueError(f"--auto_as takes op=impl pairs separated by commas, got {item!r} "
+                       f"in {text!r}")
+    choices[op] = impl
+  return choices

@@ -64,7 +64,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # H100 80GB); the models here may use 95 % (75.2 GiB).
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
-from bench_timing import PEAK_BF16_FLOPS_PER_S, environment, time_ms, write_json  # noqa: E402
+from bench_timing import (PEAK_BF16_FLOPS_PER_S, environment, parse_auto_as,  # noqa: E402
+                          time_ms, write_json)
 
 TRANSFORMER = "transformerpp"
 # The tiny models of the CPU numbers: preset families at d_model 256, 4 layers, byte vocab.
@@ -316,13 +317,18 @@ def auto_choices(log: str) -> list[str]:
 def run_case_in_process(args) -> None:
   from absl import logging
   logging.set_verbosity(logging.INFO)  # mamba_jax logs which form impl='auto' picked
+  from mamba_jax.ops.impl import resolve_auto_as
   name, length, impl = args.case.split(":")[:3]
   length = int(length)
   if impl == "torch":
     row = torch_case(name, length, args.tokens, args.steps, args.warmup, args.mamba_ssm_root)
   else:
-    row = jax_case(name, length, args.tokens, args.steps, args.warmup, args.cpu, args.dtype,
-                   args.memory, args.loss_chunk, args.remat_fraction)
+    choices = parse_auto_as(args.auto_as)
+    with resolve_auto_as(**choices):
+      row = jax_case(name, length, args.tokens, args.steps, args.warmup, args.cpu, args.dtype,
+                     args.memory, args.loss_chunk, args.remat_fraction)
+    if choices:
+      row["auto_as"] = args.auto_as
   row = finish(dict(model=name, length=length, **row), length)
   with open(args.out, "w") as f:
     json.dump(row, f)
@@ -337,7 +343,7 @@ def run_case(args, case: str, tokens: int, memory: str, timeout: float
          "--tokens", str(tokens), "--steps", str(args.steps), "--warmup",
          str(args.warmup), "--mamba_ssm_root", args.mamba_ssm_root, "--dtype", args.dtype,
          "--memory", memory, "--loss_chunk", str(args.loss_chunk),
-         "--remat_fraction", str(args.remat_fraction)] + (
+         "--remat_fraction", str(args.remat_fraction), "--auto_as", args.auto_as] + (
              ["--cpu"] if args.cpu else [])
   # Each case has the GPU to itself: let jax preallocate its share (jax's own default). In
   # growth mode its allocator refused single 44-61 GiB buffers of Mamba-2 370M's step on an
@@ -375,6 +381,10 @@ def main():
                       help="positions of logits at a time with --memory chunked_loss / remat")
   parser.add_argument("--remat_fraction", type=float, default=0.25,
                       help="blocks rematerialized with --memory partial (0 < f < 1)")
+  parser.add_argument("--auto_as", default="",
+                      help="op=impl,... : what impl='auto' of each named op resolves to in our "
+                           "models (mamba_jax.ops.impl.resolve_auto_as), e.g. "
+                           "ssd_gpu_bwd=shared_w,softmax_cross_entropy_with_accuracy=pallas")
   parser.add_argument("--case", default="", help=argparse.SUPPRESS)
   parser.add_argument("--out", default="bench_training.json")
   args = parser.parse_args()

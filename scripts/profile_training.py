@@ -39,9 +39,10 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 import jax  # noqa: E402
 
-from bench_timing import environment, time_ms, write_json  # noqa: E402
+from bench_timing import environment, parse_auto_as, time_ms, write_json  # noqa: E402
 from bench_training import jax_train_setup  # noqa: E402
 from trace_events import device_events  # noqa: E402
+from mamba_jax.ops.impl import resolve_auto_as  # noqa: E402
 from mamba_jax.training.train_step import make_train_step  # noqa: E402
 
 # Name-stack entries that say how an op is computed rather than what it computes.
@@ -184,6 +185,9 @@ def main() -> None:
                       help="tiny models as bench_training.py --cpu (d 256, 4 layers, vocab 256)")
   parser.add_argument("--hlo_dir", default="",
                       help="also write each case's optimized HLO text here")
+  parser.add_argument("--auto_as", default="",
+                      help="op=impl,... : what impl='auto' of each named op resolves to "
+                           "(mamba_jax.ops.impl.resolve_auto_as), as bench_training.py's")
   parser.add_argument("--out", default="train_profile.json")
   args = parser.parse_args()
   if args.small:
@@ -192,7 +196,8 @@ def main() -> None:
                           for c in args.cases.split(","))
   rows = []
   for case in args.cases.split(","):
-    row = profile_case(case, args)
+    with resolve_auto_as(**parse_auto_as(args.auto_as)):
+      row = profile_case(case, args)
     rows.append(row)
     print(f"{case}: wall {row['wall_ms_per_step']} ms/step, GPU busy {row['busy_ms_per_step']}"
           f" ms/step, {row['kernels_per_step']} kernels/step, unmatched "

@@ -383,3 +383,12 @@ def test_s6_section_renders_bench_selective_scan_rows(tmp_path):
   assert "## Mamba-1 selective scan (S6) against mamba_ssm's CUDA kernel" in md
   assert "![s6](bench_s6.png)" in md and str(tmp_path / "bench_s6.png") in written
   assert "| pallas_mosaic | 2048 | 1K | 64 | 1.00 | 8.00 | 2.00 | 1.25 | 50.00 | 11.25 |" in md
+
+
+def test_parse_auto_as():
+  import bench_timing
+  assert bench_timing.parse_auto_as("") == {}
+  assert bench_timing.parse_auto_as("ssd_gpu_bwd=shared_w,causal_conv1d=xla") == {
+      "ssd_gpu_bwd": "shared_w", "causal_conv1d": "xla"}
+  with pytest.raises(ValueError, match="op=impl pairs"):
+    bench_timing.parse_auto_as("ssd_gpu_bwd")
