@@ -29,7 +29,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from mamba_jax.ops.impl import platform
+from mamba_jax.ops.impl import platform, resolve_impl
 
 KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -59,8 +59,11 @@ def supports(x: jax.Array, B: jax.Array, C: jax.Array, z: jax.Array | None,
 def _gpu_kernels(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
                  initial_states, seq_idx, interpret):
   from pallas_kernels.gpu.ssd import ssd_pallas_gpu  # pylint: disable=g-import-not-at-top
+  # The backward's dB / dC kernels: "per_head" unless ``resolve_auto_as(ssd_gpu_bwd=...)``
+  # says otherwise ("shared_w" has been tested in the interpreter only so far).
+  bwd = resolve_impl("ssd_gpu_bwd", "auto", ("per_head", "shared_w"), lambda: "per_head")
   return ssd_pallas_gpu(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
-                        initial_states, seq_idx, True, interpret=interpret)
+                        initial_states, seq_idx, True, interpret=interpret, bwd=bwd)
 
 
 def _kernel_forward_reference_backward(reference: Callable[..., tuple[jax.Array, jax.Array]],

@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.layout import Layout, with_layout_constraint
 
-from mamba_jax.ops.impl import resolve_impl
 from pallas_kernels.gpu import ssd_bwd, ssd_bwd_shared_w, ssd_mgpu
 from pallas_kernels.gpu.ssd_blocks import SSDBlockSizes, tuned_block_sizes
 from pallas_kernels.gpu.ssd_chunk_scan import chunk_scan_fwd, chunk_scan_gate_bwd
@@ -210,7 +209,7 @@ def ssd_pallas_gpu(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bia
                    dt_softplus: bool = False, dt_limit: tuple[float, float] = (0.0, math.inf),
                    initial_states=None, seq_idx=None, return_final_states: bool = False, *,
                    blocks: SSDBlockSizes | None = None, interpret: bool = False,
-                   backend: str | None = None, bwd: str = "auto"):
+                   backend: str | None = None, bwd: str = "per_head"):
   """Mamba-2 SSD (Dao & Gu 2024, Sec. 6), forward and backward as Pallas GPU kernels.
 
   Args:
@@ -234,10 +233,9 @@ def ssd_pallas_gpu(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bia
       Triton-lowered kernels), or None: "mosaic" on an sm90 GPU when it supports the inputs,
       else "triton". The backward is the Triton-lowered kernels' either way.
     bwd: the backward's dB / dC kernels: "per_head" (``ssd_bwd``: dB and dC kernels that loop
-      over a group's heads, each with its own (q, q) x (q, n) products), "shared_w"
-      (``ssd_bwd_shared_w``: W, summed over the heads, then one product per group), or "auto":
-      "per_head", the form timed and tested on an H100 ("shared_w" has passed the interpreter's
-      tests only; ``resolve_auto_as(ssd_gpu_bwd="shared_w")`` selects it in a model).
+      over a group's heads, each with its own (q, q) x (q, n) products; the form timed and
+      tested on an H100) or "shared_w" (``ssd_bwd_shared_w``: W, summed over the heads, then
+      one product per group; so far tested in the interpreter only).
 
   Returns:
     out (b, l, h, p) in x's dtype, and the final states when ``return_final_states``.
@@ -274,7 +272,8 @@ def ssd_pallas_gpu(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bia
     d = jnp.broadcast_to(D.astype(jnp.float32).reshape(heads, -1), (heads, head_dim))
   init = None if initial_states is None else initial_states.astype(jnp.float32)
   seq = None if seq_idx is None else seq_idx.astype(jnp.int32)
-  bwd = resolve_impl("ssd_gpu_bwd", bwd, ("per_head", "shared_w"), lambda: "per_head")
+  if bwd not in ("per_head", "shared_w"):
+    raise ValueError(f"bwd={bwd!r} must be 'per_head' or 'shared_w'")
   out, final = _ssd_core(x, dtp, A.astype(jnp.float32), B, C, d, z, init, seq,
                          chunk_size, blocks, interpret, backend, bwd)
   out = out[:, :length]

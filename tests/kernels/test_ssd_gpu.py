@@ -55,7 +55,7 @@ def _inputs(key, dtype, b, l, h, p, g, n, *, d_per_channel, use_z, use_seq, use_
 class SSDCases:
   """The checks, shared by the compiled (GPU) and interpreted (CPU) classes below."""
   INTERPRET = False
-  BWD = "auto"  # the backward's dB / dC kernels (ssd_pallas_gpu's ``bwd``)
+  BWD = "per_head"  # the backward's dB / dC kernels (ssd_pallas_gpu's ``bwd``)
   # (b, l, h, p, g, n, chunk, block_m, block_k, block_pn)
   SHAPE = (2, 700, 8, 64, 2, 64, 256, 64, 64, 1024)
   CASES = {
