@@ -394,6 +394,31 @@ def mixer_ops_md(data: dict) -> list[str]:
        for r in data.get("rows", [])])
 
 
+def decode_bound_md(data: dict) -> list[str]:
+  """scripts/decode_traffic_bound.py: each decoding step's memory-traffic floor, the
+  Mamba / Transformer++ ratio it allows, and the measured generation rows against it."""
+  args = data.get("args") or {}
+  out = [f"From shapes alone (no device): a decoding step reads every weight once and, per "
+         f"sequence, reads and writes the SSM state or reads the KV cache so far (prompt "
+         f"{args.get('prompt_len')} + {args.get('gen_len')} generated, averaged over the "
+         f"generation; weights {args.get('dtype')}, SSM states {args.get('state_dtype')}); "
+         f"floor = bytes / {fmt(data.get('copy_bytes_per_s', 0) / 1e12, 1)} TB/s; bound = "
+         "the same-size Transformer++'s floor / the model's: the largest throughput ratio "
+         "equally efficient implementations can show.", ""]
+  out += table(["model", "batch", "MiB per step", "floor ms", "bound × Transformer++"],
+               [[r["model"], r["batch"], r["step_mib"], r["floor_ms_step"],
+                 r["bound_vs_transformer"]] for r in data.get("rows", [])])
+  measured = data.get("measured") or []
+  if measured:
+    out += ["", "The measured generation rows (section generation) against their floors:", ""]
+    out += table(["run", "model", "batch", "state", "ms / step", "floor ms", "% of floor",
+                  "measured × Transformer++", "bound"],
+                 [[r["source"], r["model"], r["batch"], r["state_dtype"], r["decode_ms_step"],
+                   r["floor_ms_step"], r["pct_of_floor"], r["vs_transformer"],
+                   r["bound_vs_transformer"]] for r in measured])
+  return out
+
+
 SECTION_MD = {
     "kernels": ("Kernels: SSD and S6 against attention (Mamba Fig. 8 left, Mamba-2 Fig. 10)",
                 kernels_md),
@@ -402,6 +427,8 @@ SECTION_MD = {
     "training": ("Training step: throughput, MFU, memory (Mamba Fig. 8 right)", training_md),
     "generation": ("Generation: Mamba against Transformer++ of the same size", generation_md),
     "generation_large": ("Generation at 1.4B / 1.3B", generation_md),
+    "decode_bound": ("Decoding's memory-traffic floor and the speed-up it allows",
+                     decode_bound_md),
     "long_context": ("Long context: the longest sequence on one device", long_context_md),
     "decode_profile": ("Decoding loop profiles: time and kernels per token",
                        decode_profile_md),

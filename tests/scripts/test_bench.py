@@ -392,3 +392,16 @@ def test_parse_auto_as():
       "ssd_gpu_bwd": "shared_w", "causal_conv1d": "xla"}
   with pytest.raises(ValueError, match="op=impl pairs"):
     bench_timing.parse_auto_as("ssd_gpu_bwd")
+
+
+def test_decode_bound_section():
+  data = {"args": {"prompt_len": 2048, "gen_len": 128, "dtype": "bfloat16",
+                   "state_dtype": "bfloat16"}, "copy_bytes_per_s": 3.0e12,
+          "rows": [dict(model="mamba2-130m", batch=16, step_mib=541.9, floor_ms_step=0.1894,
+                        bound_vs_transformer=2.63)],
+          "measured": [dict(source="gen.json", model="mamba2-130m", batch=16,
+                            state_dtype="bfloat16", decode_ms_step=0.6867, floor_ms_step=0.1894,
+                            pct_of_floor=27.6, vs_transformer=1.75, bound_vs_transformer=2.63)]}
+  md = "\n".join(bench_report.decode_bound_md(data))
+  assert "3.0 TB/s" in md and "| mamba2-130m | 16 | 541.90 | 0.19 | 2.63 |" in md
+  assert "| gen.json | mamba2-130m | 16 | bfloat16 | 0.69 | 0.19 | 27.60 | 1.75 | 2.63 |" in md
