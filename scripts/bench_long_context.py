@@ -146,9 +146,13 @@ def search(name: str, mode: str, args, deadline: float) -> dict:
            "--out", path, "--loss_chunk", str(args.loss_chunk),
            "--remat_group", str(args.remat_group)] + (
                ["--smoke"] if args.smoke else []) + ([] if args.remat else ["--no_remat"])
+    # Each attempt has the device to itself: jax preallocates its share (its own default). In
+    # growth mode its allocator refused single buffers that fit (Mamba-2 370M's training step
+    # on an H100: 44-61 GiB; it ran once preallocated, at 65.4 GiB peak).
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="true")
     t0 = time.perf_counter()
     try:
-      proc = subprocess.run(cmd, capture_output=True, text=True,
+      proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                             timeout=min(left, args.attempt_s))
       if proc.returncode == 0 and os.path.getsize(path) > 0:
         with open(path) as f:
