@@ -179,3 +179,29 @@ class TestSSDPallasGPUInterpretTiles(SSDCases):
 class TestSSDPallasGPUInterpretTilesSharedW(TestSSDPallasGPUInterpretTiles):
   """The same with ``bwd="shared_w"``: W's zeroed tiles and the summed head blocks."""
   BWD = "shared_w"
+
+
+@pytest.mark.parametrize("bwd", ["per_head", "shared_w"])
+def test_backward_lowers_to_triton(bwd):
+  """Forward and backward lower to Triton IR for an H100 (no GPU needed): Mamba-2 130M's
+  layout (24 heads of 64 in one group, N = 128) at 2 x 512 tokens in bfloat16."""
+  S = jax.ShapeDtypeStruct
+  b, l, h, p, n = 2, 512, 24, 64, 128
+
+  def fwd_bwd(x, dt, a, bb, cc):
+    y, vjp = jax.vjp(lambda *args: ssd_pallas_gpu(*args, 256, backend="triton", bwd=bwd),
+                     x, dt, a, bb, cc)
+    return y, vjp(y)
+
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=1,
+                                       platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+  with jax.sharding.use_abstract_mesh(mesh):
+    text = jax.jit(fwd_bwd).trace(
+        S((b, l, h, p), jnp.bfloat16), S((b, l, h), jnp.float32), S((h,), jnp.float32),
+        S((b, l, 1, n), jnp.bfloat16), S((b, l, 1, n), jnp.bfloat16)).lower(
+            lowering_platforms=("cuda",)).as_text()
+  names = ("ssd_bwd_w", "ssd_bwd_dc_from_w") if bwd == "shared_w" else ("ssd_bwd_db",
+                                                                       "ssd_bwd_dc")
+  assert "ssd_bwd_dx" in text and all(name in text for name in names)
+  assert text.count("xla.gpu.triton") >= 8
