@@ -108,8 +108,11 @@ def attention_width(config) -> tuple[int, int]:
 
 # ``--memory auto`` runs the plain step only where XLA's estimate is below this fraction of the
 # device limit: the estimate leaves out allocator fragmentation and the buffers of custom calls'
-# workspaces, and a plain step that still runs out of memory costs a second process.
-PLAIN_MEMORY_FRACTION = 0.85
+# workspaces, and a plain step that still runs out of memory costs a second process. Every H100
+# row so far peaked within 0.15 GiB of its estimate; with jax preallocating (each case's
+# process), Mamba-2 370M's chunked-loss step (65.4 GiB, 87 % of the 75.2 allowed) ran, so the
+# margin is 8 %.
+PLAIN_MEMORY_FRACTION = 0.92
 
 
 def compile_with_bytes(step_fn, *args):
