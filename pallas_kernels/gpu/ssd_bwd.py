@@ -232,16 +232,20 @@ def head_split(per_group: int) -> tuple[int, int]:
   return sub, per_group // sub
 
 
-def _grouped_call(kernel, x, dy, b, c, dt, cs, w, states, seq_idx, *, rows_of: str,
-                  chunk_size: int, blocks: SSDBlockSizes, interpret: bool, name: str):
-  batch, length, heads, head_dim, groups, state = shapes(x, b, dt, chunk_size, blocks)
+def grouped_inputs(x, dy, b, c, dt, cs, w, states, seq_idx, *, rows_of: str, chunk_size: int,
+                   block_m: int):
+  """(in_specs, args) of a kernel on the grid (head blocks v, row blocks m, chunks, batch):
+  x and dy (q, sub, p) of head block v; B and C (q, n) of its group, the one named by
+  ``rows_of`` only this program's (block_m, n) rows; dt, cs and w (sub, q); states
+  (sub, p, n) of chunk ci; seq_idx (q,) when given."""
+  batch, length, heads, head_dim = x.shape
+  groups, state = b.shape[2:]
   sub, split = head_split(heads // groups)
-  bm, q = blocks.block_m, chunk_size
-  nm, chunks = q // bm, length // q
+  q, nm = chunk_size, chunk_size // block_m
   # Grid axis 0 walks head blocks v (sub heads each); block v reads B / C of group v // split.
   heads_full = pl.BlockSpec((None, q, sub, head_dim), lambda v, m, ci, bi: (bi, ci, v, 0))
   full = pl.BlockSpec((None, q, None, state), lambda v, m, ci, bi: (bi, ci, v // split, 0))
-  rows = pl.BlockSpec((None, bm, None, state),
+  rows = pl.BlockSpec((None, block_m, None, state),
                       lambda v, m, ci, bi: (bi, ci * nm + m, v // split, 0))
   vec = pl.BlockSpec((None, sub, q), lambda v, m, ci, bi: (bi, v, ci))
   in_specs = [heads_full, heads_full,
@@ -253,6 +257,24 @@ def _grouped_call(kernel, x, dy, b, c, dt, cs, w, states, seq_idx, *, rows_of: s
   if seq_idx is not None:
     in_specs.append(pl.BlockSpec((None, q), lambda v, m, ci, bi: (bi, ci)))
     args.append(seq_idx)
+  return in_specs, args
+
+
+def sum_head_blocks(v, groups: int, split: int, dtype):
+  """(..., groups * split, n) per-head-block partials -> (..., groups, n) in ``dtype``."""
+  if split == 1:
+    return v
+  return jnp.sum(v.reshape(*v.shape[:-2], groups, split, v.shape[-1]), axis=-2).astype(dtype)
+
+
+def _grouped_call(kernel, x, dy, b, c, dt, cs, w, states, seq_idx, *, rows_of: str,
+                  chunk_size: int, blocks: SSDBlockSizes, interpret: bool, name: str):
+  batch, length, heads, head_dim, groups, state = shapes(x, b, dt, chunk_size, blocks)
+  sub, split = head_split(heads // groups)
+  bm, q = blocks.block_m, chunk_size
+  nm, chunks = q // bm, length // q
+  in_specs, args = grouped_inputs(x, dy, b, c, dt, cs, w, states, seq_idx, rows_of=rows_of,
+                                  chunk_size=q, block_m=bm)
   out_dtype = b.dtype if rows_of == "b" else c.dtype
   # With several blocks per group each writes its own float32 partial, summed below.
   partial_dtype = out_dtype if split == 1 else jnp.float32
@@ -270,9 +292,7 @@ def _grouped_call(kernel, x, dy, b, c, dt, cs, w, states, seq_idx, *, rows_of: s
       interpret=interpret,
       name=name,
   )(*args)
-  if split > 1:
-    grad = jnp.sum(grad.reshape(batch, length, groups, split, state), axis=3).astype(out_dtype)
-  return grad, r
+  return sum_head_blocks(grad, groups, split, out_dtype), r
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "blocks", "interpret"))

@@ -36,7 +36,7 @@ from jax.experimental.pallas import triton as pl_triton
 import jax.numpy as jnp
 
 from pallas_kernels.gpu.ssd_blocks import SSDBlockSizes
-from pallas_kernels.gpu.ssd_bwd import head_split, shapes
+from pallas_kernels.gpu.ssd_bwd import grouped_inputs, head_split, shapes, sum_head_blocks
 from pallas_kernels.gpu.ssd_chunk_scan import causal_decay
 from pallas_kernels.gpu.ssd_chunk_state import mm
 
@@ -137,13 +137,6 @@ def _dc_kernel(dy_ref, b_ref, c_ref, w_ref, woff_ref, prev_ref, dc_ref, r_ref, *
   r_ref[...] = r
 
 
-def _sum_blocks(v, groups, split, dtype):
-  """(b, ..., groups * split, n) per-head-block partials -> (b, ..., groups, n) in ``dtype``."""
-  if split == 1:
-    return v
-  return jnp.sum(v.reshape(*v.shape[:-2], groups, split, v.shape[-1]), axis=-2).astype(dtype)
-
-
 @functools.partial(jax.jit, static_argnames=("chunk_size", "blocks", "interpret"))
 def ssd_bwd_w(x, dy, b, c, dt, cs, dte, dstates, seq_idx=None, *, chunk_size: int,
               blocks: SSDBlockSizes, interpret: bool = False):
@@ -163,20 +156,8 @@ def ssd_bwd_w(x, dy, b, c, dt, cs, dte, dstates, seq_idx=None, *, chunk_size: in
   sub, split = head_split(heads // groups)
   bm, q = blocks.block_m, chunk_size
   nm, chunks = q // bm, length // q
-  # Grid axis 0 walks head blocks v (sub heads each); block v reads B / C of group v // split.
-  heads_full = pl.BlockSpec((None, q, sub, head_dim), lambda v, m, ci, bi: (bi, ci, v, 0))
-  row_block = pl.BlockSpec((None, bm, None, state),
-                           lambda v, m, ci, bi: (bi, ci * nm + m, v // split, 0))
-  vec = pl.BlockSpec((None, sub, q), lambda v, m, ci, bi: (bi, v, ci))
-  in_specs = [heads_full, heads_full, row_block,
-              pl.BlockSpec((None, q, None, state), lambda v, m, ci, bi: (bi, ci, v // split, 0)),
-              vec, vec, vec,
-              pl.BlockSpec((None, None, sub, head_dim, state),
-                           lambda v, m, ci, bi: (bi, ci, v, 0, 0))]
-  args = [x, dy, b, c, dt, cs, dte, dstates]
-  if seq_idx is not None:
-    in_specs.append(pl.BlockSpec((None, q), lambda v, m, ci, bi: (bi, ci)))
-    args.append(seq_idx)
+  in_specs, args = grouped_inputs(x, dy, b, c, dt, cs, dte, dstates, seq_idx, rows_of="b",
+                                  chunk_size=q, block_m=bm)
   part_dtype = lambda dtype: dtype if split == 1 else jnp.float32
   kernel = functools.partial(_w_kernel, has_seq=seq_idx is not None, chunk_size=q,
                              block_m=bm, block_k=blocks.block_k, per_block=sub)
@@ -199,7 +180,7 @@ def ssd_bwd_w(x, dy, b, c, dt, cs, dte, dstates, seq_idx=None, *, chunk_size: in
       interpret=interpret,
       name="ssd_bwd_w",
   )(*args)
-  return _sum_blocks(db, groups, split, b.dtype), w, r_b, jnp.sum(r_c, axis=2)
+  return sum_head_blocks(db, groups, split, b.dtype), w, r_b, jnp.sum(r_c, axis=2)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "blocks", "interpret"))
@@ -244,4 +225,4 @@ def ssd_bwd_dc_from_w(dy, b, c, w, w_off, all_states, *, chunk_size: int, blocks
       interpret=interpret,
       name="ssd_bwd_dc_from_w",
   )(dy, b, c, w, w_off, all_states)
-  return _sum_blocks(dc, groups, split, c.dtype), r
+  return sum_head_blocks(dc, groups, split, c.dtype), r
