@@ -126,7 +126,8 @@ def _with_run(rows: list[dict], headers: list[str], cells: list[list]
 
 def latest_rows(rows: list[dict], key: Callable[[dict], tuple]) -> list[dict]:
   """``rows`` less those measured again later (in order) with the same ``key``: a case rerun
-  after a change replaces its earlier row, in the earlier row's place."""
+  after a change replaces its earlier row, in the earlier row's place (runs with other
+  ``--auto_as`` choices are other cases)."""
   last = {key(r): r for r in rows}
   seen, out = set(), []
   for r in rows:
@@ -138,7 +139,8 @@ def latest_rows(rows: list[dict], key: Callable[[dict], tuple]) -> list[dict]:
 
 def training_md(data: dict) -> list[str]:
   rows = latest_rows(data.get("rows", []), lambda r: (
-      r["model"], r["length"], r["impl"], r.get("batch"), r.get("remat"), r.get("loss_chunk")))
+      r["model"], r["length"], r["impl"], r.get("batch"), r.get("remat"), r.get("loss_chunk"),
+      r.get("auto_as")))
   out = ["Random tokens, float32 parameters, `compute` dtype activations, AdamW (β 0.9 / 0.95, weight decay "
          "0.1, clip 1.0); median step of the timed steps after warm-up (the first step, "
          "compile included, is `compile s`). MFU = tokens/s · (6 · params + 12 · attention "
@@ -551,7 +553,7 @@ def figures(results: dict, png_dir: str) -> dict[str, str]:
        if (n == "training" or n.startswith("training_")) and n != "training_profile"
        for r in d.get("rows", [])],
       lambda r: (r["model"], r["length"], r["impl"], r.get("batch"), r.get("remat"),
-                 r.get("loss_chunk")))
+                 r.get("loss_chunk"), r.get("auto_as")))
   if rows:
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows)), 4))
     labels = [f"{r['model']}\n{r['impl']} L={length_label(r['length'])}" for r in rows]

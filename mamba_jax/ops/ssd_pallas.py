@@ -59,9 +59,9 @@ def supports(x: jax.Array, B: jax.Array, C: jax.Array, z: jax.Array | None,
 def _gpu_kernels(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
                  initial_states, seq_idx, interpret):
   from pallas_kernels.gpu.ssd import ssd_pallas_gpu  # pylint: disable=g-import-not-at-top
-  # The backward's dB / dC kernels: "per_head" unless ``resolve_auto_as(ssd_gpu_bwd=...)``
-  # says otherwise ("shared_w" has been tested in the interpreter only so far).
-  bwd = resolve_impl("ssd_gpu_bwd", "auto", ("per_head", "shared_w"), lambda: "per_head")
+  # The backward's dB / dC kernels: "shared_w" (the faster on an H100, see ssd_pallas_gpu)
+  # unless ``resolve_auto_as(ssd_gpu_bwd="per_head")`` says otherwise.
+  bwd = resolve_impl("ssd_gpu_bwd", "auto", ("per_head", "shared_w"), lambda: "shared_w")
   return ssd_pallas_gpu(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
                         initial_states, seq_idx, True, interpret=interpret, bwd=bwd)
 

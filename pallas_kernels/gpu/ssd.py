@@ -23,7 +23,8 @@ prologue (``ssd_mgpu``); the backward below is the same for both backends.
 The backward (a ``jax.custom_vjp``) saves only the inputs and the chunk-boundary states, and
 recomputes the rest: the gate backward re-runs the chunk scan (when z is given), dprev reuses the
 chunk-state kernel, the state passing runs in reverse, and ``ssd_bwd`` computes dx / dB / dC /
-ddt / dD (``bwd="shared_w"``: dB / dC through ``ssd_bwd_shared_w``); the decay
+ddt / dD (by default dB / dC through ``ssd_bwd_shared_w``; ``bwd="per_head"``: ``ssd_bwd``'s
+per-head dB and dC kernels); the decay
 gradient dcs is reverse-cumsummed into ddt and dA in XLA.
 """
 
@@ -209,7 +210,7 @@ def ssd_pallas_gpu(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bia
                    dt_softplus: bool = False, dt_limit: tuple[float, float] = (0.0, math.inf),
                    initial_states=None, seq_idx=None, return_final_states: bool = False, *,
                    blocks: SSDBlockSizes | None = None, interpret: bool = False,
-                   backend: str | None = None, bwd: str = "per_head"):
+                   backend: str | None = None, bwd: str = "shared_w"):
   """Mamba-2 SSD (Dao & Gu 2024, Sec. 6), forward and backward as Pallas GPU kernels.
 
   Args:
@@ -232,10 +233,10 @@ def ssd_pallas_gpu(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bia
       ``ssd_mgpu``; bfloat16 / float16 only, else a ValueError naming "triton"), "triton" (the
       Triton-lowered kernels), or None: "mosaic" on an sm90 GPU when it supports the inputs,
       else "triton". The backward is the Triton-lowered kernels' either way.
-    bwd: the backward's dB / dC kernels: "per_head" (``ssd_bwd``: dB and dC kernels that loop
-      over a group's heads, each with its own (q, q) x (q, n) products; the form timed and
-      tested on an H100) or "shared_w" (``ssd_bwd_shared_w``: W, summed over the heads, then
-      one product per group; so far tested in the interpreter only).
+    bwd: the backward's dB / dC kernels: "shared_w" (``ssd_bwd_shared_w``: W, summed over a
+      group's heads, then one (q, q) x (q, n) product per group) or "per_head" (``ssd_bwd``:
+      dB and dC kernels with those products per head). On an H100 (65,536 tokens at 4K, 32
+      heads, N = 128, bf16, Mosaic forward): forward + backward 4.33 ms against 5.34.
 
   Returns:
     out (b, l, h, p) in x's dtype, and the final states when ``return_final_states``.

@@ -1,7 +1,8 @@
 """SSD backward through W, the dy x^T products summed over a group's heads: Pallas GPU kernels.
 
-An alternative to ``ssd_bwd``'s per-head dB and dC kernels (``ssd_pallas_gpu(...,
-bwd="shared_w")``); dx, ddt and dD come from ``ssd_bwd.ssd_bwd_dx`` either way. Mamba-2 (Dao &
+The default dB / dC path of ``ssd_pallas_gpu`` (``bwd="shared_w"``; ``ssd_bwd``'s per-head dB
+and dC kernels with ``bwd="per_head"``); dx, ddt and dD come from ``ssd_bwd.ssd_bwd_dx`` either
+way. Mamba-2 (Dao &
 Gu, 2024), Sec. 6, differentiated by hand, in ``ssd_bwd``'s notation (L_ts = exp(cs_t - cs_s)
 for s <= t in the same sequence, CB_ts = C_t . B_s, G^h_ts = dy^h_t . x^h_s, dS the chunk
 state's gradient, H the state entering the chunk):

@@ -141,7 +141,8 @@ def test_heads_per_group_not_a_power_of_two_uses_the_kernel_backward(monkeypatch
 
 
 def test_resolve_auto_as_picks_the_gpu_backward(monkeypatch):
-  # impl="pallas" passes ssd_pallas_gpu the backward resolve_auto_as(ssd_gpu_bwd=...) names.
+  # impl="pallas" passes ssd_pallas_gpu the backward resolve_auto_as(ssd_gpu_bwd=...) names,
+  # "shared_w" by default.
   from mamba_jax.ops.impl import resolve_auto_as
   from pallas_kernels.gpu import ssd as gpu_ssd
   seen = []
@@ -150,10 +151,10 @@ def test_resolve_auto_as_picks_the_gpu_backward(monkeypatch):
                       lambda *a, **k: seen.append(k["bwd"]) or real(*a, **k))
   args = _inputs(np.random.default_rng(4), l=16)
   loss = lambda x: jnp.sum(ssd(**{**args, "x": x}, chunk_size=16, impl="pallas"))
-  grad_per_head = jax.grad(loss)(args["x"])
-  with resolve_auto_as(ssd_gpu_bwd="shared_w"):
-    grad_shared_w = jax.grad(loss)(args["x"])
-  assert seen == ["per_head", "shared_w"]
+  grad_shared_w = jax.grad(loss)(args["x"])
+  with resolve_auto_as(ssd_gpu_bwd="per_head"):
+    grad_per_head = jax.grad(loss)(args["x"])
+  assert seen == ["shared_w", "per_head"]
   assert_close(grad_shared_w, grad_per_head, 1e-5, "dx")
   with resolve_auto_as(ssd_gpu_bwd="per_group"), pytest.raises(ValueError, match="per_group"):
     jax.grad(loss)(args["x"])
