@@ -220,6 +220,19 @@ def main():
   print(f"device: {device}; jax {jax.__version__}; tokens {args.tokens}; heads {HEADS} x "
         f"head_dim {HEAD_DIM}, groups {GROUPS}, chunk {args.chunk}", flush=True)
   rows, stage_rows = [], []
+
+  def save():
+    """Writes --out; after every row too, so that a run stopped at a time limit keeps them."""
+    for r in rows:
+      ref = [s for s in rows if s["impl"] == "triton" and s["length"] == r["length"]
+             and s["state"] == r["state"]]
+      r["fwd_vs_triton"] = ref[0]["fwd_ms"] / r["fwd_ms"] if ref else math.nan
+      r["fwd_bwd_vs_triton"] = ref[0]["fwd_bwd_ms"] / r["fwd_bwd_ms"] if ref else math.nan
+    with open(args.out, "w") as f:
+      json.dump(dict(device=device, environment=environment(), jax=jax.__version__,
+                     tokens=args.tokens, chunk=args.chunk, rows=rows, stages=stage_rows), f,
+                indent=1)
+
   for case in args.cases.split(","):
     length, state = map(int, case.split(":"))
     batch = args.tokens // length
@@ -252,6 +265,7 @@ def main():
                  fwd_bwd_floor_pct=100 * fb_floor / t[1])
       rows.append(row)
       print(json.dumps(row), flush=True)
+      save()
     if args.stages:
       try:
         stages = bench_stages(inp, args.chunk, args.reps, args.inner)
@@ -261,11 +275,7 @@ def main():
       else:
         stage_rows.append(dict(length=length, state=state, **stages))
         print(json.dumps(stage_rows[-1]), flush=True)
-  for r in rows:
-    ref = [s for s in rows if s["impl"] == "triton" and s["length"] == r["length"]
-           and s["state"] == r["state"]]
-    r["fwd_vs_triton"] = ref[0]["fwd_ms"] / r["fwd_ms"] if ref else math.nan
-    r["fwd_bwd_vs_triton"] = ref[0]["fwd_bwd_ms"] / r["fwd_bwd_ms"] if ref else math.nan
+  save()
   print(f"\n{device}, {args.tokens} tokens, 32 heads x 64, groups 1, chunk {args.chunk}, bf16; "
         "speedup = Triton ms / ms")
   print("| impl | L | N | fwd ms | fwd+bwd ms | fwd speedup | fwd+bwd speedup "
@@ -283,10 +293,6 @@ def main():
     for r in stage_rows:
       print(f"| {r['length']} | {r['state']} | " + " | ".join(f"{r[k]:.3f}" for k in names)
             + " |")
-  with open(args.out, "w") as f:
-    json.dump(dict(device=device, environment=environment(), jax=jax.__version__,
-                   tokens=args.tokens, chunk=args.chunk, rows=rows, stages=stage_rows), f,
-              indent=1)
   try:
     import matplotlib
     matplotlib.use("Agg")

@@ -1,7 +1,7 @@
 """Where the time of one training step goes: a profiler trace of the step, summed per part of
 the model.
 
-For each case ``model:length:memory`` (memory ``plain`` or ``remat``, as in
+For each case ``model:length:memory`` (memory ``plain``, ``chunked_loss`` or ``remat``, as in
 ``bench_training.py``): the same setup as ``bench_training.py`` (random tokens, float32
 parameters, ``--dtype`` compute, AdamW, ``make_train_step``), compiled once, run ``--warmup``
 times, timed over ``--steps`` steps (median wall ms), then one step under
@@ -103,12 +103,13 @@ def profile_case(case: str, args: argparse.Namespace) -> dict:
   """Timing and per-part kernel summary of one ``model:length:memory`` training step."""
   name, length, memory = case.split(":")
   length = int(length)
-  if memory not in ("plain", "remat"):
-    raise ValueError(f"--cases: memory of {case!r} must be 'plain' or 'remat'")
+  if memory not in ("plain", "chunked_loss", "remat"):
+    raise ValueError(f"--cases: memory of {case!r} must be 'plain', 'chunked_loss' or 'remat'")
   setup = jax_train_setup(name, length, args.tokens, args.small, args.dtype)
   remat = memory == "remat"
+  loss_chunk = args.loss_chunk if memory != "plain" else 0
   step = make_train_step(setup.graphdef, setup.rest, setup.tx, setup.config.vocab_size,
-                         remat=remat, loss_chunk=args.loss_chunk if remat else 0)
+                         remat=remat, loss_chunk=loss_chunk)
   start = time.perf_counter()
   compiled = step.lower(setup.state, setup.data).compile()
   compile_s = time.perf_counter() - start
@@ -156,7 +157,7 @@ def profile_case(case: str, args: argparse.Namespace) -> dict:
   top = sorted(kernels.items(), key=lambda kv: -kv[1])[:args.top]
   return dict(
       case=case, model=name, length=length, memory=memory, tokens=args.tokens,
-      dtype=args.dtype, loss_chunk=args.loss_chunk if remat else 0,
+      dtype=args.dtype, loss_chunk=loss_chunk,
       compile_s=round(compile_s, 2), wall_ms_per_step=round(wall_ms, 3),
       busy_ms_per_step=round(busy_us / 1e3, 3) if events else None,
       kernels_per_step=len(events) if events else None,
@@ -170,11 +171,13 @@ def profile_case(case: str, args: argparse.Namespace) -> dict:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--cases", default="mamba2-130m:2048:plain",
-                      help="comma-separated model:length:memory, memory plain or remat")
+                      help="comma-separated model:length:memory, memory plain, chunked_loss "
+                           "(the LM head and loss --loss_chunk positions at a time) or remat "
+                           "(also each block rematerialized)")
   parser.add_argument("--tokens", type=int, default=32768, help="tokens per step")
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   parser.add_argument("--loss_chunk", type=int, default=8192,
-                      help="positions of logits at a time with memory remat")
+                      help="positions of logits at a time with memory chunked_loss / remat")
   parser.add_argument("--steps", type=int, default=5, help="timed steps")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--depth", type=int, default=4, help="name-stack scopes of a part")

@@ -40,10 +40,13 @@ Keys: (device, state size n, head dim p, chunk size q); values: ``SSDBlockSizes`
 TABLE: dict[tuple[str, int, int, int], dict[str, int]] = '''
 
 
-def candidates(state: int) -> list[SSDBlockSizes]:
+def candidates(state: int, tiles=((64, 64), (32, 32), (128, 64), (64, 32)),
+               num_warps=(4, 8), num_warps_bwd=(4, 8)) -> list[SSDBlockSizes]:
+  """Every (block_m, block_k) of ``tiles`` with each launch width (no 128-row blocks at
+  n >= 256). ``num_warps`` only matters to the Triton-lowered forward (the Mosaic GPU forward
+  that Hopper runs has its own tiles)."""
   out = []
-  for (bm, bk), warps, warps_bwd in itertools.product(
-      ((64, 64), (32, 32), (128, 64), (64, 32)), (4, 8), (4, 8)):
+  for (bm, bk), warps, warps_bwd in itertools.product(tiles, num_warps, num_warps_bwd):
     if state >= 256 and bm == 128:
       continue
     out.append(SSDBlockSizes(block_m=bm, block_k=bk, num_warps=warps, num_stages=2,
@@ -60,14 +63,22 @@ def main():
   parser.add_argument("--reps", type=int, default=10)
   parser.add_argument("--max-configs", type=int, default=1000)
   parser.add_argument("--table-out", default=ssd_block_table.__file__)
+  parser.add_argument("--tiles", default="64:64,32:32,128:64,64:32",
+                      help="comma-separated block_m:block_k candidates")
+  parser.add_argument("--num_warps", default="4,8",
+                      help="forward launch widths (Triton-lowered forward only)")
+  parser.add_argument("--num_warps_bwd", default="4,8", help="backward launch widths")
   args = parser.parse_args()
+  ints = lambda text: tuple(map(int, text.split(",")))
+  tiles = tuple(tuple(map(int, t.split(":"))) for t in args.tiles.split(","))
   device = device_key()
   table = dict(ssd_block_table.TABLE)
   notes = []
   for state in map(int, args.states.split(",")):
     inp = make_inputs(args.tokens // args.length, args.length, state)
     results = []
-    for blocks in candidates(state)[:args.max_configs]:
+    for blocks in candidates(state, tiles, ints(args.num_warps),
+                             ints(args.num_warps_bwd))[:args.max_configs]:
       fn = lambda *a, blocks=blocks, **k: ssd_pallas_gpu(*a, **k, blocks=blocks)
       try:
         t_f, t_fb = bench_jax_ssd(fn, inp, args.chunk, args.reps, 2)
