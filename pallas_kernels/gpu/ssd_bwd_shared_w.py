@@ -12,8 +12,11 @@ state's gradient, H the state entering the chunk):
   dC kernel (rows t):  dC_t = sum_{s <= t} W_ts B_s + sum_h w_off_t H^h^T dy^h_t
 
 dB_s = sum_h sum_t w^h_ts C_t: summing w over the heads first turns the per-head (q, q) x (q, n)
-products of dB and dC into one per group, and the decay of each (t, s, h) is computed in two
-kernels (dx and W) instead of three. The decay gradient's per-head dot products,
+products of dB and dC into one per group. Where a tile of positions t lies wholly after the
+program's rows s (e their last row, s <= e < t), the decay factors as L_ts = exp(cs_t - cs_e)
+exp(cs_e - cs_s), both factors <= 1 (cs does not increase: A <= 0), so w^h on that tile is one
+matmul of row-scaled operands, (exp(cs_t - cs_e) dy_t) . (exp(cs_e - cs_s) dt_s x_s), with no
+decay per (t, s) element; only the tiles that meet the diagonal take it per element. The decay gradient's per-head dot products,
 
   r_B[s] = <dB^(h)_s, B_s> = sum_t w^h_ts CB_ts + dte_s dt_s <dS^h^T x^h_s, B_s>
   r_C[t] = <dC^(h)_t, C_t> = sum_s w^h_ts CB_ts + w_off_t <H^h^T dy^h_t, C_t>,
@@ -23,7 +26,10 @@ and the dC kernel (r_C's state part). A group whose head count is not a power of
 several power-of-two head blocks (``ssd_bwd.head_split``) whose partial W / dB / dC are summed.
 
 Backend: Pallas with the Triton lowering; ``interpret=True`` runs it on CPU. Decays in float32,
-matmuls in the input dtype with float32 accumulation (IEEE for float32).
+matmuls in the input dtype with float32 accumulation (IEEE for float32); the row-scaled operands
+are rounded to the input dtype, as mamba_ssm's kernels round theirs. r_B and r_C are the column
+and row sums of one and the same w^h * CB tile, so their difference, whose reverse cumulative
+sum is the decay gradient, keeps the cancellation that exact arithmetic has.
 """
 
 from __future__ import annotations
@@ -42,13 +48,6 @@ from pallas_kernels.gpu.ssd_chunk_scan import causal_decay
 from pallas_kernels.gpu.ssd_chunk_state import mm
 
 
-def _add_row(rows, i, row):
-  """rows + ``row`` in row i, as a select: the per-head rows stay in registers and the
-  (heads, block) output block is stored once."""
-  hit = lax.broadcasted_iota(jnp.int32, rows.shape, 0) == i
-  return rows + jnp.where(hit, row[None, :], 0.0)
-
-
 def _w_kernel(*refs, has_seq: bool, chunk_size: int, block_m: int, block_k: int,
               per_block: int):
   refs = list(refs)
@@ -64,16 +63,15 @@ def _w_kernel(*refs, has_seq: bool, chunk_size: int, block_m: int, block_k: int,
   seq_s = seq_ref[rows] if has_seq else None
   k0 = s0 // block_k
 
-  def state_head(hh, carry):
-    db, r_b = carry
+  def state_head(hh, db):
     xs = x_ref[rows, hh, :]
     term = mm(xs, ds_ref[hh].astype(xs.dtype), 1, 0) * (
         dte_ref[hh, rows] * dt_ref[hh, rows])[:, None]
-    return db + term, _add_row(r_b, hh, jnp.sum(term * b32, axis=1))
+    # r_B's rows live in the output block, which the tiles below add to head by head.
+    rb_ref[hh, :] = jnp.sum(term * b32, axis=1)
+    return db + term
 
-  carry = lax.fori_loop(0, per_block, state_head,
-                        (jnp.zeros(bb.shape, jnp.float32),
-                         jnp.zeros((per_block, block_m), jnp.float32)))
+  db = lax.fori_loop(0, per_block, state_head, jnp.zeros(bb.shape, jnp.float32))
 
   def zero_tile(k, unused):
     # Tiles t < s0 get nothing from these columns s: W and this row block's r_C share are 0.
@@ -84,32 +82,55 @@ def _w_kernel(*refs, has_seq: bool, chunk_size: int, block_m: int, block_k: int,
 
   lax.fori_loop(0, k0, zero_tile, 0)
 
-  def tile(k, carry):
-    db, r_b = carry
-    t0 = k * block_k
-    cols = pl.ds(t0, block_k)
-    c_t = c_ref[cols, :]
-    cb = mm(c_t, bb, 1, 1)  # (block_k, block_m) float32: CB_ts
+  def diagonal_w(hh, t0, cols):
+    """w^h on a tile that meets the rows s: the decay per element, causally masked."""
+    g = mm(dy_ref[cols, hh, :], x_ref[rows, hh, :], 1, 1)
+    dec = causal_decay(cs_ref[hh, cols], cs_ref[hh, rows], t0, s0,
+                       seq_ref[cols] if has_seq else None, seq_s)
+    return g * dec * dt_ref[hh, rows][None, :]
 
-    def head(hh, carry):
-      w_sum, r_b = carry
-      g = mm(dy_ref[cols, hh, :], x_ref[rows, hh, :], 1, 1)
-      dec = causal_decay(cs_ref[hh, cols], cs_ref[hh, rows], t0, s0,
-                         seq_ref[cols] if has_seq else None, seq_s)
-      w = g * dec * dt_ref[hh, rows][None, :]
-      wcb = w * cb
-      rc_ref[hh, cols] = jnp.sum(wcb, axis=1)
-      return w_sum + w, _add_row(r_b, hh, jnp.sum(wcb, axis=0))
+  def later_w(hh, t0, cols):
+    """w^h on a tile wholly after the rows s (last row e): L_ts = exp(cs_t - cs_e) *
+    exp(cs_e - cs_s) with both factors <= 1, so the decay scales the operands' rows."""
+    del t0
+    cs_s = cs_ref[hh, rows]
+    cs_e = jnp.min(cs_s)  # the last row's: cs does not increase along the chunk (A <= 0)
+    to_t = jnp.exp(jnp.minimum(cs_ref[hh, cols] - cs_e, 0.0))
+    from_s = jnp.exp(jnp.minimum(cs_e - cs_s, 0.0)) * dt_ref[hh, rows]
+    dyt = dy_ref[cols, hh, :]
+    xs = x_ref[rows, hh, :]
+    dyt = (dyt.astype(jnp.float32) * to_t[:, None]).astype(dyt.dtype)
+    xs = (xs.astype(jnp.float32) * from_s[:, None]).astype(xs.dtype)
+    w = mm(dyt, xs, 1, 1)
+    if has_seq:
+      w = jnp.where(seq_ref[cols][:, None] == seq_s[None, :], w, 0.0)
+    return w
 
-    w_sum, r_b = lax.fori_loop(0, per_block, head,
-                               (jnp.zeros((block_k, block_m), jnp.float32), r_b))
-    w_sum = w_sum.astype(w_ref.dtype)
-    w_ref[cols, :] = w_sum
-    return db + mm(w_sum.astype(c_t.dtype), c_t, 0, 0), r_b
+  def tile(head_w):
+    def body(k, db):
+      t0 = k * block_k
+      cols = pl.ds(t0, block_k)
+      c_t = c_ref[cols, :]
+      cb = mm(c_t, bb, 1, 1)  # (block_k, block_m) float32: CB_ts
 
-  db, r_b = lax.fori_loop(k0, chunk_size // block_k, tile, carry)
+      def head(hh, w_sum):
+        w = head_w(hh, t0, cols)
+        wcb = w * cb
+        rc_ref[hh, cols] = jnp.sum(wcb, axis=1)
+        rb_ref[hh, :] += jnp.sum(wcb, axis=0)
+        return w_sum + w
+
+      w_sum = lax.fori_loop(0, per_block, head, jnp.zeros((block_k, block_m), jnp.float32))
+      w_sum = w_sum.astype(w_ref.dtype)
+      w_ref[cols, :] = w_sum
+      return db + mm(w_sum.astype(c_t.dtype), c_t, 0, 0)
+    return body
+
+  # Tiles k0 .. k1 - 1 meet the rows s0 .. s0 + block_m - 1; tiles from k1 on lie after them.
+  k1 = (s0 + block_m + block_k - 1) // block_k
+  db = lax.fori_loop(k0, k1, tile(diagonal_w), db)
+  db = lax.fori_loop(k1, chunk_size // block_k, tile(later_w), db)
   db_ref[...] = db.astype(db_ref.dtype)
-  rb_ref[...] = r_b
 
 
 def _dc_kernel(dy_ref, b_ref, c_ref, w_ref, woff_ref, prev_ref, dc_ref, r_ref, *,
@@ -118,15 +139,13 @@ def _dc_kernel(dy_ref, b_ref, c_ref, w_ref, woff_ref, prev_ref, dc_ref, r_ref, *
   rows = pl.ds(t0, block_m)
   c32 = c_ref[...].astype(jnp.float32)  # this program's rows t of C (row-block spec)
 
-  def state_head(hh, carry):
-    dc, r = carry
+  def state_head(hh, dc):
     dyt = dy_ref[:, hh, :]
     term = mm(dyt, prev_ref[hh].astype(dyt.dtype), 1, 0) * woff_ref[hh, rows][:, None]
-    return dc + term, _add_row(r, hh, jnp.sum(term * c32, axis=1))
+    r_ref[hh, :] = jnp.sum(term * c32, axis=1)
+    return dc + term
 
-  dc, r = lax.fori_loop(0, per_block, state_head,
-                        (jnp.zeros(c32.shape, jnp.float32),
-                         jnp.zeros((per_block, block_m), jnp.float32)))
+  dc = lax.fori_loop(0, per_block, state_head, jnp.zeros(c32.shape, jnp.float32))
 
   def body(k, dc):
     # W_ts = 0 for s > t (the W kernel's zero tiles and causal decay), so whole tiles are safe.
@@ -135,7 +154,6 @@ def _dc_kernel(dy_ref, b_ref, c_ref, w_ref, woff_ref, prev_ref, dc_ref, r_ref, *
 
   dc = lax.fori_loop(0, (t0 + block_m + block_k - 1) // block_k, body, dc)
   dc_ref[...] = dc.astype(dc_ref.dtype)
-  r_ref[...] = r
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "blocks", "interpret"))
