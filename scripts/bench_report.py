@@ -297,16 +297,24 @@ def ssd_md(data: dict) -> list[str]:
   """scripts/bench_ssd.py's rows: our SSD kernels against mamba_ssm's Triton SSD."""
   out = [f"{data.get('device', '?')}; jax {data.get('jax')}; {fmt(data.get('tokens'))} tokens "
          f"as batch × length, chunk {data.get('chunk')}, 32 heads × 64, groups 1, bf16; "
-         "medians of repeated calls after warm-up, every implementation in one process. "
-         "`pallas_mgpu` = ours on Hopper (Mosaic GPU forward, Triton-lowered backward: what "
-         "`impl=\"auto\"` runs there), `pallas` = the Triton-lowered kernels, `triton` = "
-         "mamba_ssm 2.3.2's `mamba_chunk_scan_combined`; × = Triton's ms / this row's.", ""]
-  return out + table(["impl", "L", "N", "batch", "fwd ms", "fwd+bwd ms", "× fwd", "× fwd+bwd",
-                      "fwd % floor", "fwd+bwd % floor"],
-                     [[r["impl"], length_label(r["length"]), r["state"], r["batch"], r["fwd_ms"],
-                       r["fwd_bwd_ms"], r.get("fwd_vs_triton"), r.get("fwd_bwd_vs_triton"),
-                       r.get("fwd_floor_pct"), r.get("fwd_bwd_floor_pct")]
-                      for r in data.get("rows", [])])
+         "medians of repeated calls after warm-up, every implementation of a run in one "
+         "process. `pallas_mgpu` = ours on Hopper (Mosaic GPU forward, Triton-lowered backward "
+         "with per-head dB / dC kernels, `bwd=\"per_head\"`), `pallas_mgpu_shared_w` = the same "
+         "with the shared-W dB / dC backward (what `impl=\"auto\"` runs there since "
+         "2026-11-23), `pallas` = the Triton-lowered kernels, `triton` = mamba_ssm 2.3.2's "
+         "`mamba_chunk_scan_combined`, `cudnn` = causal attention of the same width; × = "
+         "Triton's ms / this row's, within a run.", ""]
+  for note in data.get("notes", []):
+    out += [f"- {note}"]
+  if data.get("notes"):
+    out.append("")
+  rows = data.get("rows", [])
+  return out + table(*_with_run(rows, [
+      "impl", "L", "N", "batch", "fwd ms", "fwd+bwd ms", "× fwd", "× fwd+bwd", "fwd % floor",
+      "fwd+bwd % floor"],
+      [[r["impl"], length_label(r["length"]), r["state"], r["batch"], r["fwd_ms"],
+        r["fwd_bwd_ms"], r.get("fwd_vs_triton"), r.get("fwd_bwd_vs_triton"),
+        r.get("fwd_floor_pct"), r.get("fwd_bwd_floor_pct")] for r in rows]))
 
 
 def decode_profile_md(data: dict) -> list[str]:
@@ -371,7 +379,9 @@ def training_profile_md(data: dict) -> list[str]:
          "Earlier runs first: before and after the SSD wrapper's pinned dt transpose and the "
          "LM head's compute-dtype backward, then with the conv and gated-norm kernels "
          "reading and writing in_proj's output in place (`ops.mamba2_inner`) and the loss "
-         "masking the vocabulary padding (2026-11-23); each run is one process.", ""]
+         "masking the vocabulary padding (2026-11-23), then Mamba-2 370M (chunked loss, no "
+         "block rematerialized) and 130M with the fused cross-entropy and the shared-W SSD "
+         "backward (`training_profile_370m`, 2026-11-23); each run is one process.", ""]
   return out + table(
       ["run", "model", "L", "memory", "wall ms", "GPU busy ms", "kernels",
        *[f"{k} ms" for k in PROFILE_KINDS]],
@@ -638,6 +648,8 @@ def section_from_runs(paths: list[str]) -> dict:
   data = dict(datas[0])
   data["rows"] = [{**r, "run": os.path.basename(p)} for p, d in zip(paths, datas)
                   for r in d.get("rows", [])]
+  data["notes"] = [f"{os.path.basename(p)}: {d['note']}" for p, d in zip(paths, datas)
+                   if d.get("note")]
   data["errors"] = [{**e, "case": f"{os.path.basename(p)}: {e.get('case')}"}
                     if isinstance(e, dict) else f"{os.path.basename(p)}: {e}"
                     for p, d in zip(paths, datas) for e in d.get("errors") or []]

@@ -318,6 +318,21 @@ def test_section_from_separate_runs_joins_rows_and_contexts(tmp_path):
     bench_report.section_from_runs([run("c", "x"), run("d", "y", device="H200")])
 
 
+def test_joined_ssd_runs_name_their_run_and_keep_notes(tmp_path):
+  """The ssd section of several bench_ssd.py runs: a `run` column, and each run's note."""
+  rows = [dict(impl="triton", length=4096, state=128, batch=16, fwd_ms=1.5, fwd_bwd_ms=6.0,
+               fwd_vs_triton=1.0, fwd_bwd_vs_triton=1.0)]
+  paths = []
+  for name, note in (("a", None), ("b", "copied from the log")):
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(dict(device="H100", jax="0.11.2", tokens=65536, chunk=256,
+                                    rows=rows, **({"note": note} if note else {}))))
+    paths.append(str(path))
+  text = "\n".join(bench_report.ssd_md(bench_report.section_from_runs(paths)["data"]))
+  assert "- b.json: copied from the log" in text and "a.json:" not in text
+  assert "| run | impl |" in text and "| a.json | triton | 4K |" in text
+
+
 def test_joined_training_rows_name_their_run():
   """A --section of several runs gets a leading `run` column; one run's section does not."""
   row = dict(model="m", impl="jax", length=2048, batch=16, params=1e8, step_ms=100.0,
