@@ -17,7 +17,7 @@ demo-ops: setup
 	$(PY) scripts/demo_ops.py
 
 test: setup
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --durations=15
 
 test-all: setup
 	$(PY) -m pytest -q -n 2 --run-slow

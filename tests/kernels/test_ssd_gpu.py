@@ -199,9 +199,12 @@ class TestSSDPallasGPUInterpretSharedWTileShapes(SSDCases):
                strong_decay=dict(d_per_channel=True, use_z=False, use_seq=True, use_init=True,
                                  decay_scale=20.0))
 
-  @pytest.mark.parametrize("blocks", [(16, 32), (32, 16)], ids=["bk_wider", "bk_narrower"])
-  @pytest.mark.parametrize("case", ["full", "plain", "strong_decay"])
-  @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+  @pytest.mark.parametrize("dtype,case,blocks", [
+      (jnp.float32, "full", (16, 32)), (jnp.float32, "plain", (32, 16)),
+      (jnp.float32, "strong_decay", (16, 32)), (jnp.float32, "strong_decay", (32, 16)),
+      (jnp.bfloat16, "plain", (16, 32)), (jnp.bfloat16, "strong_decay", (32, 16))],
+      ids=["f32-full-bk_wider", "f32-plain-bk_narrower", "f32-strong_decay-bk_wider",
+           "f32-strong_decay-bk_narrower", "bf16-plain-bk_wider", "bf16-strong_decay-bk_narrower"])
   def test_matches_oracle(self, dtype, case, blocks):
     bm, bk = blocks
     self.SHAPE = (1, 150, 4, 16, 1, 16, 64, bm, bk, 128)
