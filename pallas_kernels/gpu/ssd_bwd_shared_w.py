@@ -2,10 +2,9 @@
 
 The default dB / dC path of ``ssd_pallas_gpu`` (``bwd="shared_w"``; ``ssd_bwd``'s per-head dB
 and dC kernels with ``bwd="per_head"``); dx, ddt and dD come from ``ssd_bwd.ssd_bwd_dx`` either
-way. Mamba-2 (Dao &
-Gu, 2024), Sec. 6, differentiated by hand, in ``ssd_bwd``'s notation (L_ts = exp(cs_t - cs_s)
-for s <= t in the same sequence, CB_ts = C_t . B_s, G^h_ts = dy^h_t . x^h_s, dS the chunk
-state's gradient, H the state entering the chunk):
+way. Mamba-2 (Dao & Gu, 2024), Sec. 6, differentiated by hand, in ``ssd_bwd``'s notation
+(L_ts = exp(cs_t - cs_s) for s <= t in the same sequence, CB_ts = C_t . B_s,
+G^h_ts = dy^h_t . x^h_s, dS the chunk state's gradient, H the state entering the chunk):
 
   W kernel (rows s):   w^h_ts = L^h_ts dt^h_s G^h_ts,   W_ts = sum_h w^h_ts   (a group's heads)
                        dB_s = sum_{t >= s} W_ts C_t + sum_h dte_s dt_s dS^h^T x^h_s
@@ -16,7 +15,8 @@ products of dB and dC into one per group. Where a tile of positions t lies wholl
 program's rows s (e their last row, s <= e < t), the decay factors as L_ts = exp(cs_t - cs_e)
 exp(cs_e - cs_s), both factors <= 1 (cs does not increase: A <= 0), so w^h on that tile is one
 matmul of row-scaled operands, (exp(cs_t - cs_e) dy_t) . (exp(cs_e - cs_s) dt_s x_s), with no
-decay per (t, s) element; only the tiles that meet the diagonal take it per element. The decay gradient's per-head dot products,
+decay per (t, s) element; only the tiles that meet the diagonal take it per element. The decay
+gradient's per-head dot products,
 
   r_B[s] = <dB^(h)_s, B_s> = sum_t w^h_ts CB_ts + dte_s dt_s <dS^h^T x^h_s, B_s>
   r_C[t] = <dC^(h)_t, C_t> = sum_s w^h_ts CB_ts + w_off_t <H^h^T dy^h_t, C_t>,
